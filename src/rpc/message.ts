@@ -1,0 +1,91 @@
+/**
+ * libvirt RPC framing: a 4-byte big-endian length word (counting itself), a 24-byte header
+ * (prog, vers, proc, type, serial, status) and the payload.
+ */
+export const LEN_SIZE = 4;
+export const HEADER_SIZE = 24;
+export const FRAME_OVERHEAD = LEN_SIZE + HEADER_SIZE; // 28
+/** VIR_NET_MESSAGE_MAX in libvirt 9.0: the largest (length − 4). */
+export const MESSAGE_MAX = 33554432;
+export const FRAME_MAX = MESSAGE_MAX + LEN_SIZE; // 33554436
+/** Largest frame to send to a peer of unknown version (older libvirt used 16 MiB). */
+export const LEGACY_FRAME_MAX = 16777216 + LEN_SIZE;
+/** Stream data payload libvirt itself sends; we send the same. */
+export const STREAM_PAYLOAD_MAX = 262120;
+
+export const REMOTE_PROGRAM = 0x20008086;
+export const REMOTE_VERSION = 1;
+export const KEEPALIVE_PROGRAM = 0x6b656570;
+export const KEEPALIVE_VERSION = 1;
+export const KEEPALIVE_PING = 1;
+export const KEEPALIVE_PONG = 2;
+
+export const MessageType = {
+  CALL: 0,
+  REPLY: 1,
+  MESSAGE: 2,
+  STREAM: 3,
+  CALL_WITH_FDS: 4,
+  REPLY_WITH_FDS: 5,
+  STREAM_HOLE: 6,
+} as const;
+
+export const Status = { OK: 0, ERROR: 1, CONTINUE: 2 } as const;
+
+export interface Header {
+  prog: number;
+  vers: number;
+  proc: number;
+  type: number;
+  serial: number;
+  status: number;
+}
+
+export interface Message extends Header {
+  /** The payload: a view of a receive buffer that is never reused, so it may be kept. */
+  payload: Buffer;
+}
+
+const TYPE_NAMES = ['CALL', 'REPLY', 'MESSAGE', 'STREAM', 'CALL_WITH_FDS', 'REPLY_WITH_FDS', 'STREAM_HOLE'];
+const STATUS_NAMES = ['OK', 'ERROR', 'CONTINUE'];
+export function describeHeader(h: Header): string {
+  return `prog=0x${h.prog.toString(16)} vers=${h.vers} proc=${h.proc} type=${TYPE_NAMES[h.type] ?? h.type} serial=${h.serial} status=${STATUS_NAMES[h.status] ?? h.status}`;
+}
+
+/** Write the length word and header at `off` (28 bytes). */
+export function writeFrameHead(buf: Buffer, off: number, frameLength: number, h: Header): void {
+  buf.writeUInt32BE(frameLength, off);
+  buf.writeUInt32BE(h.prog >>> 0, off + 4);
+  buf.writeUInt32BE(h.vers >>> 0, off + 8);
+  buf.writeInt32BE(h.proc, off + 12);
+  buf.writeInt32BE(h.type, off + 16);
+  buf.writeUInt32BE(h.serial >>> 0, off + 20);
+  buf.writeInt32BE(h.status, off + 24);
+}
+
+/** A whole frame (header + payload) in one new Buffer. */
+export function buildFrame(h: Header, payload?: Uint8Array): Buffer {
+  const n = payload ? payload.length : 0;
+  const buf = Buffer.allocUnsafe(FRAME_OVERHEAD + n);
+  writeFrameHead(buf, 0, FRAME_OVERHEAD + n, h);
+  if (payload) buf.set(payload, FRAME_OVERHEAD);
+  return buf;
+}
+
+/** Only the 28-byte head of a frame whose payload is written beside it (no copy of the payload). */
+export function buildFrameHead(h: Header, payloadLength: number): Buffer {
+  const buf = Buffer.allocUnsafe(FRAME_OVERHEAD);
+  writeFrameHead(buf, 0, FRAME_OVERHEAD + payloadLength, h);
+  return buf;
+}
+
+export function readHeader(buf: Buffer, off: number): Header {
+  return {
+    prog: buf.readUInt32BE(off),
+    vers: buf.readUInt32BE(off + 4),
+    proc: buf.readInt32BE(off + 8),
+    type: buf.readInt32BE(off + 12),
+    serial: buf.readUInt32BE(off + 16),
+    status: buf.readInt32BE(off + 20),
+  };
+}

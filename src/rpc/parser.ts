@@ -1,0 +1,117 @@
+/**
+ * Sans-I/O frame parser: bytes in, messages out, partial tails kept.
+ *
+ * Zero copy where the kernel allows it: a frame that lies whole inside one received chunk is
+ * emitted as a view of that chunk. A frame that spans chunks is assembled once into a buffer
+ * of exactly its size (allocated only when its length word has been validated, so one message
+ * never costs more than the frame limit). Emitted payloads are never overwritten afterwards.
+ */
+import { SparsevirtError } from '../errors.js';
+import { FRAME_MAX, FRAME_OVERHEAD, LEN_SIZE, readHeader, type Message } from './message.js';
+
+export class ProtocolError extends SparsevirtError {
+  constructor(message: string) {
+    super('ERR_PROTOCOL', message);
+    this.name = 'ProtocolError';
+  }
+}
+
+export class FrameParser {
+  private readonly maxFrame: number;
+  /** Bytes of the length word seen so far when it was split across chunks. */
+  private lenBuf = Buffer.alloc(LEN_SIZE);
+  private lenHave = 0;
+  /** The frame being assembled across chunks, and how much of it is filled. */
+  private partial: Buffer | null = null;
+  private partialHave = 0;
+  /** Input not yet parsed because an onMessage callback threw (a private copy). */
+  private backlog: Buffer | null = null;
+  /** Set by the first framing error: the byte stream cannot be resynchronised after it. */
+  private failed: ProtocolError | null = null;
+
+  constructor(opts: { maxFrame?: number } = {}) {
+    this.maxFrame = opts.maxFrame ?? FRAME_MAX;
+  }
+
+  /** True when no partial frame is pending (a clean boundary). */
+  get idle(): boolean {
+    return this.partial === null && this.lenHave === 0 && this.backlog === null;
+  }
+
+  private checkLength(len: number): void {
+    if (len < FRAME_OVERHEAD) this.fail(`frame length ${len} is below the minimum ${FRAME_OVERHEAD}`);
+    if (len > this.maxFrame) this.fail(`frame length ${len} exceeds the limit ${this.maxFrame}`);
+  }
+
+  private fail(message: string): never {
+    this.failed = new ProtocolError(message);
+    throw this.failed;
+  }
+
+  /**
+   * Feed bytes; calls onMessage for each whole frame, in order. Throws ProtocolError on a bad
+   * frame, and again on every later push (framing is lost for good). If onMessage throws, the
+   * exception propagates and the bytes after that frame are kept: the next push (even with an
+   * empty chunk) delivers them first, so no frame is lost or misparsed.
+   */
+  push(chunk: Buffer, onMessage: (m: Message) => void): void {
+    if (this.failed) throw this.failed;
+    if (this.backlog !== null) {
+      chunk = chunk.length === 0 ? this.backlog : Buffer.concat([this.backlog, chunk]);
+      this.backlog = null;
+    }
+    let pos = 0;
+    const end = chunk.length;
+    while (pos < end) {
+      let msg: Message;
+      if (this.partial !== null) {
+        const n = Math.min(this.partial.length - this.partialHave, end - pos);
+        chunk.copy(this.partial, this.partialHave, pos, pos + n);
+        this.partialHave += n;
+        pos += n;
+        if (this.partialHave < this.partial.length) continue;
+        const frame = this.partial;
+        this.partial = null;
+        this.partialHave = 0;
+        msg = toMessage(frame, 0, frame.length);
+      } else if (this.lenHave > 0 || end - pos < LEN_SIZE) {
+        const n = Math.min(LEN_SIZE - this.lenHave, end - pos);
+        chunk.copy(this.lenBuf, this.lenHave, pos, pos + n);
+        this.lenHave += n;
+        pos += n;
+        if (this.lenHave < LEN_SIZE) return;
+        this.lenHave = 0;
+        const len = this.lenBuf.readUInt32BE(0);
+        this.checkLength(len);
+        this.partial = Buffer.allocUnsafe(len);
+        this.lenBuf.copy(this.partial, 0);
+        this.partialHave = LEN_SIZE;
+        continue;
+      } else {
+        const len = chunk.readUInt32BE(pos);
+        this.checkLength(len);
+        if (end - pos < len) {
+          this.partial = Buffer.allocUnsafe(len);
+          chunk.copy(this.partial, 0, pos, end);
+          this.partialHave = end - pos;
+          return;
+        }
+        msg = toMessage(chunk, pos, pos + len);
+        pos += len;
+      }
+      // State is at the next frame boundary before user code runs.
+      try {
+        onMessage(msg);
+      } catch (err) {
+        if (pos < end) this.backlog = Buffer.from(chunk.subarray(pos, end));
+        throw err;
+      }
+    }
+  }
+}
+
+function toMessage(buf: Buffer, start: number, end: number): Message {
+  const h = readHeader(buf, start + LEN_SIZE) as Message;
+  h.payload = buf.subarray(start + FRAME_OVERHEAD, end);
+  return h;
+}

@@ -1,0 +1,618 @@
+/**
+ * A `Peer` owns one connection (unix, tcp, tls or an in-memory duplex): it parses frames,
+ * matches replies to calls by serial, multiplexes streams by (proc, serial), runs keepalive
+ * and carries backpressure between the socket and the streams. The client and the daemon
+ * use the same class, with `role` telling which side of libvirt's protocol it speaks.
+ */
+import { EventEmitter } from 'node:events';
+import type { Duplex } from 'node:stream';
+import { debuglog } from 'node:util';
+import diagnostics from 'node:diagnostics_channel';
+import type { Chunk } from '../chunk.js';
+import { RemoteError, SparsevirtError, remoteErrorFields, VIR_DOMAIN, VIR_ERR_CODE, type RemoteErrorFields } from '../errors.js';
+import type { StreamChannel, StreamInbound } from '../stream/channel.js';
+import { XdrReader, XdrWriter, type Codec } from '../xdr/index.js';
+import {
+  buildFrame, buildFrameHead, describeHeader, FRAME_MAX, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM,
+  KEEPALIVE_VERSION, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, STREAM_PAYLOAD_MAX,
+  type Header, type Message,
+} from './message.js';
+import { FrameParser } from './parser.js';
+import { decodeRemoteError, encodeRemoteError, streamHoleCodec } from './structs.js';
+
+const debug = debuglog('sparsevirt:rpc');
+const chFrame = diagnostics.channel('sparsevirt:rpc:frame');
+
+export interface PeerOptions {
+  role: 'client' | 'server';
+  /** Seconds of silence before a keepalive PING (libvirt: 5). */
+  keepaliveInterval?: number;
+  /** Unanswered PINGs before giving up (libvirt: 5 on the daemon, virsh: 6). */
+  keepaliveCount?: number;
+  maxFrame?: number;
+  /** Largest data payload to send in one STREAM packet. */
+  streamPacketMax?: number;
+  /** How long an abort waits for the peer's confirmation, in ms. */
+  abortTimeout?: number;
+  /** Bytes of stream data queued in user space before a sender waits (default 1 MiB). */
+  sendWindow?: number;
+}
+
+interface PendingCall {
+  ret: Codec<unknown>;
+  resolve: (v: unknown) => void;
+  reject: (e: Error) => void;
+  cleanup?: () => void;
+}
+
+const ONE_HOLE = 12;
+
+export class Peer extends EventEmitter {
+  readonly role: 'client' | 'server';
+  readonly socket: Duplex;
+  private readonly parser: FrameParser;
+  private readonly pending = new Map<number, PendingCall>();
+  private readonly streams = new Map<string, WireStream>();
+  /** Streams that ended recently: late packets for them are dropped silently. */
+  private readonly ended = new Set<string>();
+  private serial = 0;
+  private closedErr: Error | null = null;
+  private drainWaiters: Array<() => void> = [];
+  private pausedBy = 0;
+  private lastRecv = Date.now();
+  private pingsOut = 0;
+  private kaTimer: NodeJS.Timeout | null = null;
+  readonly keepaliveInterval: number;
+  readonly keepaliveCount: number;
+  readonly streamPacketMax: number;
+  readonly abortTimeout: number;
+  /** Bytes a stream may leave in the socket's user-space buffer before it waits for 'drain'. */
+  readonly sendWindow: number;
+
+  constructor(socket: Duplex, opts: PeerOptions) {
+    super();
+    this.role = opts.role;
+    this.socket = socket;
+    this.parser = new FrameParser({ maxFrame: opts.maxFrame ?? FRAME_MAX });
+    this.keepaliveInterval = opts.keepaliveInterval ?? 5;
+    this.keepaliveCount = opts.keepaliveCount ?? 5;
+    this.streamPacketMax = opts.streamPacketMax ?? STREAM_PAYLOAD_MAX;
+    this.abortTimeout = opts.abortTimeout ?? 30000;
+    this.sendWindow = opts.sendWindow ?? 1 << 20;
+    socket.on('data', (buf: Buffer) => this.onData(buf));
+    socket.on('drain', () => this.flushDrain());
+    socket.on('error', (err) => this.destroy(new SparsevirtError('ERR_CONNECTION_CLOSED', `connection error: ${err.message}`, { cause: err })));
+    socket.on('close', () => this.destroy(new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed by peer')));
+    socket.on('end', () => {
+      // half-close from the peer: nothing more will arrive, so nothing pending can complete.
+      this.destroy(new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed by peer'));
+    });
+  }
+
+  get closed(): boolean {
+    return this.closedErr !== null;
+  }
+
+  // ---------------------------------------------------------------- sending
+
+  /** Write a frame; returns false when the socket's buffer is full (await `drained()`). */
+  sendFrame(h: Header, payload?: Uint8Array): boolean {
+    if (this.closedErr) return false;
+    if (chFrame.hasSubscribers) chFrame.publish({ dir: 'out', header: h, length: payload?.length ?? 0 });
+    return this.socket.write(buildFrame(h, payload));
+  }
+
+  /** Write a frame whose payload is sent beside its header, without copying it. */
+  sendFrameBeside(h: Header, payload: Buffer): boolean {
+    if (this.closedErr) return false;
+    if (chFrame.hasSubscribers) chFrame.publish({ dir: 'out', header: h, length: payload.length });
+    this.socket.write(buildFrameHead(h, payload.length));
+    return this.socket.write(payload);
+  }
+
+  /** Resolves when the socket can take more (immediately if it can). */
+  drained(): Promise<void> {
+    if (this.closedErr) return Promise.reject(this.closedErr);
+    if (!(this.socket as any).writableNeedDrain) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  private flushDrain(): void {
+    const w = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const f of w) f();
+  }
+
+  nextSerial(): number {
+    const s = this.serial;
+    this.serial = (this.serial + 1) >>> 0;
+    return s;
+  }
+
+  /** Client: call a procedure of the REMOTE program and decode its reply. */
+  call<A, R>(proc: { num: number; args: Codec<A>; ret: Codec<R> }, args: A, opts: { serial?: number; signal?: AbortSignal; timeout?: number } = {}): Promise<R> {
+    if (this.closedErr) return Promise.reject(this.closedErr);
+    const serial = opts.serial ?? this.nextSerial();
+    const w = new XdrWriter(128);
+    proc.args.enc(w, args);
+    return new Promise<R>((resolve, reject) => {
+      const entry: PendingCall = { ret: proc.ret as Codec<unknown>, resolve: resolve as (v: unknown) => void, reject };
+      let timer: NodeJS.Timeout | undefined;
+      const onAbort = () => {
+        this.pending.delete(serial);
+        entry.cleanup?.();
+        reject(new SparsevirtError('ERR_ABORTED', 'call aborted', { cause: opts.signal?.reason }));
+      };
+      if (opts.signal) {
+        if (opts.signal.aborted) return onAbort();
+        opts.signal.addEventListener('abort', onAbort, { once: true });
+      }
+      if (opts.timeout) {
+        timer = setTimeout(() => {
+          this.pending.delete(serial);
+          entry.cleanup?.();
+          reject(new SparsevirtError('ERR_TIMEOUT', `no reply to procedure ${proc.num} within ${opts.timeout} ms`));
+        }, opts.timeout);
+      }
+      entry.cleanup = () => {
+        if (timer) clearTimeout(timer);
+        opts.signal?.removeEventListener('abort', onAbort);
+      };
+      this.pending.set(serial, entry);
+      this.sendFrame({ prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc: proc.num, type: MessageType.CALL, serial, status: Status.OK }, w.view());
+    });
+  }
+
+  /** Server: answer a CALL with a return value. */
+  reply<R>(call: Header, ret: Codec<R>, value: R): void {
+    const w = new XdrWriter(128);
+    ret.enc(w, value);
+    this.sendFrame({ ...call, type: MessageType.REPLY, status: Status.OK }, w.view());
+  }
+
+  /** Server: answer a CALL with an error. */
+  replyError(call: Header, err: RemoteErrorFields): void {
+    this.sendFrame({ ...call, type: MessageType.REPLY, status: Status.ERROR }, encodeRemoteError(err));
+  }
+
+  // ---------------------------------------------------------------- streams
+
+  /**
+   * Register a stream on (proc, serial). The client registers before sending the CALL so that
+   * packets arriving early are not lost; the daemon after it accepted the CALL.
+   * `sending` is true for the side that produces data (client upload, daemon download).
+   */
+  openStream(proc: number, serial: number, opts: { sparse: boolean; sending: boolean }): WireStream {
+    const key = streamKey(proc, serial);
+    if (this.streams.has(key)) throw new SparsevirtError('ERR_STREAM_STATE', `a stream is already open on serial ${serial}`);
+    this.ended.delete(key);
+    const s = new WireStream(this, proc, serial, opts.sparse, opts.sending);
+    this.streams.set(key, s);
+    return s;
+  }
+
+  hasStream(proc: number, serial: number): boolean {
+    return this.streams.has(streamKey(proc, serial));
+  }
+
+  /** @internal */
+  streamClosed(s: WireStream): void {
+    const key = streamKey(s.proc, s.serial);
+    if (this.streams.get(key) === s) this.streams.delete(key);
+    this.ended.add(key);
+    if (this.ended.size > 256) this.ended.delete(this.ended.values().next().value as string);
+    if (s.pausing) this.resumeReading();
+  }
+
+  get openStreams(): number {
+    return this.streams.size;
+  }
+
+  /** @internal Incoming flow control: pause the socket while any stream's queue is full. */
+  pauseReading(): void {
+    if (this.pausedBy++ === 0) this.socket.pause();
+  }
+  resumeReading(): void {
+    if (this.pausedBy > 0 && --this.pausedBy === 0) {
+      this.lastRecv = Date.now();
+      this.socket.resume();
+    }
+  }
+
+  // ---------------------------------------------------------------- keepalive
+
+  /** Start pinging after `keepaliveInterval` s of silence (once the peer agreed to feature 10). */
+  startKeepalive(): void {
+    if (this.kaTimer || this.keepaliveInterval <= 0 || this.closedErr) return;
+    const ms = this.keepaliveInterval * 1000;
+    this.kaTimer = setInterval(() => this.keepaliveTick(ms), Math.max(50, Math.floor(ms / 5)));
+    this.kaTimer.unref();
+  }
+
+  private keepaliveTick(ms: number): void {
+    if (this.pausedBy > 0) {
+      // we stopped reading on purpose: silence is ours, not the peer's.
+      this.lastRecv = Date.now();
+      return;
+    }
+    const silent = Date.now() - this.lastRecv;
+    if (silent < ms * (this.pingsOut + 1)) return;
+    if (this.pingsOut >= this.keepaliveCount) {
+      this.destroy(new SparsevirtError('ERR_KEEPALIVE_TIMEOUT',
+        `no answer from the peer for ${Math.round(silent / 1000)} s (${this.pingsOut} keepalive pings unanswered)`));
+      return;
+    }
+    this.pingsOut++;
+    this.sendFrame({ prog: KEEPALIVE_PROGRAM, vers: KEEPALIVE_VERSION, proc: KEEPALIVE_PING, type: MessageType.MESSAGE, serial: 0, status: Status.OK });
+  }
+
+  // ---------------------------------------------------------------- receiving
+
+  private onData(buf: Buffer): void {
+    this.lastRecv = Date.now();
+    this.pingsOut = 0;
+    try {
+      this.parser.push(buf, (m) => this.onMessage(m));
+    } catch (err) {
+      this.destroy(err as Error);
+    }
+  }
+
+  private onMessage(m: Message): void {
+    if (chFrame.hasSubscribers) chFrame.publish({ dir: 'in', header: m, length: m.payload.length });
+    if (m.prog === KEEPALIVE_PROGRAM) {
+      if (m.type === MessageType.MESSAGE && m.proc === KEEPALIVE_PING) {
+        this.sendFrame({ prog: KEEPALIVE_PROGRAM, vers: KEEPALIVE_VERSION, proc: KEEPALIVE_PONG, type: MessageType.MESSAGE, serial: 0, status: Status.OK });
+      }
+      return;
+    }
+    switch (m.type) {
+      case MessageType.CALL:
+      case MessageType.CALL_WITH_FDS:
+        if (this.role === 'server') this.emit('call', m);
+        else debug('client ignores a CALL: %s', describeHeader(m));
+        return;
+      case MessageType.REPLY:
+      case MessageType.REPLY_WITH_FDS:
+        if (this.role === 'client') this.onReply(m);
+        else this.emit('unexpected', m);
+        return;
+      case MessageType.STREAM:
+      case MessageType.STREAM_HOLE: {
+        const key = streamKey(m.proc, m.serial);
+        const s = this.streams.get(key);
+        if (s) s.onPacket(m);
+        else if (!this.ended.has(key)) this.emit('orphanStreamPacket', m);
+        return;
+      }
+      case MessageType.MESSAGE:
+        debug('event message ignored: %s', describeHeader(m));
+        return;
+      default:
+        this.emit('unexpected', m);
+    }
+  }
+
+  private onReply(m: Message): void {
+    const p = this.pending.get(m.serial);
+    if (!p) {
+      // libvirt 9.0 reports a failed STREAM_HOLE as a REPLY/ERROR on the stream's serial (B3).
+      const s = this.streams.get(streamKey(m.proc, m.serial));
+      if (s && m.status === Status.ERROR) s.onPacket({ ...m, type: MessageType.STREAM });
+      else debug('reply without a pending call: %s', describeHeader(m));
+      return;
+    }
+    this.pending.delete(m.serial);
+    p.cleanup?.();
+    try {
+      if (m.status === Status.OK) p.resolve(p.ret.dec(new XdrReader(m.payload)));
+      else if (m.status === Status.ERROR) p.reject(decodeRemoteError(m.payload));
+      else p.reject(new SparsevirtError('ERR_PROTOCOL', `reply with unexpected status ${m.status}`));
+    } catch (err) {
+      p.reject(err as Error);
+    }
+  }
+
+  // ---------------------------------------------------------------- teardown
+
+  /** Close gracefully: stop keepalive and end the socket once written. */
+  close(): void {
+    if (this.kaTimer) clearInterval(this.kaTimer);
+    this.kaTimer = null;
+    this.socket.end();
+  }
+
+  /** Tear down: every pending call and stream fails with `err`. */
+  destroy(err: Error): void {
+    if (this.closedErr) return;
+    this.closedErr = err;
+    if (this.kaTimer) clearInterval(this.kaTimer);
+    this.kaTimer = null;
+    for (const p of this.pending.values()) {
+      p.cleanup?.();
+      p.reject(err);
+    }
+    this.pending.clear();
+    for (const s of [...this.streams.values()]) s.fail(err);
+    this.streams.clear();
+    this.flushDrain();
+    this.socket.destroy();
+    this.emit('close', err);
+  }
+}
+
+function streamKey(proc: number, serial: number): string {
+  return `${proc}:${serial}`;
+}
+
+type Waiter = { resolve: () => void; reject: (e: Error) => void };
+
+/**
+ * One stream on the wire: implements `StreamChannel` for a `Stream` and turns its calls into
+ * STREAM / STREAM_HOLE packets, and incoming packets into `StreamInbound` calls.
+ *
+ * Who says what (libvirt 9.0):
+ *  - the producer sends data/holes; the daemon ends a download with an empty CONTINUE (EOF),
+ *    the client ends an upload with STREAM/OK (finish);
+ *  - the client acknowledges a download's EOF with STREAM/OK; the daemon confirms a client's
+ *    finish or abort with STREAM/OK, or reports failure with STREAM/ERROR;
+ *  - the client aborts with an empty STREAM/ERROR.
+ */
+export class WireStream implements StreamChannel {
+  private inbound: StreamInbound | null = null;
+  private early: Array<() => void> = [];
+  private confirm: Waiter | null = null;
+  private aborting = false;
+  private done = false;
+  private gotEnd = false;
+  private err: Error | null = null;
+  pausing = false;
+  private readonly head: Header;
+  private readonly holeHead: Header;
+
+  constructor(
+    readonly peer: Peer,
+    readonly proc: number,
+    readonly serial: number,
+    readonly sparse: boolean,
+    readonly sending: boolean,
+  ) {
+    this.head = { prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc, type: MessageType.STREAM, serial, status: Status.CONTINUE };
+    this.holeHead = { ...this.head, type: MessageType.STREAM_HOLE };
+  }
+
+  private get isClient(): boolean {
+    return this.peer.role === 'client';
+  }
+
+  /** Connect the stream that consumes incoming chunks; packets that came first are replayed. */
+  attach(inbound: StreamInbound): void {
+    this.inbound = inbound;
+    const q = this.early;
+    this.early = [];
+    for (const f of q) f();
+  }
+
+  private toInbound(f: (i: StreamInbound) => void): void {
+    if (this.inbound) f(this.inbound);
+    else if (this.early.length < 64) this.early.push(() => f(this.inbound!));
+    else this.fail(new SparsevirtError('ERR_PROTOCOL', 'too many stream packets before the stream was attached'));
+  }
+
+  // ---- StreamChannel: outgoing
+
+  async write(chunk: Chunk): Promise<void> {
+    if (this.err) throw this.err;
+    if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
+    const peer = this.peer;
+    let ok = true;
+    if (chunk.kind === 'data') {
+      const b = chunk.bytes;
+      const max = peer.streamPacketMax;
+      peer.socket.cork();
+      for (let off = 0; off < b.length; off += max) {
+        const piece = off === 0 && b.length <= max ? b : b.subarray(off, Math.min(off + max, b.length));
+        peer.sendFrameBeside(this.head, piece);
+      }
+      process.nextTick(uncork, peer.socket);
+      ok = peer.socket.writableLength <= peer.sendWindow;
+    } else {
+      if (!this.sparse) throw new SparsevirtError('ERR_STREAM_NOT_SPARSE', 'cannot send a hole: the stream was not opened with the sparse flag');
+      if (!(chunk.length > 0) || !Number.isSafeInteger(chunk.length)) throw new SparsevirtError('ERR_INVALID_ARG', `hole length must be a positive integer, got ${chunk.length}`);
+      const w = new XdrWriter(ONE_HOLE);
+      w.hyper(chunk.length).uint(0);
+      ok = peer.sendFrame(this.holeHead, w.view());
+    }
+    if (!ok) await peer.drained();
+    if (this.err) throw this.err;
+  }
+
+  finish(): Promise<void> {
+    if (this.err) return Promise.reject(this.err);
+    if (this.done) return Promise.resolve();
+    if (!this.isClient && !this.sending) {
+      // daemon, upload: the client finished and everything is written: confirm.
+      this.peer.sendFrame({ ...this.head, status: Status.OK });
+      this.close();
+      return Promise.resolve();
+    }
+    const p = this.waitConfirm();
+    if (this.isClient) this.peer.sendFrame({ ...this.head, status: Status.OK }); // finish
+    else this.peer.sendFrame(this.head); // daemon download: empty CONTINUE = EOF
+    return p;
+  }
+
+  abort(reason: Error): Promise<void> {
+    if (this.done || this.err) {
+      this.close();
+      return Promise.resolve();
+    }
+    if (!this.isClient) {
+      // daemon: report the failure to the client; no confirmation follows.
+      this.peer.sendFrame({ ...this.head, status: Status.ERROR }, encodeRemoteError(toRemoteFields(reason)));
+      this.close();
+      return Promise.resolve();
+    }
+    this.aborting = true;
+    const p = this.waitConfirm();
+    this.peer.sendFrame({ ...this.head, status: Status.ERROR });
+    const t = setTimeout(() => this.close(), this.peer.abortTimeout);
+    t.unref();
+    return p.then(() => clearTimeout(t), () => clearTimeout(t));
+  }
+
+  pauseIncoming(): void {
+    if (this.pausing || this.done) return;
+    this.pausing = true;
+    this.peer.pauseReading();
+  }
+
+  resumeIncoming(): void {
+    if (!this.pausing) return;
+    this.pausing = false;
+    this.peer.resumeReading();
+  }
+
+  // ---- incoming
+
+  private waitConfirm(): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.confirm = { resolve, reject };
+    });
+  }
+
+  /** @internal Called by the Peer for each STREAM / STREAM_HOLE packet on this stream. */
+  onPacket(m: Message): void {
+    if (this.done) return;
+    if (m.type === MessageType.STREAM_HOLE) return this.onHole(m);
+    switch (m.status) {
+      case Status.CONTINUE:
+        if (this.sending) return; // the consumer sends no data; ignore
+        if (this.confirm) return; // finishing or aborting: discard data still in flight
+        if (m.payload.length > 0) {
+          const bytes = m.payload;
+          this.toInbound((i) => i.deliver({ kind: 'data', bytes }));
+        } else if (this.isClient) {
+          this.gotEnd = true;
+          this.toInbound((i) => i.deliverEnd()); // download EOF
+        } // an empty data packet to the daemon is ignored, as libvirt does
+        return;
+      case Status.OK:
+        if (this.confirm) {
+          const c = this.confirm;
+          this.confirm = null;
+          this.close();
+          c.resolve();
+          return;
+        }
+        if (!this.isClient && !this.sending) {
+          this.gotEnd = true;
+          this.toInbound((i) => i.deliverEnd()); // the client finished its upload
+          return;
+        }
+        if (!this.isClient && this.sending) {
+          // the client finished a download early: stop and confirm.
+          this.peer.sendFrame({ ...this.head, status: Status.OK });
+          this.fail(new SparsevirtError('ERR_ABORTED', 'the client finished the stream early'));
+          return;
+        }
+        // a confirmation nobody asked for
+        this.fail(new SparsevirtError('ERR_PROTOCOL', 'unexpected stream confirmation'));
+        return;
+      case Status.ERROR: {
+        if (!this.isClient) {
+          // the client aborted: stop, and confirm.
+          this.peer.sendFrame({ ...this.head, status: Status.OK });
+          this.fail(new SparsevirtError('ERR_ABORTED', 'the client aborted the stream'));
+          return;
+        }
+        let err: Error;
+        try {
+          err = decodeRemoteError(m.payload);
+        } catch (e) {
+          err = new SparsevirtError('ERR_PROTOCOL', `malformed stream error: ${(e as Error).message}`);
+        }
+        if (this.confirm && this.aborting) {
+          // a daemon that cannot abort cleanly answers with an error: the abort is done anyway.
+          const c = this.confirm;
+          this.confirm = null;
+          this.close();
+          c.resolve();
+          return;
+        }
+        this.fail(err);
+        return;
+      }
+      default:
+        this.fail(new SparsevirtError('ERR_PROTOCOL', `stream packet with unknown status ${m.status}`));
+    }
+  }
+
+  private onHole(m: Message): void {
+    if (this.sending || m.status !== Status.CONTINUE) {
+      return this.refuse(new SparsevirtError('ERR_PROTOCOL', `unexpected stream hole (status ${m.status})`));
+    }
+    if (!this.sparse) {
+      return this.refuse(new SparsevirtError('ERR_STREAM_NOT_SPARSE', 'unexpected stream hole: the stream was not opened with the sparse flag'));
+    }
+    if (this.confirm) return;
+    let hole: { length: bigint; flags: number };
+    try {
+      hole = streamHoleCodec.dec(new XdrReader(m.payload));
+    } catch (e) {
+      return this.refuse(new SparsevirtError('ERR_PROTOCOL', `malformed stream hole: ${(e as Error).message}`));
+    }
+    if (hole.flags !== 0) return this.refuse(new SparsevirtError('ERR_PROTOCOL', `stream hole with unsupported flags 0x${hole.flags.toString(16)}`));
+    if (hole.length <= 0n || hole.length > BigInt(Number.MAX_SAFE_INTEGER)) {
+      return this.refuse(new SparsevirtError('ERR_PROTOCOL', `stream hole with invalid length ${hole.length}`));
+    }
+    const length = Number(hole.length);
+    this.toInbound((i) => i.deliver({ kind: 'hole', length }));
+  }
+
+  /** A packet we cannot accept: the daemon reports it with STREAM/ERROR, the client aborts. */
+  private refuse(err: SparsevirtError): void {
+    if (!this.isClient) {
+      this.peer.sendFrame({ ...this.head, status: Status.ERROR }, encodeRemoteError(toRemoteFields(err)));
+      this.fail(err);
+    } else {
+      this.peer.sendFrame({ ...this.head, status: Status.ERROR });
+      this.fail(err);
+    }
+  }
+
+  /** @internal The stream is dead: tell the consumer, reject the waiter, unregister. */
+  fail(err: Error): void {
+    if (this.done) return;
+    this.err = err;
+    const c = this.confirm;
+    this.confirm = null;
+    this.close();
+    if (this.inbound) this.inbound.deliverError(err);
+    else this.early.push(() => this.inbound!.deliverError(err));
+    c?.reject(err);
+  }
+
+  private close(): void {
+    if (this.done) return;
+    this.done = true;
+    this.peer.streamClosed(this);
+  }
+
+  get ended(): boolean {
+    return this.gotEnd;
+  }
+}
+
+function uncork(s: Duplex): void {
+  s.uncork();
+}
+
+/** The libvirt error record for a local error sent to the peer on a stream. */
+export function toRemoteFields(err: Error): RemoteErrorFields {
+  if (err instanceof RemoteError) return err.toFields();
+  const cause = (err as { cause?: { errno?: number; code?: string } }).cause;
+  const errno = typeof cause?.errno === 'number' ? Math.abs(cause.errno) : -1;
+  if (errno > 0) return remoteErrorFields(VIR_ERR_CODE.SYSTEM_ERROR, VIR_DOMAIN.STREAMS, err.message, { int1: errno });
+  return remoteErrorFields(VIR_ERR_CODE.RPC, VIR_DOMAIN.STREAMS, err.message);
+}

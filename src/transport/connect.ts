@@ -1,0 +1,72 @@
+/** Open the byte stream a libvirt URI names: a unix socket, plain tcp or TLS. */
+import net from 'node:net';
+import tls from 'node:tls';
+import { readFileSync } from 'node:fs';
+import type { Duplex } from 'node:stream';
+import { SparsevirtError } from '../errors.js';
+import { clientTlsFiles, type ParsedUri } from './uri.js';
+
+function readPem(file: string, what: string): Buffer {
+  try {
+    return readFileSync(file);
+  } catch (err) {
+    throw new SparsevirtError('ERR_IO', `cannot read TLS ${what} '${file}': ${(err as Error).message}`, { cause: err });
+  }
+}
+
+export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; timeout?: number } = {}): Promise<Duplex> {
+  const timeout = opts.timeout ?? 30000;
+  let sock: net.Socket;
+  let ready: string;
+  if (u.transport === 'unix') {
+    sock = net.createConnection({ path: u.socket });
+    ready = 'connect';
+  } else if (u.transport === 'tcp') {
+    sock = net.createConnection({ host: u.host, port: u.port });
+    ready = 'connect';
+  } else {
+    const f = clientTlsFiles(u.pkipath);
+    const ca = readPem(f.ca, 'CA certificate');
+    const cert = readPem(f.cert, 'client certificate');
+    const key = readPem(f.key, 'client key');
+    sock = tls.connect({
+      host: u.host, port: u.port, ca, cert, key,
+      servername: net.isIP(u.host) ? undefined : u.host,
+      rejectUnauthorized: !u.noVerify,
+      // libvirt checks the server name against the certificate unless no_verify=1.
+      checkServerIdentity: u.noVerify ? () => undefined : tls.checkServerIdentity,
+    });
+    ready = 'secureConnect';
+  }
+  sock.setNoDelay?.(true);
+  const where = u.transport === 'unix' ? u.socket : `${u.host}:${u.port}`;
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => fail(new SparsevirtError('ERR_TIMEOUT', `timed out connecting to ${where}`)), timeout);
+    const onAbort = () => fail(new SparsevirtError('ERR_ABORTED', 'connect aborted', { cause: opts.signal?.reason }));
+    const cleanup = () => {
+      clearTimeout(timer);
+      sock.off(ready, ok);
+      sock.off('error', onErr);
+      opts.signal?.removeEventListener('abort', onAbort);
+    };
+    function ok() {
+      cleanup();
+      resolve();
+    }
+    function fail(e: Error) {
+      cleanup();
+      sock.destroy();
+      reject(e);
+    }
+    function onErr(e: NodeJS.ErrnoException) {
+      fail(new SparsevirtError('ERR_CONNECTION_CLOSED', `failed to connect to ${u.transport} ${where}: ${e.message}`, { cause: e }));
+    }
+    sock.once(ready, ok);
+    sock.once('error', onErr);
+    if (opts.signal) {
+      if (opts.signal.aborted) onAbort();
+      else opts.signal.addEventListener('abort', onAbort, { once: true });
+    }
+  });
+  return sock;
+}

@@ -1,0 +1,2 @@
+export * from './uri.js';
+export * from './connect.js';
