@@ -30,8 +30,9 @@ export interface Procedure<A, R> {
   /** Flag bit that turns on hole packets for the stream. */
   readonly sparseFlag?: number;
   /**
-   * True when libvirt refuses the procedure on a read-only connection (`virCheckReadOnlyGoto`
-   * in libvirt-storage.c): every state change, plus STORAGE_POOL_REFRESH and STORAGE_VOL_DOWNLOAD.
+   * True when the procedure is refused on a read-only connection: every state change, plus
+   * STORAGE_POOL_REFRESH as libvirt does. Unlike libvirt (which also refuses STORAGE_VOL_DOWNLOAD
+   * read-only), sparsevirtd lets a read-only connection download: reading is what RO is for.
    */
   readonly writes?: boolean;
 }
@@ -87,7 +88,7 @@ export const P = {
   CONNECT_GET_LIB_VERSION: proc(157, 'CONNECT_GET_LIB_VERSION', voidCodec, struct({ libVer: uhyper })),
   STORAGE_VOL_WIPE: proc(165, 'STORAGE_VOL_WIPE', volFlags, voidCodec, { writes: true }),
   STORAGE_VOL_UPLOAD: proc(208, 'STORAGE_VOL_UPLOAD', transfer, voidCodec, { stream: 'upload', sparseFlag: 1, writes: true }),
-  STORAGE_VOL_DOWNLOAD: proc(209, 'STORAGE_VOL_DOWNLOAD', transfer, voidCodec, { stream: 'download', sparseFlag: 1, writes: true }),
+  STORAGE_VOL_DOWNLOAD: proc(209, 'STORAGE_VOL_DOWNLOAD', transfer, voidCodec, { stream: 'download', sparseFlag: 1 }),
   STORAGE_VOL_WIPE_PATTERN: proc(259, 'STORAGE_VOL_WIPE_PATTERN', struct({ vol: volRef, algorithm: uint, flags: uint }), voidCodec, { writes: true }),
   STORAGE_VOL_RESIZE: proc(260, 'STORAGE_VOL_RESIZE', struct({ vol: volRef, capacity: uhyper, flags: uint }), voidCodec, { writes: true }),
   CONNECT_LIST_ALL_STORAGE_POOLS: proc(281, 'CONNECT_LIST_ALL_STORAGE_POOLS', struct({ needResults: int, flags: uint }),

@@ -501,6 +501,9 @@ export class WireStream implements StreamChannel {
         if (this.confirm) {
           const c = this.confirm;
           this.confirm = null;
+          // daemon, download: the client acknowledged our EOF with its finish; libvirtd
+          // confirms that finish with STREAM/OK (capture download-sparse), virsh waits for it.
+          if (!this.isClient && this.sending) this.peer.sendFrame({ ...this.head, status: Status.OK });
           this.close();
           c.resolve();
           return;
@@ -610,6 +613,10 @@ function uncork(s: Duplex): void {
 
 /** The libvirt error record for a local error sent to the peer on a stream. */
 export function toRemoteFields(err: Error): RemoteErrorFields {
+  // a stream aborted because of a local failure carries that failure as its cause: report the cause.
+  while ((err as SparsevirtError).code === 'ERR_ABORTED' && (err as { cause?: unknown }).cause instanceof Error) {
+    err = (err as { cause: Error }).cause;
+  }
   if (err instanceof RemoteError) return err.toFields();
   const cause = (err as { cause?: { errno?: number; code?: string } }).cause;
   const errno = typeof cause?.errno === 'number' ? Math.abs(cause.errno) : -1;

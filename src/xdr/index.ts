@@ -245,7 +245,13 @@ export function optional<T>(c: Codec<T>): Codec<T | null> {
     min: 4,
   };
 }
+/**
+ * Variable-length array `T x<max>`. Elements must have a non-zero encoded size (XDR has no
+ * empty structs or void elements): the decoder bounds the count by the bytes left, which a
+ * zero-size element could not do.
+ */
 export function array<T>(c: Codec<T>, max: number): Codec<T[]> {
+  if (c.min <= 0) throw badValue('array elements must have a non-zero encoded size');
   return {
     enc: (w, v) => {
       if (v.length > max) throw badValue(`array of ${v.length} exceeds maximum ${max}`);
@@ -253,7 +259,7 @@ export function array<T>(c: Codec<T>, max: number): Codec<T[]> {
       for (const e of v) c.enc(w, e);
     },
     dec: (r) => {
-      const n = r.count(max, Math.max(c.min, 1));
+      const n = r.count(max, c.min);
       const out: T[] = new Array(n);
       for (let i = 0; i < n; i++) out[i] = c.dec(r);
       return out;

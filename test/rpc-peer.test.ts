@@ -1,0 +1,275 @@
+/**
+ * The Peer on both sides of a real unix socket: calls and replies, download and upload streams
+ * with holes, finish/abort handshakes, keepalive, and libvirt 9.0's quirks (B2, B3).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { Peer } from '../src/rpc/peer.js';
+import { buildFrame, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Message } from '../src/rpc/message.js';
+import { encodeRemoteError } from '../src/rpc/structs.js';
+import { P, SPARSE_STREAM } from '../src/protocol/remote.js';
+import { Stream } from '../src/stream/index.js';
+import { remoteErrorFields, RemoteError, SparsevirtError } from '../src/errors.js';
+import { XdrReader } from '../src/xdr/index.js';
+import type { Chunk } from '../src/chunk.js';
+
+interface Pair { client: Peer; server: Peer; cleanup: () => void }
+
+async function pair(opts: { keepalive?: number; count?: number } = {}): Promise<Pair> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'sv-peer-'));
+  const sockPath = path.join(dir, 'sock');
+  let server!: Peer;
+  const srv = net.createServer();
+  const accepted = new Promise<void>((resolve) => srv.once('connection', (s) => {
+    server = new Peer(s, { role: 'server', keepaliveInterval: opts.keepalive, keepaliveCount: opts.count });
+    resolve();
+  }));
+  await new Promise<void>((r) => srv.listen(sockPath, r));
+  const sock = net.createConnection(sockPath);
+  await new Promise<void>((r) => sock.once('connect', () => r()));
+  await accepted;
+  const client = new Peer(sock, { role: 'client', keepaliveInterval: opts.keepalive, keepaliveCount: opts.count, abortTimeout: 2000 });
+  return {
+    client, server,
+    cleanup: () => {
+      client.destroy(new Error('test done'));
+      server.destroy(new Error('test done'));
+      srv.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+const vol = { pool: 'p', name: 'v', key: '/p/v' };
+const data = (n: number, seed: number) => Buffer.alloc(n, seed);
+
+async function collect(s: AsyncIterable<Chunk>): Promise<Chunk[]> {
+  const out: Chunk[] = [];
+  for await (const c of s) out.push(c.kind === 'data' ? { kind: 'data', bytes: Buffer.from(c.bytes) } : c);
+  return out;
+}
+
+/** Serve one download on the server peer: reply OK, then send `chunks` and finish. */
+function serveDownload(server: Peer, chunks: Chunk[], onDone?: (err?: Error) => void): void {
+  server.on('call', (m: Message) => {
+    if (m.proc !== P.STORAGE_VOL_DOWNLOAD.num) return;
+    const args = P.STORAGE_VOL_DOWNLOAD.args.dec(new XdrReader(m.payload));
+    const sparse = (args.flags & SPARSE_STREAM) !== 0;
+    const wire = server.openStream(m.proc, m.serial, { sparse, sending: true });
+    const s = new Stream(wire, { sparse });
+    wire.attach(s);
+    server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined);
+    (async () => {
+      for (const c of chunks) await s.sendChunk(sparse || c.kind === 'data' ? c : { kind: 'data', bytes: Buffer.alloc(c.length) });
+      await s.finish();
+    })().then(() => onDone?.(), (e) => onDone?.(e));
+  });
+}
+
+async function openDownload(client: Peer, sparse: boolean): Promise<Stream> {
+  const serial = client.nextSerial();
+  const wire = client.openStream(P.STORAGE_VOL_DOWNLOAD.num, serial, { sparse, sending: false });
+  const s = new Stream(wire, { sparse });
+  wire.attach(s);
+  await client.call(P.STORAGE_VOL_DOWNLOAD, { vol, offset: 0n, length: 0n, flags: sparse ? 1 : 0 }, { serial });
+  return s;
+}
+
+test('call/reply: values decode; errors keep libvirt fields; serials match out of order', async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    server.on('call', (m: Message) => {
+      if (m.proc === P.CONNECT_GET_HOSTNAME.num) setTimeout(() => server.reply(m, P.CONNECT_GET_HOSTNAME.ret, { hostname: 'h1' }), 20);
+      else if (m.proc === P.CONNECT_GET_TYPE.num) server.reply(m, P.CONNECT_GET_TYPE.ret, { type: 'T' });
+      else server.replyError(m, remoteErrorFields(49, 18, "Storage pool not found: no storage pool with matching name 'x'"));
+    });
+    const [h, t] = await Promise.all([client.call(P.CONNECT_GET_HOSTNAME, undefined), client.call(P.CONNECT_GET_TYPE, undefined)]);
+    assert.equal(h.hostname, 'h1');
+    assert.equal(t.type, 'T');
+    await assert.rejects(client.call(P.STORAGE_POOL_LOOKUP_BY_NAME, { name: 'x' }), (e: RemoteError) => {
+      assert.equal(e.code, 'VIR_ERR_NO_STORAGE_POOL');
+      assert.equal(e.virCode, 49);
+      assert.equal(e.domain, 18);
+      assert.match(e.message, /no storage pool with matching name 'x'/);
+      return true;
+    });
+  } finally {
+    cleanup();
+  }
+});
+
+test('sparse download: data split into <=262120-byte packets, holes kept, EOF, finish confirmed', async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    const frames: number[] = [];
+    client.socket.on('data', () => {});
+    const chunks: Chunk[] = [{ kind: 'hole', length: 4096 }, { kind: 'data', bytes: data(600000, 7) }, { kind: 'hole', length: 1 << 30 }];
+    let serverDone!: (e?: Error) => void;
+    const done = new Promise<Error | undefined>((r) => (serverDone = r));
+    serveDownload(server, chunks, serverDone);
+    const s = await openDownload(client, true);
+    const got = await collect(s);
+    assert.equal(await done, undefined);
+    void frames;
+    assert.deepEqual(got.filter((c) => c.kind === 'hole'), [{ kind: 'hole', length: 4096 }, { kind: 'hole', length: 1 << 30 }]);
+    const bytes = Buffer.concat(got.filter((c): c is Extract<Chunk, { kind: 'data' }> => c.kind === 'data').map((c) => c.bytes));
+    assert.ok(bytes.equals(data(600000, 7)));
+    assert.ok(got.every((c) => c.kind === 'hole' || c.bytes.length <= 262120));
+    assert.equal(client.openStreams, 0);
+    assert.equal(server.openStreams, 0);
+  } finally {
+    cleanup();
+  }
+});
+
+test('non-sparse stream: the sender cannot send a hole, and a hole from the peer is refused with STREAM/ERROR', async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    // client uploads without the sparse flag but forges a hole packet
+    const got = new Promise<{ err: Error }>((resolve) => {
+      server.on('call', (m: Message) => {
+        const wire = server.openStream(m.proc, m.serial, { sparse: false, sending: false });
+        const s = new Stream(wire, { sparse: false });
+        wire.attach(s);
+        server.reply(m, P.STORAGE_VOL_UPLOAD.ret, undefined);
+        collect(s).then(() => resolve({ err: new Error('no error') }), (err) => resolve({ err }));
+      });
+    });
+    const serial = client.nextSerial();
+    const wire = client.openStream(P.STORAGE_VOL_UPLOAD.num, serial, { sparse: false, sending: true });
+    const s = new Stream(wire, { sparse: false });
+    wire.attach(s);
+    await client.call(P.STORAGE_VOL_UPLOAD, { vol, offset: 0n, length: 0n, flags: 0 }, { serial });
+    await assert.rejects(s.sendHole(10), (e: SparsevirtError) => e.code === 'ERR_STREAM_NOT_SPARSE');
+    // forge it on the wire
+    const hole = Buffer.alloc(12);
+    hole.writeBigInt64BE(4096n, 0);
+    client.sendFrame({ prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc: P.STORAGE_VOL_UPLOAD.num, type: MessageType.STREAM_HOLE, serial, status: Status.CONTINUE }, hole);
+    const { err } = await got;
+    assert.equal((err as SparsevirtError).code, 'ERR_STREAM_NOT_SPARSE');
+    // the client sees a STREAM/ERROR with a real message, and the connection still works
+    await assert.rejects(s.send(data(10, 1)).then(() => s.finish()), /not opened with the sparse flag/);
+    server.removeAllListeners('call');
+    server.on('call', (m: Message) => server.reply(m, P.CONNECT_GET_TYPE.ret, { type: 'ok' }));
+    assert.equal((await client.call(P.CONNECT_GET_TYPE, undefined)).type, 'ok');
+  } finally {
+    cleanup();
+  }
+});
+
+test('client abort mid-download: server confirms, late packets discarded, connection usable', async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    let serverErr: Error | undefined;
+    const served = new Promise<void>((r) => serveDownload(server, Array.from({ length: 200 }, (_, i) => ({ kind: 'data', bytes: data(262120, i) } as Chunk)), (e) => { serverErr = e; r(); }));
+    const s = await openDownload(client, false);
+    const first = await s.recv(1000);
+    assert.ok(Buffer.isBuffer(first));
+    await s.abort(new Error('enough'));
+    await served;
+    assert.equal((serverErr as SparsevirtError).code, 'ERR_ABORTED');
+    server.removeAllListeners('call');
+    server.on('call', (m: Message) => server.reply(m, P.CONNECT_GET_TYPE.ret, { type: 'still' }));
+    assert.equal((await client.call(P.CONNECT_GET_TYPE, undefined)).type, 'still');
+    assert.equal(client.openStreams, 0);
+  } finally {
+    cleanup();
+  }
+});
+
+test('B3: a REPLY/ERROR on an open stream serial fails that stream; B2: a repeated STREAM/ERROR is ignored', async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    server.on('call', (m: Message) => {
+      server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined);
+      const e1 = encodeRemoteError(remoteErrorFields(1, 7, 'Library function returned error but did not set virError'));
+      server.socket.write(buildFrame({ ...m, type: MessageType.REPLY, status: Status.ERROR }, e1));
+      server.socket.write(buildFrame({ ...m, type: MessageType.STREAM, status: Status.ERROR }, encodeRemoteError(remoteErrorFields(39, 38, 'stream had I/O failure'))));
+    });
+    const s = await openDownload(client, true);
+    await assert.rejects(collect(s), /did not set virError/);
+    server.removeAllListeners('call');
+    server.on('call', (m: Message) => server.reply(m, P.CONNECT_GET_TYPE.ret, { type: 'alive' }));
+    assert.equal((await client.call(P.CONNECT_GET_TYPE, undefined)).type, 'alive');
+  } finally {
+    cleanup();
+  }
+});
+
+test('upload: server error mid-stream reaches the sender; finish answered by STREAM/ERROR rejects', async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    server.on('call', (m: Message) => {
+      const wire = server.openStream(m.proc, m.serial, { sparse: true, sending: false });
+      const s = new Stream(wire, { sparse: true });
+      wire.attach(s);
+      server.reply(m, P.STORAGE_VOL_UPLOAD.ret, undefined);
+      (async () => {
+        let n = 0;
+        for await (const c of s) {
+          n += c.kind === 'data' ? c.bytes.length : c.length;
+          if (n > 8192) {
+            await s.abort(new SparsevirtError('ERR_IO', 'cannot write to stream: No space left on device', { cause: Object.assign(new Error('ENOSPC'), { errno: 28 }) }));
+            return;
+          }
+        }
+      })().catch(() => {});
+    });
+    const serial = client.nextSerial();
+    const wire = client.openStream(P.STORAGE_VOL_UPLOAD.num, serial, { sparse: true, sending: true });
+    const s = new Stream(wire, { sparse: true });
+    wire.attach(s);
+    await client.call(P.STORAGE_VOL_UPLOAD, { vol, offset: 0n, length: 8192n, flags: 1 }, { serial });
+    await assert.rejects((async () => {
+      for (let i = 0; i < 100; i++) await s.send(data(65536, i));
+      await s.finish();
+    })(), (e: RemoteError) => {
+      assert.equal(e.virCode, 38);
+      assert.equal(e.int1, 28);
+      assert.match(e.message, /No space left on device/);
+      return true;
+    });
+  } finally {
+    cleanup();
+  }
+});
+
+test('keepalive: PINGs are answered; a silent peer is declared dead within interval*(count+1)', async () => {
+  const { client, server, cleanup } = await pair({ keepalive: 0.2, count: 2 });
+  try {
+    client.startKeepalive();
+    server.startKeepalive();
+    // both answer each other: still alive after several intervals
+    await new Promise((r) => setTimeout(r, 700));
+    assert.equal(client.closed, false);
+    // the server stops reading (like SIGSTOP): the client must give up
+    server.socket.pause();
+    (server as unknown as { keepaliveTick: () => void }).keepaliveTick = () => {};
+    const t0 = Date.now();
+    const err = await new Promise<Error>((r) => client.once('close', r));
+    assert.equal((err as SparsevirtError).code, 'ERR_KEEPALIVE_TIMEOUT');
+    assert.ok(Date.now() - t0 < 2000, `gave up after ${Date.now() - t0} ms`);
+  } finally {
+    cleanup();
+  }
+});
+
+test('connection lost mid-stream: the stream and pending calls fail with ERR_CONNECTION_CLOSED', async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    server.on('call', (m: Message) => {
+      server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined);
+      server.socket.write(buildFrame({ ...m, type: MessageType.STREAM, status: Status.CONTINUE }, data(100, 3)));
+      setTimeout(() => server.socket.destroy(), 20);
+    });
+    const s = await openDownload(client, true);
+    await assert.rejects(collect(s), (e: SparsevirtError) => e.code === 'ERR_CONNECTION_CLOSED');
+    await assert.rejects(client.call(P.CONNECT_GET_TYPE, undefined), (e: SparsevirtError) => e.code === 'ERR_CONNECTION_CLOSED');
+  } finally {
+    cleanup();
+  }
+});
