@@ -172,7 +172,7 @@ export class StorageVol {
     const peer = this.conn.peer;
     const serial = peer.nextSerial();
     const wire = peer.openStream(proc.num, serial, { sparse, sending });
-    const stream = new Stream(wire, { sparse, signal: opts.signal, highWaterMark: opts.highWaterMark });
+    const stream = new Stream(wire, { sparse, direction: sending ? 'send' : 'recv', signal: opts.signal, highWaterMark: opts.highWaterMark });
     wire.attach(stream);
     try {
       await peer.call(proc, { vol: this.ref, offset: BigInt(offset), length: BigInt(length), flags: sparse ? SPARSE_STREAM : 0 }, { serial, signal: opts.signal });
