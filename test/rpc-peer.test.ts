@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { Peer } from '../src/rpc/peer.js';
-import { buildFrame, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Message } from '../src/rpc/message.js';
+import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Message } from '../src/rpc/message.js';
 import { encodeRemoteError } from '../src/rpc/structs.js';
 import { P, SPARSE_STREAM } from '../src/protocol/remote.js';
 import { Stream } from '../src/stream/index.js';
@@ -187,8 +187,8 @@ test('B3: a REPLY/ERROR on an open stream serial fails that stream; B2: a repeat
     server.on('call', (m: Message) => {
       server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined);
       const e1 = encodeRemoteError(remoteErrorFields(1, 7, 'Library function returned error but did not set virError'));
-      server.socket.write(buildFrame({ ...m, type: MessageType.REPLY, status: Status.ERROR }, e1));
-      server.socket.write(buildFrame({ ...m, type: MessageType.STREAM, status: Status.ERROR }, encodeRemoteError(remoteErrorFields(39, 38, 'stream had I/O failure'))));
+      server.sendFrame({ ...m, type: MessageType.REPLY, status: Status.ERROR }, e1);
+      server.sendFrame({ ...m, type: MessageType.STREAM, status: Status.ERROR }, encodeRemoteError(remoteErrorFields(39, 38, 'stream had I/O failure')));
     });
     const s = await openDownload(client, true);
     await assert.rejects(collect(s), /did not set virError/);
@@ -263,7 +263,7 @@ test('connection lost mid-stream: the stream and pending calls fail with ERR_CON
   try {
     server.on('call', (m: Message) => {
       server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined);
-      server.socket.write(buildFrame({ ...m, type: MessageType.STREAM, status: Status.CONTINUE }, data(100, 3)));
+      server.sendFrame({ ...m, type: MessageType.STREAM, status: Status.CONTINUE }, data(100, 3));
       setTimeout(() => server.socket.destroy(), 20);
     });
     const s = await openDownload(client, true);
