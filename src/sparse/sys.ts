@@ -1,0 +1,185 @@
+/**
+ * The few Linux syscalls Node's `fs` does not offer, bound once through koffi: `lseek` with
+ * SEEK_DATA/SEEK_HOLE, `fallocate`, `ioctl(BLKGETSIZE64)`, `preadv2(RWF_NOWAIT)` and `fstatfs`.
+ *
+ * Calls are synchronous: none of them waits for file data (at most for metadata, or for the
+ * blocks a punch frees), and a call costs about a microsecond through koffi, far less than a
+ * round trip through the libuv thread pool.
+ *
+ * Failures are returned, not thrown: a negative result is `-errno`, as the kernel does it.
+ * ENXIO from SEEK_DATA is an ordinary answer ("hole to the end") on the hot path, and
+ * throwing it would cost a stack trace per file.
+ *
+ * When koffi cannot be loaded (or `SPARSEVIRT_NO_KOFFI=1`, or `setNativeSyscalls(false)`
+ * in tests), the pure-JS fallback answers ENOSYS for lseek/fallocate, so callers take the
+ * same path they take on a filesystem without hole support: every byte is data, and holes
+ * are written as zeros.
+ */
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import util from 'node:util';
+import { bigToSafe } from '../errors.js';
+
+export const SEEK_END = 2;
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+/** preadv2 flag: fail with EAGAIN rather than wait for the disk. */
+export const RWF_NOWAIT = 0x08;
+
+export const ENXIO = 6;
+export const EAGAIN = 11;
+export const EINVAL = 22;
+export const ENOSYS = 38;
+export const EOPNOTSUPP = 95;
+
+/** statfs f_type of filesystems whose files live in memory. */
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+
+/** `_IOR(0x12, 114, size_t)`: the size of a block device in bytes. */
+const BLKGETSIZE64 = 0x80081272;
+
+interface Syscalls {
+  lseek(fd: number, offset: number, whence: number): number;
+  preadNoWait(fd: number, buf: Buffer, offset: number): number;
+  isMemoryBacked(fd: number): boolean;
+  fallocate(fd: number, mode: number, offset: number, length: number): number;
+  blockDeviceSize(fd: number): number;
+}
+
+/** koffi hands back a BigInt for 64-bit results past 2^53; refuse those rather than round. */
+function toSafe(name: string, v: number | bigint): number {
+  return typeof v === 'bigint' ? bigToSafe(name, v) : v;
+}
+
+function loadNative(): Syscalls | null {
+  if (process.platform !== 'linux' || process.env.SPARSEVIRT_NO_KOFFI === '1') return null;
+  try {
+    const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+    const libc = koffi.load('libc.so.6');
+    const lseek = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
+    const fallocate = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
+    const ioctl = libc.func('int ioctl(int fd, unsigned long request, _Out_ uint64_t *out)');
+    koffi.struct('iovec', { base: 'void *', len: 'size_t' });
+    const preadv2 = libc.func('int64_t preadv2(int fd, const iovec *iov, int iovcnt, int64_t offset, int flags)');
+    const fstatfs = libc.func('int fstatfs(int fd, void *buf)');
+    // struct statfs is 120 bytes on 64-bit Linux; f_type (a long) comes first.
+    const statfsBuf = Buffer.alloc(256);
+    // One reusable out-parameter box: koffi writes the u64 into out[0].
+    const sizeBox: [number | bigint] = [0];
+    return {
+      lseek(fd, offset, whence) {
+        const r = toSafe('lseek result', lseek(fd, offset, whence) as number | bigint);
+        return r < 0 ? -koffi.errno() : r;
+      },
+      preadNoWait(fd, buf, offset) {
+        const r = preadv2(fd, { base: buf, len: buf.length }, 1, offset, RWF_NOWAIT) as number;
+        return r < 0 ? -koffi.errno() : r;
+      },
+      isMemoryBacked(fd) {
+        if (fstatfs(fd, statfsBuf) !== 0) return false;
+        const type = statfsBuf.readUInt32LE(0);
+        return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+      },
+      fallocate(fd, mode, offset, length) {
+        return fallocate(fd, mode, offset, length) < 0 ? -koffi.errno() : 0;
+      },
+      blockDeviceSize(fd) {
+        if (ioctl(fd, BLKGETSIZE64, sizeBox) === 0) return toSafe('block device size', sizeBox[0]);
+        const end = toSafe('lseek result', lseek(fd, 0, SEEK_END) as number | bigint);
+        return end < 0 ? -koffi.errno() : end;
+      },
+    };
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Without koffi the size of a block device still comes from sysfs: `size` is in 512-byte
+ * sectors for whole disks and partitions alike.
+ */
+function sysfsBlockDeviceSize(fd: number): number {
+  const rdev = fs.fstatSync(fd).rdev;
+  // glibc's gnu_dev_major/minor split of a 64-bit dev_t (Node gives it as a number).
+  const major = Math.floor(rdev / 2 ** 32) & ~0xfff | ((rdev >>> 8) & 0xfff);
+  const minor = Math.floor(rdev / 2 ** 12) & ~0xff | (rdev & 0xff);
+  try {
+    const sectors = fs.readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'latin1');
+    return Number.parseInt(sectors, 10) * 512;
+  } catch {
+    return -ENOSYS;
+  }
+}
+
+const fallback: Syscalls = {
+  lseek: () => -ENOSYS,
+  preadNoWait: () => -ENOSYS,
+  isMemoryBacked: () => false,
+  fallocate: () => -ENOSYS,
+  blockDeviceSize: sysfsBlockDeviceSize,
+};
+
+const native = loadNative();
+let impl: Syscalls = native ?? fallback;
+
+/** True while the koffi bindings are in use (live binding: tests may flip it). */
+export let available = native !== null;
+
+/**
+ * Use the koffi bindings (`true`, when they loaded) or force the pure-JS fallback (`false`).
+ * For tests of the fallback path; returns whether native syscalls are now in use.
+ */
+export function setNativeSyscalls(enabled: boolean): boolean {
+  impl = enabled && native ? native : fallback;
+  available = impl === native;
+  return available;
+}
+
+/** `lseek(2)`: the resulting offset, or `-errno` (ENXIO: no data/hole past `offset`). */
+export function lseek(fd: number, offset: number, whence: number): number {
+  return impl.lseek(fd, offset, whence);
+}
+
+/**
+ * `preadv2(RWF_NOWAIT)` into all of `buf`: bytes read (short when only part was cached), or
+ * `-errno`: EAGAIN when nothing is cached, EOPNOTSUPP/ENOSYS where unsupported (tmpfs). A read
+ * served from the page cache this way skips the round trip through libuv's thread pool, which
+ * costs ten times the copy for small reads; a read that would wait for the disk never blocks.
+ */
+export function preadNoWait(fd: number, buf: Buffer, offset: number): number {
+  return impl.preadNoWait(fd, buf, offset);
+}
+
+/**
+ * Whether the file lives in memory (tmpfs, ramfs): reading it never waits for a disk, so a
+ * synchronous read is cheaper than the thread pool (and RWF_NOWAIT is not supported there).
+ */
+export function isMemoryBacked(fd: number): boolean {
+  return impl.isMemoryBacked(fd);
+}
+
+/** `fallocate(2)`: 0, or `-errno` (EOPNOTSUPP/ENOSYS: this mode is not supported here). */
+export function fallocate(fd: number, mode: number, offset: number, length: number): number {
+  return impl.fallocate(fd, mode, offset, length);
+}
+
+/** The size of the block device open on `fd` in bytes, or `-errno`. */
+export function blockDeviceSize(fd: number): number {
+  return impl.blockDeviceSize(fd);
+}
+
+/** A Node-style system error (`code`, `errno`, `syscall`) for a `-errno` result from this module. */
+export function errnoException(negErrno: number, syscall: string): NodeJS.ErrnoException {
+  const code = util.getSystemErrorName(negErrno);
+  const err: NodeJS.ErrnoException = new Error(`${syscall}: ${code}`);
+  err.code = code;
+  err.errno = negErrno;
+  err.syscall = syscall;
+  return err;
+}

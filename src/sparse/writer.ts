@@ -1,0 +1,332 @@
+/**
+ * Chunks → file. `SparseWriter` writes data at its position (contiguous chunks coalesced into
+ * one writev), makes every hole read as zero without allocating it where the filesystem allows,
+ * and sets the final size.
+ */
+import fs from 'node:fs';
+import type { Chunk } from '../chunk.js';
+import { SparsevirtError, checkByteCount } from '../errors.js';
+import { DEVICE_ALIGN, abortError, ioError, openFile, zeroes, type FileTarget, type OpenFile } from './file.js';
+import * as sys from './sys.js';
+
+export interface SparseWriterOptions {
+  /** Where the first chunk lands (default 0). */
+  offset?: number;
+  /**
+   * Make the file end exactly where the chunks end. Default false: a longer target is never
+   * shrunk (only grown to cover a trailing hole). With true, a regular file is cut to `offset`
+   * up front, so holes past it cost nothing.
+   */
+  truncate?: boolean;
+  /** fdatasync before close (default false). */
+  sync?: boolean;
+  /** Mode for a file created here (default 0o644, less the umask). */
+  mode?: number;
+  signal?: AbortSignal;
+}
+
+export interface WriteResult {
+  dataBytes: number;
+  holeBytes: number;
+}
+
+/** Coalesced data is written once it reaches this many bytes … */
+const MAX_BATCH_BYTES = 1 << 20;
+/** … or this many buffers (IOV_MAX). */
+const MAX_BATCH_BUFFERS = 1024;
+/** Largest single write when zeroing by writes. */
+const ZERO_WRITE_MAX = 1 << 20;
+/**
+ * Writes kept in flight at once, and their bytes. Data between holes comes in small pieces, and
+ * one thread-pool round trip at a time would cost more than the writes; the ranges never overlap,
+ * and the kernel serialises writes and hole punches on an inode, so their order does not matter.
+ */
+const MAX_WRITES_IN_FLIGHT = 16;
+const MAX_BYTES_IN_FLIGHT = 4 << 20;
+
+/** How this writer makes a range read as zeros, best first; a method that fails as unsupported is dropped. */
+type ZeroMethod = 'punch' | 'zero-range' | 'write';
+
+const UNSUPPORTED = new Set([-sys.EOPNOTSUPP, -sys.ENOSYS]);
+
+/**
+ * Writes a sequence of chunks into a regular file or a block device.
+ *
+ * A hole must read back as zero even where the target held data, so the part of it below the
+ * target's original size is punched (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE); where punching is not
+ * supported, and on block devices, it is zeroed (FALLOC_FL_ZERO_RANGE), and failing that written
+ * with zeros. Past the original size nothing is needed: it is already a hole.
+ *
+ * Data buffers are held by reference until written (a 1 MiB batch being built, 4 MiB in flight):
+ * like a Writable, a producer must not reuse a buffer it has handed over. Await each `write()`
+ * before the next. Errors are `SparsevirtError` `ERR_IO` with the errno in `cause`; a failed
+ * write in flight surfaces on a later `write()` or on `close()`. After an error, call `abort()`.
+ */
+export class SparseWriter {
+  readonly file: OpenFile;
+  /** The target's size when opened (after the up-front cut of `truncate`): holes below it need zeroing. */
+  readonly #originalSize: number;
+  readonly #truncate: boolean;
+  readonly #sync: boolean;
+  readonly #signal: AbortSignal | undefined;
+  readonly #zeroMethods: ZeroMethod[];
+  #position: number;
+  #batch: Buffer[] = [];
+  #batchBytes = 0;
+  #writesInFlight = 0;
+  #bytesInFlight = 0;
+  /** Callers waiting for a write in flight to land. */
+  #waiters: Array<() => void> = [];
+  /** The first failed write in flight: every later call throws it. */
+  #failure: SparsevirtError | null = null;
+  #dataBytes = 0;
+  #holeBytes = 0;
+  #closed = false;
+
+  private constructor(file: OpenFile, originalSize: number, opts: SparseWriterOptions, start: number) {
+    this.file = file;
+    this.#originalSize = originalSize;
+    this.#position = start;
+    this.#truncate = opts.truncate ?? false;
+    this.#sync = opts.sync ?? false;
+    this.#signal = opts.signal;
+    this.#zeroMethods = file.isBlockDevice ? ['zero-range', 'write'] : ['punch', 'zero-range', 'write'];
+  }
+
+  /** Opens (creating it if missing, never truncating on open) or adopts the target. */
+  static async open(target: FileTarget, opts: SparseWriterOptions = {}): Promise<SparseWriter> {
+    const start = checkByteCount('offset', opts.offset ?? 0);
+    if (opts.signal?.aborted) throw abortError(opts.signal);
+    const { O_WRONLY, O_CREAT } = fs.constants;
+    const file = await openFile(target, O_WRONLY | O_CREAT, opts.mode ?? 0o644);
+    let originalSize = file.size;
+    if (opts.truncate && !file.isBlockDevice && originalSize > start) {
+      try {
+        await fdCall<void>((cb) => fs.ftruncate(file.fd, start, cb));
+      } catch (err) {
+        await file.close();
+        throw ioError('cannot truncate', file.name, err);
+      }
+      originalSize = start;
+    }
+    return new SparseWriter(file, originalSize, opts, start);
+  }
+
+  /** Where the next chunk lands. */
+  get position(): number {
+    return this.#position;
+  }
+
+  async write(chunk: Chunk): Promise<void> {
+    if (this.#closed) throw new SparsevirtError('ERR_STREAM_STATE', `${this.file.name}: write after close`);
+    if (this.#failure) throw this.#failure;
+    if (this.#signal?.aborted) throw abortError(this.#signal);
+    const length = checkByteCount('chunk length', chunk.kind === 'data' ? chunk.bytes.length : chunk.length);
+    if (length === 0) return;
+    const at = this.#position;
+    checkByteCount('end of write', at + length);
+    if (chunk.kind === 'data') {
+      if (this.#batchBytes + length > MAX_BATCH_BYTES && this.#batch.length > 0) await this.#flush();
+      this.#batch.push(chunk.bytes);
+      this.#batchBytes += length;
+      this.#position = at + length;
+      this.#dataBytes += length;
+      if (this.#batchBytes >= MAX_BATCH_BYTES || this.#batch.length >= MAX_BATCH_BUFFERS) await this.#flush();
+      return;
+    }
+    await this.#flush();
+    if (this.file.isBlockDevice && at + length > this.file.size) {
+      throw ioError('cannot write', this.file.name, `hole ends at ${at + length}, past the end of the device (${this.file.size})`);
+    }
+    const zeroEnd = Math.min(at + length, this.#originalSize);
+    if (at < zeroEnd) await this.#zeroRange(at, zeroEnd);
+    this.#position = at + length;
+    this.#holeBytes += length;
+  }
+
+  /**
+   * Writes what is pending, sets the size (grown over a trailing hole; cut only with
+   * `truncate`), syncs if asked, and closes the file if it was opened here.
+   */
+  async close(): Promise<WriteResult> {
+    if (this.#closed) throw new SparsevirtError('ERR_STREAM_STATE', `${this.file.name}: already closed`);
+    this.#closed = true;
+    try {
+      await this.#finish();
+    } finally {
+      this.#batch = [];
+      // Writes in flight target our fd: let them land before it can be closed and reused.
+      await this.#settle(0, 0);
+      await this.file.close();
+    }
+    return { dataBytes: this.#dataBytes, holeBytes: this.#holeBytes };
+  }
+
+  async #finish(): Promise<void> {
+    await this.#flush();
+    await this.#settle(0, 0);
+    if (this.#failure) throw this.#failure;
+    const { fd, name } = this.file;
+    if (!this.file.isBlockDevice) {
+      const end = this.#position;
+      const { size } = await fdCall<fs.Stats>((cb) => fs.fstat(fd, cb)).catch((err: unknown) => {
+        throw ioError('cannot stat', name, err);
+      });
+      if (size < end || (this.#truncate && size !== end)) {
+        await fdCall<void>((cb) => fs.ftruncate(fd, end, cb)).catch((err: unknown) => {
+          throw ioError('cannot set the size of', name, err);
+        });
+      }
+    }
+    if (this.#sync) {
+      await fdCall<void>((cb) => fs.fdatasync(fd, cb)).catch((err: unknown) => {
+        throw ioError('cannot sync', name, err);
+      });
+    }
+  }
+
+  /** Drops what is pending and closes the file if it was opened here; the size is left as is. */
+  async abort(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#batch = [];
+    // Writes in flight target our fd: let them land before it can be closed and reused.
+    await this.#settle(0, 0);
+    await this.file.close();
+  }
+
+  /** Starts writing the coalesced data. */
+  async #flush(): Promise<void> {
+    if (this.#batch.length === 0) return;
+    const buffers = this.#batch;
+    const bytes = this.#batchBytes;
+    this.#batch = [];
+    this.#batchBytes = 0;
+    await this.#startWrite(buffers, bytes, this.#position - bytes);
+  }
+
+  /** Starts a write once there is room in flight for it; its failure surfaces on a later call. */
+  async #startWrite(buffers: Buffer[], bytes: number, at: number): Promise<void> {
+    await this.#settle(MAX_WRITES_IN_FLIGHT - 1, MAX_BYTES_IN_FLIGHT - bytes);
+    if (this.#failure) throw this.#failure;
+    this.#writesInFlight++;
+    this.#bytesInFlight += bytes;
+    writevFully(this.file.fd, buffers, at).then(
+      () => this.#landed(bytes),
+      (err: unknown) => {
+        this.#failure ??= ioError('cannot write', this.file.name, err);
+        this.#landed(bytes);
+      },
+    );
+  }
+
+  #landed(bytes: number): void {
+    this.#writesInFlight--;
+    this.#bytesInFlight -= bytes;
+    const waiters = this.#waiters;
+    this.#waiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  /** Waits until at most `writes` writes and `bytes` bytes (or just nothing) are in flight. */
+  async #settle(writes: number, bytes: number): Promise<void> {
+    while (this.#writesInFlight > 0 && (this.#writesInFlight > writes || this.#bytesInFlight > bytes)) {
+      await new Promise<void>((resolve) => this.#waiters.push(resolve));
+    }
+  }
+
+  /**
+   * Makes [from, to) read as zeros, deallocating it where the filesystem can. A block device
+   * takes fallocate only on whole logical blocks (EINVAL otherwise): there it covers the
+   * aligned middle, and the unaligned edges are written.
+   */
+  async #zeroRange(from: number, to: number): Promise<void> {
+    const { fd, isBlockDevice } = this.file;
+    const methods = this.#zeroMethods;
+    const a = isBlockDevice ? Math.ceil(from / DEVICE_ALIGN) * DEVICE_ALIGN : from;
+    const b = isBlockDevice ? Math.floor(to / DEVICE_ALIGN) * DEVICE_ALIGN : to;
+    while (a < b && methods[0] !== 'write') {
+      const mode = methods[0] === 'punch' ? sys.FALLOC_FL_PUNCH_HOLE : sys.FALLOC_FL_ZERO_RANGE;
+      const r = sys.fallocate(fd, mode | sys.FALLOC_FL_KEEP_SIZE, a, b - a);
+      if (r === 0) {
+        if (from < a) await this.#writeZeroes(from, a);
+        if (b < to) await this.#writeZeroes(b, to);
+        return;
+      }
+      if (!UNSUPPORTED.has(r) && !(isBlockDevice && r === -sys.EINVAL)) {
+        throw ioError('cannot zero a range of', this.file.name, sys.errnoException(r, 'fallocate'));
+      }
+      methods.shift();
+    }
+    await this.#writeZeroes(from, to);
+  }
+
+  async #writeZeroes(from: number, to: number): Promise<void> {
+    for (let at = from; at < to; at += ZERO_WRITE_MAX) {
+      const bytes = Math.min(ZERO_WRITE_MAX, to - at);
+      await this.#startWrite([zeroes(bytes)], bytes, at);
+    }
+  }
+}
+
+/** Callback-style fs call on a raw fd, as a promise. */
+function fdCall<T>(call: (cb: (err: Error | null, value?: T) => void) => void): Promise<T> {
+  return new Promise((resolve, reject) => call((err, value) => (err ? reject(err) : resolve(value as T))));
+}
+
+/** `writev` at `position` until every byte is written (a short write continues where it stopped). */
+async function writevFully(fd: number, buffers: Buffer[], position: number): Promise<void> {
+  let bufs = buffers;
+  let at = position;
+  for (;;) {
+    const total = bufs.reduce((n, b) => n + b.length, 0);
+    const written = await new Promise<number>((resolve, reject) => {
+      fs.writev(fd, bufs, at, (err, n) => (err ? reject(err) : resolve(n)));
+    });
+    if (written === total) return;
+    if (written === 0) throw new Error(`writev wrote nothing at ${at}`);
+    at += written;
+    let skip = written;
+    while (skip >= bufs[0]!.length) skip -= bufs.shift()!.length;
+    bufs = [bufs[0]!.subarray(skip), ...bufs.slice(1)];
+  }
+}
+
+/**
+ * Writes `chunks` into `target` (see `SparseWriter`) and returns how many bytes came as data and
+ * as holes. The source is always finished or returned (closed), also on error or abort.
+ */
+export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chunk>, opts: SparseWriterOptions = {}): Promise<WriteResult> {
+  const writer = await SparseWriter.open(target, opts);
+  const it = chunks[Symbol.asyncIterator]();
+  const signal = opts.signal;
+  // A stalled source must not outlive an abort: race each pull against it.
+  let onAbort: (() => void) | undefined;
+  const aborted = signal && new Promise<never>((_, reject) => {
+    onAbort = () => reject(abortError(signal));
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+  aborted?.catch(() => undefined);
+  let sourceDone = false;
+  try {
+    for (;;) {
+      const next = aborted ? await Promise.race([it.next(), aborted]) : await it.next();
+      if (next.done) {
+        sourceDone = true;
+        break;
+      }
+      await writer.write(next.value);
+    }
+    return await writer.close();
+  } catch (err) {
+    await writer.abort().catch(() => undefined);
+    if (!sourceDone) {
+      // After an abort the source may be stuck in next(): do not wait for it to notice.
+      const closing = it.return?.().catch(() => undefined);
+      if (!signal?.aborted) await closing;
+    }
+    throw err;
+  } finally {
+    if (onAbort) signal?.removeEventListener('abort', onAbort);
+  }
+}
