@@ -1,0 +1,202 @@
+/**
+ * vol-upload / vol-download on the daemon side.
+ *
+ * Download: `fileChunks` (SEEK_DATA/SEEK_HOLE, reads ≤ 262120 bytes ahead of the socket) →
+ * `Stream` → `WireStream`: one hole packet per hole region (trailing hole included), data in
+ * packets ≤ 262120 bytes, EOF as an empty STREAM/CONTINUE; an offset at or past the end is an
+ * empty stream (libvirt 9.0 fails there, B2). Backpressure: each write waits for the socket.
+ *
+ * Upload: `Stream.recv` → `writeChunks` at `offset`: holes read back as zeros even over old data
+ * and the volume is never truncated (libvirt 9.0 does both wrong, B1). Bytes past `length`
+ * fail the stream with libvirt's ENOSPC error. The client's finish is confirmed only once every
+ * byte is written and the file closed; a failure there is reported instead of the OK.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import type { Chunk } from '../chunk.js';
+import { RemoteError, SparsevirtError } from '../errors.js';
+import type { WireStream } from '../rpc/peer.js';
+import { fileChunks, writeChunks } from '../sparse/index.js';
+import { Stream } from '../stream/index.js';
+import { DOMAIN, streamNoSpace, systemError } from './errors.js';
+import type { Logger } from './log.js';
+import type { Volume } from './storage.js';
+
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+/** Incoming data queued per upload before the socket is paused. */
+const UPLOAD_WINDOW = 4 << 20;
+
+export interface TransferSpec {
+  kind: 'upload' | 'download';
+  vol: Volume;
+  fh: FileHandle;
+  wire: WireStream;
+  offset: number;
+  /** Bytes to move; null = no limit (length 0, or ≥ 2^53). */
+  length: number | null;
+  sparse: boolean;
+  log: Logger;
+}
+
+/** `length` as libvirt reads it: 0 means no limit; so does anything past 2^53 (virsh sends 2^64−1 for -1). */
+export function transferLength(length: bigint): number | null {
+  return length === 0n || length > MAX_SAFE ? null : Number(length);
+}
+
+/** One stream in flight on a connection. */
+export class Transfer {
+  readonly stream: Stream;
+  private stopped: RemoteError | null = null;
+  private readonly started = Date.now();
+  dataBytes = 0;
+  holeBytes = 0;
+
+  constructor(readonly spec: TransferSpec) {
+    this.stream = new Stream(spec.wire, {
+      sparse: spec.sparse,
+      direction: spec.kind === 'upload' ? 'recv' : 'send',
+      highWaterMark: UPLOAD_WINDOW,
+    });
+    spec.wire.attach(this.stream);
+  }
+
+  /** Runs the transfer to its end; never rejects (outcomes are logged). Closes the file. */
+  async run(): Promise<void> {
+    const { spec } = this;
+    let outcome = 'ok';
+    let error: string | undefined;
+    try {
+      if (spec.kind === 'download') outcome = await this.download();
+      else outcome = await this.upload();
+    } catch (err) {
+      outcome = 'failed';
+      error = (err as Error).message;
+    } finally {
+      await spec.fh.close().catch(() => undefined);
+    }
+    spec.log.info(`${spec.kind} ${outcome}`, {
+      pool: spec.vol.pool.name, vol: spec.vol.name, sparse: spec.sparse, offset: spec.offset, length: spec.length,
+      dataBytes: this.dataBytes, holeBytes: this.holeBytes, ms: Date.now() - this.started, ...(error ? { error } : {}),
+    });
+  }
+
+  /**
+   * Stop the transfer (daemon shutdown): the client gets a STREAM/ERROR with `err`; the run
+   * loop then ends and closes the file.
+   */
+  abort(err: RemoteError): void {
+    if (this.stopped) return;
+    this.stopped = err;
+    this.fail(err);
+  }
+
+  /** Report `err` to the client as STREAM/ERROR (libvirt's fields as they are), then drop the stream. */
+  private fail(err: RemoteError): Promise<void> {
+    void this.spec.wire.abort(err);
+    return this.stream.abort(err);
+  }
+
+  private async download(): Promise<string> {
+    const { spec, stream } = this;
+    const chunks = fileChunks({ fd: spec.fh.fd }, {
+      offset: spec.offset, length: spec.length ?? undefined, sparse: spec.sparse,
+    });
+    try {
+      for await (const chunk of chunks) {
+        if (chunk.kind === 'data') this.dataBytes += chunk.bytes.length;
+        else this.holeBytes += chunk.length;
+        await stream.sendChunk(chunk);
+      }
+    } catch (err) {
+      if (stream.state === 'open') {
+        // The file failed us, not the peer: tell the client why.
+        const e = systemError('cannot read from stream', (err as { cause?: unknown }).cause ?? err, DOMAIN.STREAMS);
+        await this.fail(e);
+        throw e;
+      }
+      return this.endedByPeer(err);
+    }
+    try {
+      await stream.finish(); // EOF; resolves on the client's finish (which the wire confirms)
+    } catch (err) {
+      return this.endedByPeer(err);
+    }
+    return 'ok';
+  }
+
+  private async upload(): Promise<string> {
+    const { spec, stream } = this;
+    let source: AsyncIterable<Chunk> = this.received();
+    if (spec.length !== null) source = limitTo(source, spec.length);
+    try {
+      await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset });
+    } catch (err) {
+      if (stream.state !== 'open') return this.endedByPeer(err);
+      const e = err instanceof RemoteError ? err : systemError('cannot write to stream', (err as { cause?: unknown }).cause ?? err, DOMAIN.STREAMS);
+      await this.fail(e); // STREAM/ERROR to the client, also in place of the OK to its finish
+      throw e;
+    }
+    try {
+      await stream.finish(); // everything is written: confirm the client's finish
+    } catch (err) {
+      return this.endedByPeer(err);
+    }
+    return 'ok';
+  }
+
+  /** The received chunks; ends at the client's finish without acknowledging it yet. */
+  private async *received(): AsyncGenerator<Chunk> {
+    const stream = this.stream;
+    const stopAtHole = stream.sparse ? { stopAtHole: true } : undefined;
+    for (;;) {
+      const r = await stream.recv(Number.MAX_SAFE_INTEGER, stopAtHole);
+      if (r === null) return;
+      if (Buffer.isBuffer(r)) {
+        this.dataBytes += r.length;
+        yield { kind: 'data', bytes: r };
+      } else {
+        const length = await stream.recvHole();
+        this.holeBytes += length;
+        yield { kind: 'hole', length };
+      }
+    }
+  }
+
+  /** The stream ended from the other side (abort, early finish, lost connection) or by shutdown. */
+  private endedByPeer(err: unknown): string {
+    if (this.stopped) return 'stopped by shutdown';
+    const e = err as SparsevirtError;
+    if (e?.code === 'ERR_ABORTED') return 'aborted by the client';
+    if (e?.code === 'ERR_CONNECTION_CLOSED') return 'ended: connection closed';
+    if (this.stream.finishedByPeer) return 'finished early by the client';
+    throw err;
+  }
+}
+
+/**
+ * At most `limit` bytes of stream: holes past it are clipped (as libvirt does); data past it
+ * fails with libvirt's ENOSPC error ("cannot write to stream: No space left on device").
+ */
+async function* limitTo(src: AsyncIterable<Chunk>, limit: number): AsyncGenerator<Chunk> {
+  let left = limit;
+  for await (const c of src) {
+    if (c.kind === 'hole') {
+      if (left === 0) continue;
+      if (c.length <= left) {
+        left -= c.length;
+        yield c;
+      } else {
+        const length = left;
+        left = 0;
+        yield { kind: 'hole', length };
+      }
+      continue;
+    }
+    if (c.bytes.length > left) {
+      if (left > 0) yield { kind: 'data', bytes: c.bytes.subarray(0, left) };
+      left = 0;
+      throw streamNoSpace();
+    }
+    left -= c.bytes.length;
+    yield c;
+  }
+}
