@@ -1,0 +1,260 @@
+/**
+ * The contenders: every way the bench moves an image, each a name plus a `prepare` that sets up
+ * one run (untimed: volumes, servers) and returns the command to time. A contender whose tool or
+ * server is missing is skipped with a reason; the rest of the table still runs.
+ *
+ * Directions: "download" = volume → local file, "upload" = local file → volume. Local floors and
+ * anchors copy file → file in both directions (the same work; they bound what a transfer could
+ * cost on this machine).
+ */
+import { rmSync, truncateSync, closeSync, openSync } from 'node:fs';
+import { join } from 'node:path';
+import type { BuiltImage } from './images.js';
+import type { RunSpec } from './measure.js';
+import { NbdkitFile, type DirPool, type OurDaemon } from './services.js';
+
+export type Direction = 'download' | 'upload';
+
+export interface Scenario {
+  image: BuiltImage;
+  direction: Direction;
+  /** false: a plain transfer (no sparse flag: holes travel as zeros). */
+  sparse: boolean;
+  /** e.g. `a/download/sparse`. */
+  key: string;
+}
+
+export interface BenchContext {
+  repoRoot: string;
+  /** Download outputs and local copies (deleted after verification). */
+  outDir: string;
+  /** Unix sockets of per-run servers. */
+  runDir: string;
+  /** libvirtd with the bench pool on the image directory, or why not. */
+  libvirt: { uri: string; pool: DirPool; pid: number | null } | { skip: string };
+  /** HOOK: sparsevirtd started by the bench with the same pool, or why not. */
+  ours: { daemon: OurDaemon; pool: DirPool } | { skip: string };
+  /** HOOK: path of dist/src/cli/main.js, or why not. */
+  cli: { mainJs: string } | { skip: string };
+  /** HOOK: our local chunk copy (dist/bench/local-copy.js over dist/src/sparse), or why not. */
+  localCopy: { script: string } | { skip: string };
+  tools: { cp: boolean; qemuImg: boolean; nbdkit: boolean; nbdcopy: boolean; virsh: boolean };
+}
+
+export interface PreparedRun {
+  spec: RunSpec;
+  /** Servers whose peak RSS is attributed to this run. */
+  daemonPids: number[];
+  /** The file to verify against the image. */
+  output: string;
+  /** After the timed command, before verification (e.g. stop nbdkit). */
+  afterRun?: () => Promise<void>;
+  /** After verification: delete the copy, volumes, servers. Must not throw. */
+  cleanup: () => Promise<void>;
+}
+
+export interface Contender {
+  id: string;
+  label: string;
+  kind: 'pair' | 'anchor' | 'floor';
+  /** Shown under the table (e.g. tool defaults that matter). */
+  note?: string;
+  /**
+   * Local file → file: the same work for "download" and "upload", so it runs once per image
+   * (in the download scenario) and its numbers are shown in both tables.
+   */
+  directionFree?: boolean;
+  /** null when usable, else why it is skipped. Evaluated once. */
+  unavailable(ctx: BenchContext): string | null;
+  supports(s: Scenario): boolean;
+  prepare(ctx: BenchContext, s: Scenario): Promise<PreparedRun>;
+}
+
+/** The reference pair all ratios are taken against. */
+export const REFERENCE_ID = 'virsh/libvirtd';
+
+const outPath = (ctx: BenchContext, c: { id: string }, s: Scenario): string =>
+  join(ctx.outDir, `${c.id.replace(/[^A-Za-z0-9]+/g, '_')}-${s.image.spec.id}-${s.direction}.out`);
+
+const skipOf = (x: object): string | null => ('skip' in x ? (x as { skip: string }).skip : null);
+
+// ------------------------------------------------------------------------ libvirt-protocol pairs
+
+type Client = 'virsh' | 'sparsevirt';
+type Server = 'libvirtd' | 'sparsevirtd';
+
+function pair(client: Client, server: Server): Contender {
+  const id = `${client === 'virsh' ? 'virsh' : 'sv-cli'}/${server === 'libvirtd' ? 'libvirtd' : 'sv-d'}`;
+  const label = `${client === 'virsh' ? 'virsh' : 'sparsevirt CLI'} ↔ ${server}`;
+  const serverOf = (ctx: BenchContext): { uri: string; pool: DirPool; pid: number | null } => {
+    if (server === 'libvirtd') {
+      const l = ctx.libvirt as { uri: string; pool: DirPool; pid: number | null };
+      return l;
+    }
+    const o = ctx.ours as { daemon: OurDaemon; pool: DirPool };
+    return { uri: o.daemon.uri, pool: o.pool, pid: o.daemon.pid };
+  };
+  const command = (ctx: BenchContext, uri: string, args: string[]): RunSpec =>
+    client === 'virsh'
+      ? { cmd: 'virsh', args: ['-q', '-c', uri, ...args] }
+      : { cmd: process.execPath, args: [(ctx.cli as { mainJs: string }).mainJs, '-c', uri, ...args] };
+
+  return {
+    id,
+    label,
+    kind: 'pair',
+    unavailable(ctx) {
+      if (client === 'virsh' && !ctx.tools.virsh) return 'virsh not installed (scripts/setup-libvirt.sh)';
+      if (client === 'sparsevirt' && skipOf(ctx.cli)) return skipOf(ctx.cli);
+      return skipOf(server === 'libvirtd' ? ctx.libvirt : ctx.ours);
+    },
+    supports: (s) => s.sparse || s.image.spec.plain,
+    async prepare(ctx, s) {
+      const { uri, pool, pid } = serverOf(ctx);
+      const flag = s.sparse ? ['--sparse'] : [];
+      const daemonPids = pid ? [pid] : [];
+      if (s.direction === 'download') {
+        const out = outPath(ctx, { id }, s);
+        rmSync(out, { force: true });
+        return {
+          spec: command(ctx, uri, ['vol-download', '--pool', pool.name, s.image.spec.file, out, ...flag]),
+          daemonPids,
+          output: out,
+          cleanup: async () => rmSync(out, { force: true }),
+        };
+      }
+      const vol = `up-${id.replace(/[^A-Za-z0-9]+/g, '_')}-${s.image.spec.id}.raw`;
+      const path = await pool.createEmpty(vol, s.image.spec.size);
+      return {
+        spec: command(ctx, uri, ['vol-upload', '--pool', pool.name, vol, s.image.path, ...flag]),
+        daemonPids,
+        output: path,
+        cleanup: async () => {
+          await pool.delete(vol).catch(() => undefined);
+          rmSync(path, { force: true });
+        },
+      };
+    },
+  };
+}
+
+// ------------------------------------------------------------------------ anchors and floors
+
+const nbdcopy: Contender = {
+  id: 'nbdcopy/nbdkit',
+  label: 'nbdcopy ↔ nbdkit file (unix)',
+  kind: 'anchor',
+  note: 'nbdcopy defaults (extents on, 4 connections, zero detection -S 4k); nbdkit started untimed per run',
+  unavailable: (ctx) =>
+    !ctx.tools.nbdkit ? 'nbdkit not installed (apt nbdkit)' : !ctx.tools.nbdcopy ? 'nbdcopy not installed (apt libnbd-bin)' : null,
+  supports: (s) => s.sparse,
+  async prepare(ctx, s) {
+    const sock = join(ctx.runDir, `nbd-${s.image.spec.id}-${s.direction}.sock`);
+    rmSync(sock, { force: true });
+    if (s.direction === 'download') {
+      const out = outPath(ctx, nbdcopy, s);
+      rmSync(out, { force: true });
+      const srv = new NbdkitFile(s.image.path, sock, true);
+      await srv.start();
+      return {
+        spec: { cmd: 'nbdcopy', args: [srv.uri, out] },
+        daemonPids: srv.pid ? [srv.pid] : [],
+        output: out,
+        afterRun: () => srv.stop(),
+        cleanup: async () => {
+          await srv.stop();
+          rmSync(out, { force: true });
+          rmSync(sock, { force: true });
+        },
+      };
+    }
+    // upload: an empty sparse target of the image's size served read-write
+    const target = outPath(ctx, nbdcopy, s);
+    closeSync(openSync(target, 'w'));
+    truncateSync(target, s.image.spec.size);
+    const srv = new NbdkitFile(target, sock, false);
+    await srv.start();
+    return {
+      spec: { cmd: 'nbdcopy', args: [s.image.path, srv.uri] },
+      daemonPids: srv.pid ? [srv.pid] : [],
+      output: target,
+      afterRun: () => srv.stop(),
+      cleanup: async () => {
+        await srv.stop();
+        rmSync(target, { force: true });
+        rmSync(sock, { force: true });
+      },
+    };
+  },
+};
+
+function localFile(
+  id: string,
+  label: string,
+  kind: 'anchor' | 'floor',
+  note: string,
+  unavailable: (ctx: BenchContext) => string | null,
+  command: (ctx: BenchContext, src: string, dst: string) => RunSpec,
+): Contender {
+  const c: Contender = {
+    id,
+    label,
+    kind,
+    note,
+    directionFree: true,
+    unavailable,
+    supports: (s) => s.sparse,
+    async prepare(ctx, s) {
+      const out = join(ctx.outDir, `${c.id.replace(/[^A-Za-z0-9]+/g, '_')}-${s.image.spec.id}.out`);
+      rmSync(out, { force: true });
+      return {
+        spec: command(ctx, s.image.path, out),
+        daemonPids: [],
+        output: out,
+        cleanup: async () => rmSync(out, { force: true }),
+      };
+    },
+  };
+  return c;
+}
+
+const cp = localFile(
+  'cp',
+  'cp --sparse=always (local)',
+  'floor',
+  'coreutils cp: SEEK_DATA/copy_file_range, holes kept',
+  (ctx) => (ctx.tools.cp ? null : 'cp not found'),
+  (_ctx, src, dst) => ({ cmd: 'cp', args: ['--sparse=always', src, dst] }),
+);
+
+const qemuImg = localFile(
+  'qemu-img',
+  'qemu-img convert raw→raw (local)',
+  'anchor',
+  'qemu-img convert -f raw -O raw with defaults: block status of the source, -S 4k zero detection, sparse output',
+  (ctx) => (ctx.tools.qemuImg ? null : 'qemu-img not installed (apt qemu-utils)'),
+  (_ctx, src, dst) => ({ cmd: 'qemu-img', args: ['convert', '-f', 'raw', '-O', 'raw', src, dst] }),
+);
+
+const ourLocal = localFile(
+  'sv-local',
+  'sparsevirt local chunk copy',
+  'floor',
+  'node dist/bench/local-copy.js: writeChunks(dst, fileChunks(src)) from dist/src/sparse',
+  (ctx) => skipOf(ctx.localCopy),
+  (ctx, src, dst) => ({ cmd: process.execPath, args: [(ctx.localCopy as { script: string }).script, src, dst] }),
+);
+
+/** In table order: ours first, then the reference pair, then anchors and floors. */
+export function allContenders(): Contender[] {
+  return [
+    pair('sparsevirt', 'sparsevirtd'), // HOOK: needs dist/src/cli/main.js + dist/src/daemon/main.js
+    pair('sparsevirt', 'libvirtd'), // HOOK: needs dist/src/cli/main.js
+    pair('virsh', 'sparsevirtd'), // HOOK: needs dist/src/daemon/main.js
+    pair('virsh', 'libvirtd'), // the reference
+    nbdcopy,
+    qemuImg,
+    cp,
+    ourLocal, // HOOK: needs dist/src/sparse/index.js (fileChunks, writeChunks)
+  ];
+}

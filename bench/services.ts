@@ -1,0 +1,234 @@
+/**
+ * The servers the bench talks to: libvirtd (running already; the bench defines a dir pool on
+ * the image directory), sparsevirtd (started by the bench when built), nbdkit (one per run).
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+export interface ExecResult {
+  stdout: string;
+  stderr: string;
+  code: number;
+}
+
+export function exec(cmd: string, args: string[], timeoutMs = 60_000): Promise<ExecResult> {
+  return new Promise((resolve) => {
+    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024, encoding: 'utf8' }, (err, stdout, stderr) => {
+      let code = 0;
+      if (err) {
+        const c = (err as { code?: unknown }).code;
+        code = typeof c === 'number' ? c : 127;
+        if (!stderr) stderr = err.message;
+      }
+      resolve({ stdout, stderr, code });
+    });
+  });
+}
+
+export async function virsh(uri: string, args: string[], timeoutMs = 60_000): Promise<ExecResult> {
+  return exec('virsh', ['-q', '-c', uri, ...args], timeoutMs);
+}
+
+export async function virshOk(uri: string, args: string[]): Promise<string> {
+  const r = await virsh(uri, args);
+  if (r.code !== 0) throw new Error(`virsh -c ${uri} ${args.join(' ')}: ${(r.stderr || r.stdout).trim()}`);
+  return r.stdout;
+}
+
+export async function which(cmd: string): Promise<boolean> {
+  const r = await exec('sh', ['-c', `command -v "$1" >/dev/null 2>&1`, 'sh', cmd]);
+  return r.code === 0;
+}
+
+/** First line of `cmd --version` (or null when it does not run). */
+export async function toolVersion(cmd: string, args = ['--version']): Promise<string | null> {
+  const r = await exec(cmd, args, 10_000);
+  if (r.code !== 0) return null;
+  return (r.stdout || r.stderr).trim().split('\n')[0] ?? null;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+// ------------------------------------------------------------------------------------ libvirt
+
+/** A dir pool on `dir` defined on a libvirt(-compatible) daemon at `uri`. */
+export class DirPool {
+  constructor(
+    readonly uri: string,
+    readonly name: string,
+    readonly dir: string,
+  ) {}
+
+  /** (Re)defines and starts the pool; a stale pool of the same name is replaced. */
+  async up(): Promise<void> {
+    const info = await virsh(this.uri, ['pool-info', this.name]);
+    if (info.code === 0) await this.down();
+    mkdirSync(this.dir, { recursive: true });
+    await virshOk(this.uri, ['pool-define-as', this.name, 'dir', '--target', this.dir]);
+    await virshOk(this.uri, ['pool-start', this.name]);
+  }
+
+  async refresh(): Promise<void> {
+    await virshOk(this.uri, ['pool-refresh', this.name]);
+  }
+
+  async down(): Promise<void> {
+    await virsh(this.uri, ['pool-destroy', this.name]);
+    await virsh(this.uri, ['pool-undefine', this.name]);
+  }
+
+  /** An empty raw volume of `capacity` bytes, nothing allocated; returns its path. */
+  async createEmpty(vol: string, capacity: number): Promise<string> {
+    await virsh(this.uri, ['vol-delete', '--pool', this.name, vol]); // leftover of a failed run
+    await virshOk(this.uri, ['vol-create-as', this.name, vol, `${capacity}b`, '--allocation', '0', '--format', 'raw']);
+    return join(this.dir, vol);
+  }
+
+  async delete(vol: string): Promise<void> {
+    await virsh(this.uri, ['vol-delete', '--pool', this.name, vol]);
+  }
+}
+
+/** libvirtd's pid (for its RSS), when it runs on this host. */
+export async function libvirtdPid(): Promise<number | null> {
+  for (const f of ['/run/libvirtd.pid', '/var/run/libvirtd.pid']) {
+    try {
+      const pid = Number(readFileSync(f, 'utf8').trim());
+      if (pid > 0 && existsSync(`/proc/${pid}`)) return pid;
+    } catch {
+      /* next */
+    }
+  }
+  const r = await exec('pidof', ['libvirtd']);
+  const pid = Number(r.stdout.trim().split(/\s+/)[0]);
+  return r.code === 0 && pid > 0 ? pid : null;
+}
+
+// ------------------------------------------------------------------------------------ sparsevirtd
+
+/**
+ * HOOK (sparsevirtd): `node dist/src/daemon/main.js --listen unix:SOCK --state-dir DIR`.
+ * The bench then defines its dir pool through virsh on `qemu+unix:///system?socket=SOCK`.
+ */
+export class OurDaemon {
+  readonly uri: string;
+  private child: ChildProcess | null = null;
+  private log = '';
+
+  constructor(
+    readonly mainJs: string,
+    readonly socket: string,
+    readonly stateDir: string,
+  ) {
+    this.uri = `qemu+unix:///system?socket=${socket}`;
+  }
+
+  get pid(): number | null {
+    return this.child?.pid ?? null;
+  }
+
+  async start(): Promise<void> {
+    mkdirSync(this.stateDir, { recursive: true });
+    const child = spawn(process.execPath, [this.mainJs, '--listen', `unix:${this.socket}`, '--state-dir', this.stateDir], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    this.child = child;
+    const keep = (d: Buffer): void => {
+      this.log = (this.log + d.toString('utf8')).slice(-8192);
+    };
+    child.stdout!.on('data', keep);
+    child.stderr!.on('data', keep);
+    let exited = false;
+    child.on('exit', () => {
+      exited = true;
+    });
+    try {
+      await waitFor(
+        async () => {
+          if (exited) throw new Error(`sparsevirtd exited at start: ${this.log.trim().slice(-2000)}`);
+          if (!existsSync(this.socket)) return false;
+          return (await virsh(this.uri, ['pool-list', '--all'], 5_000)).code === 0;
+        },
+        15_000,
+        `sparsevirtd on ${this.socket}`,
+      );
+    } catch (err) {
+      await this.stop();
+      throw err;
+    }
+  }
+
+  async stop(): Promise<void> {
+    const c = this.child;
+    if (!c || c.exitCode !== null || c.signalCode !== null) return;
+    const done = new Promise<void>((r) => c.once('exit', () => r()));
+    c.kill('SIGTERM');
+    const t = setTimeout(() => c.kill('SIGKILL'), 5_000);
+    await done;
+    clearTimeout(t);
+  }
+}
+
+// ------------------------------------------------------------------------------------ nbdkit
+
+/** `nbdkit -U SOCK -f [-r] --exit-with-parent file file=PATH`, started and stopped untimed. */
+export class NbdkitFile {
+  private child: ChildProcess | null = null;
+  private log = '';
+
+  constructor(
+    readonly file: string,
+    readonly socket: string,
+    readonly readonly: boolean,
+  ) {}
+
+  get uri(): string {
+    return `nbd+unix:///?socket=${this.socket}`;
+  }
+
+  get pid(): number | null {
+    return this.child?.pid ?? null;
+  }
+
+  async start(): Promise<void> {
+    const args = ['-U', this.socket, '-f', '--exit-with-parent'];
+    if (this.readonly) args.push('-r');
+    args.push('file', `file=${this.file}`);
+    const child = spawn('nbdkit', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    this.child = child;
+    child.stderr!.on('data', (d: Buffer) => {
+      this.log = (this.log + d.toString('utf8')).slice(-4096);
+    });
+    let exited = false;
+    child.on('exit', () => {
+      exited = true;
+    });
+    await waitFor(
+      () => {
+        if (exited) throw new Error(`nbdkit exited: ${this.log.trim()}`);
+        return existsSync(this.socket);
+      },
+      10_000,
+      `nbdkit socket ${this.socket}`,
+    );
+  }
+
+  async stop(): Promise<void> {
+    const c = this.child;
+    if (!c || c.exitCode !== null || c.signalCode !== null) return;
+    const done = new Promise<void>((r) => c.once('exit', () => r()));
+    c.kill('SIGTERM');
+    const t = setTimeout(() => c.kill('SIGKILL'), 5_000);
+    await done;
+    clearTimeout(t);
+  }
+}
