@@ -300,17 +300,22 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
   const writer = await SparseWriter.open(target, opts);
   const it = chunks[Symbol.asyncIterator]();
   const signal = opts.signal;
-  // A stalled source must not outlive an abort: race each pull against it.
-  let onAbort: (() => void) | undefined;
-  const aborted = signal && new Promise<never>((_, reject) => {
-    onAbort = () => reject(abortError(signal));
-    signal.addEventListener('abort', onAbort, { once: true });
-  });
-  aborted?.catch(() => undefined);
+  // A stalled source must not outlive an abort: the pull in progress is rejected on abort.
+  // (Not Promise.race against one long-lived promise: every race would stay subscribed to it
+  // and keep its chunk alive until the end, which is the whole image.)
+  let rejectPull: ((err: Error) => void) | undefined;
+  const onAbort = signal && ((): void => rejectPull?.(abortError(signal)));
+  if (signal && onAbort) signal.addEventListener('abort', onAbort, { once: true });
+  const pull = (resolve: (r: IteratorResult<Chunk>) => void, reject: (err: Error) => void): void => {
+    rejectPull = reject;
+    if (signal!.aborted) reject(abortError(signal!));
+    else it.next().then(resolve, reject);
+  };
   let sourceDone = false;
   try {
     for (;;) {
-      const next = aborted ? await Promise.race([it.next(), aborted]) : await it.next();
+      const next = signal ? await new Promise<IteratorResult<Chunk>>(pull) : await it.next();
+      rejectPull = undefined;
       if (next.done) {
         sourceDone = true;
         break;
