@@ -30,12 +30,12 @@ describe('sparse without native syscalls', () => {
 
   it('SPARSEVIRT_NO_KOFFI=1 turns the native bindings off at load', () => {
     const sysUrl = new URL('../src/sparse/sys.js', import.meta.url).href;
-    const probe = `import(${JSON.stringify(sysUrl)}).then((m) => console.log(m.available))`;
+    const probe = `import(${JSON.stringify(sysUrl)}).then((m) => console.log(m.nativeSyscallsAvailable()))`;
     const run = (env: NodeJS.ProcessEnv): string =>
       execFileSync(process.execPath, ['--input-type=module', '-e', probe], { env, cwd: path.dirname(fileURLToPath(import.meta.url)) }).toString().trim();
     assert.equal(run({ ...process.env, SPARSEVIRT_NO_KOFFI: '1' }), 'false');
     assert.equal(run({ ...process.env, SPARSEVIRT_NO_KOFFI: '' }), 'true');
-    assert.equal(sys.available, false, 'and setNativeSyscalls(false) in this process');
+    assert.equal(sys.nativeSyscallsAvailable(), false, 'and setNativeSyscalls(false) in this process');
   });
 
   it('maps any file as one data extent', async () => {

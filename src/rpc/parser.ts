@@ -49,6 +49,26 @@ export class FrameParser {
   }
 
   /**
+   * Where the next socket read may land to skip a copy: the unfilled rest of the frame being
+   * assembled, so the kernel writes straight into it. Null when no frame is in progress (read
+   * into any buffer and `push` it). Used with net's `onread`.
+   */
+  readTarget(): Buffer | null {
+    if (this.partial === null || this.backlog !== null || this.failed) return null;
+    return this.partial.subarray(this.partialHave);
+  }
+
+  /** `n` bytes were read into the buffer `readTarget()` returned. */
+  filled(n: number, onMessage: (m: Message) => void): void {
+    const frame = this.partial!;
+    this.partialHave += n;
+    if (this.partialHave < frame.length) return;
+    this.partial = null;
+    this.partialHave = 0;
+    onMessage(toMessage(frame, 0, frame.length));
+  }
+
+  /**
    * Feed bytes; calls onMessage for each whole frame, in order. Throws ProtocolError on a bad
    * frame, and again on every later push (framing is lost for good). If onMessage throws, the
    * exception propagates and the bytes after that frame are kept: the next push (even with an

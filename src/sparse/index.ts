@@ -12,4 +12,4 @@ export { DEFAULT_MIN_ZERO_RUN, type Extent } from './extents.js';
 export type { FileTarget } from './file.js';
 export { ChunkReader, fileChunks, readExtents, type ChunkReaderOptions, type WindowOptions } from './reader.js';
 export { SparseWriter, writeChunks, type SparseWriterOptions, type WriteResult } from './writer.js';
-export { available as nativeSyscallsAvailable } from './sys.js';
+export { nativeSyscallsAvailable } from './sys.js';

@@ -125,25 +125,34 @@ const fallback: Syscalls = {
   blockDeviceSize: sysfsBlockDeviceSize,
 };
 
-const native = loadNative();
-let impl: Syscalls = native ?? fallback;
+// koffi is loaded on the first syscall, not at import: a command that never maps or punches
+// a file (most of the CLI) does not pay for loading a native library at start-up.
+let native: Syscalls | null | undefined;
+let forced: Syscalls | null = null;
 
-/** True while the koffi bindings are in use (live binding: tests may flip it). */
-export let available = native !== null;
+function impl(): Syscalls {
+  if (forced) return forced;
+  if (native === undefined) native = loadNative();
+  return native ?? fallback;
+}
+
+/** True while the koffi bindings are in use (loads them on first call). */
+export function nativeSyscallsAvailable(): boolean {
+  return impl() !== fallback;
+}
 
 /**
  * Use the koffi bindings (`true`, when they loaded) or force the pure-JS fallback (`false`).
  * For tests of the fallback path; returns whether native syscalls are now in use.
  */
 export function setNativeSyscalls(enabled: boolean): boolean {
-  impl = enabled && native ? native : fallback;
-  available = impl === native;
-  return available;
+  forced = enabled ? null : fallback;
+  return nativeSyscallsAvailable();
 }
 
 /** `lseek(2)`: the resulting offset, or `-errno` (ENXIO: no data/hole past `offset`). */
 export function lseek(fd: number, offset: number, whence: number): number {
-  return impl.lseek(fd, offset, whence);
+  return impl().lseek(fd, offset, whence);
 }
 
 /**
@@ -153,7 +162,7 @@ export function lseek(fd: number, offset: number, whence: number): number {
  * costs ten times the copy for small reads; a read that would wait for the disk never blocks.
  */
 export function preadNoWait(fd: number, buf: Buffer, offset: number): number {
-  return impl.preadNoWait(fd, buf, offset);
+  return impl().preadNoWait(fd, buf, offset);
 }
 
 /**
@@ -161,17 +170,17 @@ export function preadNoWait(fd: number, buf: Buffer, offset: number): number {
  * synchronous read is cheaper than the thread pool (and RWF_NOWAIT is not supported there).
  */
 export function isMemoryBacked(fd: number): boolean {
-  return impl.isMemoryBacked(fd);
+  return impl().isMemoryBacked(fd);
 }
 
 /** `fallocate(2)`: 0, or `-errno` (EOPNOTSUPP/ENOSYS: this mode is not supported here). */
 export function fallocate(fd: number, mode: number, offset: number, length: number): number {
-  return impl.fallocate(fd, mode, offset, length);
+  return impl().fallocate(fd, mode, offset, length);
 }
 
 /** The size of the block device open on `fd` in bytes, or `-errno`. */
 export function blockDeviceSize(fd: number): number {
-  return impl.blockDeviceSize(fd);
+  return impl().blockDeviceSize(fd);
 }
 
 /** A Node-style system error (`code`, `errno`, `syscall`) for a `-errno` result from this module. */
