@@ -1,0 +1,283 @@
+/**
+ * vol-upload and vol-download: virsh 9.0's steps and messages, phase by phase (open the local
+ * file, open the stream, move the data, close the file, finish), on the client library's
+ * streams and the sparse module's file readers and writers. Plus, beyond virsh: a progress bar on
+ * a terminal, a --verbose summary, --length honoured on upload, --sparse-fallback.
+ */
+import fs from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import type { Chunk } from '../chunk.js';
+import type { StorageVol } from '../client/index.js';
+import type { Stream } from '../stream/index.js';
+import { errorText, type Ctl } from './ctl.js';
+import { strerror } from './format.js';
+import { lookupVol, requiredOpt } from './lookup.js';
+import { parseULongLong } from './numbers.js';
+import { ProgressBar, summaryLine, type ProgressCounts } from './progress.js';
+import { optBool, type ParsedCmd } from './vsh.js';
+
+type Handler = (ctl: Ctl, cmd: ParsedCmd) => Promise<void>;
+
+const CHUNK = 262120;
+
+/** vshCommandOptULongLong(Wrap): absent = 0. */
+function numberOpt(ctl: Ctl, cmd: ParsedCmd, name: string, wrap: boolean): bigint {
+  const v = cmd.opts.get(name);
+  if (v === undefined || v === true) return 0n;
+  const n = parseULongLong(v, wrap);
+  if (n === null) ctl.fail(`Numeric value '${v}' for <${name}> option is malformed or out of range`);
+  return n!;
+}
+
+/** Byte counts for the library: offsets as they are; a length past 2^53 is "no limit" (0). */
+function toOffset(n: bigint): number {
+  return Number(n); // values past 2^53 are refused by the library with a clear error
+}
+function toLength(n: bigint): number {
+  return n > BigInt(Number.MAX_SAFE_INTEGER) ? 0 : Number(n);
+}
+
+/** What virsh prints after "cannot upload to / download from volume X". */
+function openStreamDetail(err: unknown, verb: 'upload' | 'download'): unknown {
+  if ((err as { code?: string }).code === 'ERR_SPARSE_UNSUPPORTED') {
+    const why = (err as { cause?: unknown }).cause;
+    return new Error(`the server refused the sparse flag${why ? ` (${errorText(why)})` : ''}: it does not support sparse ${verb}s; ` +
+      'run without --sparse, or add --sparse-fallback to fall back to a plain transfer');
+  }
+  return err;
+}
+
+/** A local I/O failure in the data phase, as libvirt's stream helpers word it. */
+function handlerDetail(err: unknown, which: 'send' | 'recv'): unknown {
+  if (err instanceof HandlerError) return err;
+  const code = (err as { code?: string }).code;
+  const errno = typeof code === 'string' && /^E[A-Z0-9]+$/.test(code) && !code.startsWith('ERR_');
+  if (code === 'ERR_IO' || errno) return new Error(`${which} handler failed: ${strerror(err)}`);
+  return err;
+}
+
+interface Meter {
+  counts: ProgressCounts;
+  bar: ProgressBar | null;
+  start: number;
+}
+
+/** Counts chunks as they pass (data sent as zeros on a plain stream counts as data). */
+async function* metered(src: AsyncIterable<Chunk>, m: Meter, holesAreData: boolean): AsyncGenerator<Chunk> {
+  for await (const c of src) {
+    if (c.kind === 'data') m.counts.dataBytes += c.bytes.length;
+    else if (holesAreData) m.counts.dataBytes += c.length;
+    else m.counts.holeBytes += c.length;
+    m.bar?.update(m.counts);
+    yield c;
+  }
+}
+
+function makeMeter(ctl: Ctl, verb: string, total: () => Promise<number>): Promise<Meter> {
+  const tty = ctl.io.stderrTTY;
+  const start = performance.now();
+  if (!tty || ctl.quiet) return Promise.resolve({ counts: { dataBytes: 0, holeBytes: 0 }, bar: null, start });
+  return total().catch(() => 0).then((t) => ({ counts: { dataBytes: 0, holeBytes: 0 }, bar: new ProgressBar(tty, { verb, total: t }), start }));
+}
+
+function finishMeter(ctl: Ctl, cmd: ParsedCmd, m: Meter, verb: string, ok: boolean): void {
+  if (m.bar) {
+    if (ok) m.bar.draw();
+    m.bar.clear();
+  }
+  if (ok && optBool(cmd, 'verbose')) ctl.io.err(summaryLine(verb, m.counts, (performance.now() - m.start) / 1000));
+}
+
+/** Ctrl-C aborts the transfer (cleanly: the stream is aborted, a created file removed). */
+function onInterrupt(ctl: Ctl): () => void {
+  const handler = () => ctl.abort.abort(new Error('interrupted'));
+  process.once('SIGINT', handler);
+  return () => process.removeListener('SIGINT', handler);
+}
+
+async function* readSequential(fh: FileHandle, length: number): AsyncGenerator<Chunk> {
+  let left = length > 0 ? length : Infinity;
+  while (left > 0) {
+    const buf = Buffer.allocUnsafe(Math.min(CHUNK, left));
+    const { bytesRead } = await fh.read(buf, 0, buf.length, null);
+    if (bytesRead === 0) return;
+    left -= bytesRead;
+    yield { kind: 'data', bytes: buf.subarray(0, bytesRead) };
+  }
+}
+
+/** A failure virsh words itself (the message is final). */
+class HandlerError extends Error {}
+
+/**
+ * Data to a pipe, a terminal or a character device, written in order. virsh makes a hole with
+ * lseek + ftruncate, which such targets refuse: a hole fails the same way here (a sparse
+ * download to a pipe fails with virsh too; without --sparse there are no holes).
+ */
+async function writeSequential(fh: FileHandle, st: fs.Stats, chunks: AsyncIterable<Chunk>): Promise<void> {
+  const { isatty } = await import('node:tty');
+  for await (const c of chunks) {
+    if (c.kind === 'data') {
+      await writeFully(fh, c.bytes);
+    } else {
+      const espipe = st.isFIFO() || st.isSocket() || isatty(fh.fd);
+      throw new HandlerError(`recv holeHandler failed: ${espipe ? 'Illegal seek' : 'Invalid argument'}`);
+    }
+  }
+}
+
+async function writeFully(fh: FileHandle, b: Buffer): Promise<void> {
+  for (let off = 0; off < b.length;) {
+    const { bytesWritten } = await fh.write(b, off, b.length - off, null);
+    off += bytesWritten;
+  }
+}
+
+const volUpload: Handler = async (ctl, cmd) => {
+  const offset = numberOpt(ctl, cmd, 'offset', false);
+  const length = toLength(numberOpt(ctl, cmd, 'length', true));
+  const { vol, name } = await lookupVol(ctl, cmd);
+  const file = requiredOpt(ctl, cmd, 'file');
+  let fh: FileHandle;
+  try {
+    fh = await fs.promises.open(file, fs.constants.O_RDONLY);
+  } catch {
+    return ctl.fail(`cannot read ${file}`);
+  }
+  let fileOpen = true;
+  const signal = ctl.abort.signal;
+  const stopInterrupt = onInterrupt(ctl);
+  let meter: Meter | null = null;
+  let ok = false;
+  try {
+    let st: fs.Stats;
+    try {
+      st = await fh.stat();
+    } catch {
+      return ctl.fail(`unable to stat ${file}`);
+    }
+    let stream: Stream;
+    try {
+      stream = await vol.upload({ offset: toOffset(offset), length, sparse: optBool(cmd, 'sparse'), fallbackToPlain: optBool(cmd, 'sparse-fallback'), signal });
+    } catch (err) {
+      return ctl.fail(`cannot upload to volume ${name}`, openStreamDetail(err, 'upload'));
+    }
+    const seekable = st.isFile() || st.isBlockDevice();
+    const size = st.isFile() ? st.size : 0;
+    meter = await makeMeter(ctl, 'upload', async () => (length > 0 && (size === 0 || length < size) ? length : size));
+    let source: AsyncIterable<Chunk>;
+    if (seekable) {
+      const { fileChunks } = await import('../sparse/index.js');
+      // Holes are read as holes even for a plain stream: the stream sends them as zeros.
+      source = fileChunks({ fd: fh.fd }, { sparse: true, length: length || undefined, signal });
+    } else {
+      source = readSequential(fh, length);
+    }
+    try {
+      for await (const chunk of metered(source, meter, !stream.sparse)) await stream.sendChunk(chunk);
+    } catch (err) {
+      await stream.abort(err).catch(() => undefined);
+      return ctl.fail(`cannot send data to volume ${name}`, handlerDetail(err, 'send'));
+    }
+    fileOpen = false;
+    try {
+      await fh.close();
+    } catch {
+      await stream.abort().catch(() => undefined);
+      return ctl.fail(`cannot close file ${file}`);
+    }
+    try {
+      await stream.finish();
+    } catch (err) {
+      return ctl.fail(`cannot close volume ${name}`, err);
+    }
+    ok = true;
+  } finally {
+    stopInterrupt();
+    if (meter) finishMeter(ctl, cmd, meter, 'upload', ok);
+    if (fileOpen) await fh.close().catch(() => undefined);
+  }
+};
+
+const volDownload: Handler = async (ctl, cmd) => {
+  const offset = numberOpt(ctl, cmd, 'offset', false);
+  const length = toLength(numberOpt(ctl, cmd, 'length', true));
+  const { vol, name } = await lookupVol(ctl, cmd);
+  const file = requiredOpt(ctl, cmd, 'file');
+  const { O_WRONLY, O_CREAT, O_EXCL, O_TRUNC } = fs.constants;
+  let fh: FileHandle;
+  let created = false;
+  try {
+    fh = await fs.promises.open(file, O_WRONLY | O_CREAT | O_EXCL, 0o666);
+    created = true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') return ctl.fail(`cannot create ${file}`);
+    try {
+      fh = await fs.promises.open(file, O_WRONLY | O_TRUNC, 0o666);
+    } catch {
+      return ctl.fail(`cannot create ${file}`);
+    }
+  }
+  let fileOpen = true;
+  const signal = ctl.abort.signal;
+  const stopInterrupt = onInterrupt(ctl);
+  let meter: Meter | null = null;
+  let ok = false;
+  try {
+    let st: fs.Stats;
+    try {
+      st = await fh.stat();
+    } catch {
+      return ctl.fail(`unable to stat ${file}`);
+    }
+    let stream: Stream;
+    try {
+      stream = await vol.download({ offset: toOffset(offset), length, sparse: optBool(cmd, 'sparse'), fallbackToPlain: optBool(cmd, 'sparse-fallback'), signal });
+    } catch (err) {
+      return ctl.fail(`cannot download from volume ${name}`, openStreamDetail(err, 'download'));
+    }
+    meter = await makeMeter(ctl, 'download', () => downloadTotal(vol, Number(offset), length));
+    const chunks = metered(stream, meter, false);
+    try {
+      if (st.isFile() || st.isBlockDevice()) {
+        const { writeChunks } = await import('../sparse/index.js');
+        // The file is empty (created or truncated): holes are simply skipped; a trailing one
+        // sets the size, as virsh's lseek + ftruncate.
+        await writeChunks({ fd: fh.fd }, chunks, { signal });
+      } else {
+        await writeSequential(fh, st, chunks);
+      }
+    } catch (err) {
+      await stream.abort(err).catch(() => undefined);
+      return ctl.fail(`cannot receive data from volume ${name}`, handlerDetail(err, 'recv'));
+    }
+    fileOpen = false;
+    try {
+      await fh.close();
+    } catch {
+      await stream.abort().catch(() => undefined);
+      return ctl.fail(`cannot close file ${file}`);
+    }
+    try {
+      // (reading to the end already acknowledged the end of the stream)
+      if (stream.state !== 'finished') await stream.finish();
+    } catch (err) {
+      return ctl.fail(`cannot close volume ${name}`, err);
+    }
+    ok = true;
+  } finally {
+    stopInterrupt();
+    if (meter) finishMeter(ctl, cmd, meter, 'download', ok);
+    if (fileOpen) await fh.close().catch(() => undefined);
+    if (!ok && created) await fs.promises.unlink(file).catch(() => undefined);
+  }
+};
+
+/** Bytes a download will cover: capacity − offset, or `length` when smaller (progress only). */
+async function downloadTotal(vol: StorageVol, offset: number, length: number): Promise<number> {
+  const { capacity } = await vol.info();
+  const rest = Math.max(0, capacity - offset);
+  return length > 0 ? Math.min(length, rest) : rest;
+}
+
+export const handlers: Record<string, Handler> = { 'vol-upload': volUpload, 'vol-download': volDownload };
