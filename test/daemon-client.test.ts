@@ -519,7 +519,7 @@ describe('sparsevirtd over tcp and tls', () => {
     });
     try {
       const a = daemon.addresses[0]!;
-      await assert.rejects(connect(`${a.uri}?pkipath=${pki}`, { timeout: 5000 }), (err: Error & { code?: string }) => err.code === 'ERR_CONNECTION_CLOSED');
+      await assert.rejects(connect(`${a.uri}?pkipath=${pki}`, { timeout: 5000 }), (err: Error & { code?: string }) => err.code === 'ERR_ACCESS_DENIED');
       assert.ok(logs.some((l) => /not in the allow-list/.test(l) && /sparsevirt-test-client/.test(l)), logs.join(''));
     } finally {
       await daemon.close();

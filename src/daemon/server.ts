@@ -15,6 +15,8 @@ import { Peer } from '../rpc/peer.js';
 import { serverTlsFiles } from '../transport/uri.js';
 import { Logger, type LogLevel } from './log.js';
 import { Session } from './session.js';
+
+const TLS_CONFIRMATION = Buffer.from([1]);
 import { StorageDriver } from './storage.js';
 
 export type ListenSpec =
@@ -195,6 +197,9 @@ class Daemon implements DaemonHandle {
       sock.destroy();
       return;
     }
+    // libvirt's TLS confirmation: one byte 0x01 once the client's certificate passed our checks;
+    // libvirt clients (virsh) wait for it before their first call.
+    sock.write(TLS_CONFIRMATION);
     this.accept(sock, { transport: 'tls', remote, cn });
   }
 

@@ -1,7 +1,7 @@
 /** Open the byte stream a libvirt URI names: a unix socket, plain tcp or TLS. */
 import net from 'node:net';
 import tls from 'node:tls';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { SparsevirtError } from '../errors.js';
 import { clientTlsFiles, type ParsedUri } from './uri.js';
@@ -12,6 +12,45 @@ function readPem(file: string, what: string): Buffer {
   } catch (err) {
     throw new SparsevirtError('ERR_IO', `cannot read TLS ${what} '${file}': ${(err as Error).message}`, { cause: err });
   }
+}
+
+/** A client certificate is optional (the server decides whether it needs one). */
+function readOptionalPem(file: string, what: string): Buffer | undefined {
+  return existsSync(file) ? readPem(file, what) : undefined;
+}
+
+/**
+ * libvirt's server sends one byte, 0x01, after the TLS handshake once it has accepted the
+ * client's certificate; anything else (or nothing) means it refused us.
+ */
+function readTlsConfirmation(sock: tls.TLSSocket, where: string, timeout: number): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => done(new SparsevirtError('ERR_TIMEOUT', `no TLS confirmation from ${where}`)), timeout);
+    const refused = () => done(new SparsevirtError('ERR_ACCESS_DENIED',
+      `${where} refused the TLS session (server verification of our certificate or address failed)`));
+    const onError = (e: Error) => done(new SparsevirtError('ERR_CONNECTION_CLOSED', `TLS connection to ${where} failed: ${e.message}`, { cause: e }));
+    const tryRead = () => {
+      const b = sock.read(1) as Buffer | null;
+      if (b === null) return;
+      if (b[0] === 1) done();
+      else refused();
+    };
+    function done(err?: Error) {
+      clearTimeout(timer);
+      sock.off('readable', tryRead);
+      sock.off('end', refused);
+      sock.off('close', refused);
+      sock.off('error', onError);
+      if (err) {
+        sock.destroy();
+        reject(err);
+      } else resolve();
+    }
+    sock.on('readable', tryRead);
+    sock.once('end', refused);
+    sock.once('close', refused);
+    sock.once('error', onError);
+  });
 }
 
 export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; timeout?: number } = {}): Promise<Duplex> {
@@ -27,8 +66,8 @@ export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; 
   } else {
     const f = clientTlsFiles(u.pkipath);
     const ca = readPem(f.ca, 'CA certificate');
-    const cert = readPem(f.cert, 'client certificate');
-    const key = readPem(f.key, 'client key');
+    const cert = readOptionalPem(f.cert, 'client certificate');
+    const key = cert ? readPem(f.key, 'client key') : undefined;
     sock = tls.connect({
       host: u.host, port: u.port, ca, cert, key,
       servername: net.isIP(u.host) ? undefined : u.host,
@@ -68,5 +107,6 @@ export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; 
       else opts.signal.addEventListener('abort', onAbort, { once: true });
     }
   });
+  if (u.transport === 'tls') await readTlsConfirmation(sock as tls.TLSSocket, where, timeout);
   return sock;
 }
