@@ -43,6 +43,8 @@ const ZERO_WRITE_MAX = 1 << 20;
  */
 const MAX_WRITES_IN_FLIGHT = 16;
 const MAX_BYTES_IN_FLIGHT = 4 << 20;
+/** Writes up to this size go straight into the page cache from the event loop. */
+const INLINE_WRITE_MAX = 128 << 10;
 
 /** How this writer makes a range read as zeros, best first; a method that fails as unsupported is dropped. */
 type ZeroMethod = 'punch' | 'zero-range' | 'write';
@@ -82,6 +84,8 @@ export class SparseWriter {
   #dataBytes = 0;
   #holeBytes = 0;
   #closed = false;
+  /** The file lives in memory: every write is a memcpy, done inline. */
+  readonly #inlineAll: boolean;
 
   private constructor(file: OpenFile, originalSize: number, opts: SparseWriterOptions, start: number) {
     this.file = file;
@@ -91,6 +95,7 @@ export class SparseWriter {
     this.#sync = opts.sync ?? false;
     this.#signal = opts.signal;
     this.#zeroMethods = file.isBlockDevice ? ['zero-range', 'write'] : ['punch', 'zero-range', 'write'];
+    this.#inlineAll = !file.isBlockDevice && sys.isMemoryBacked(file.fd);
   }
 
   /** Opens (creating it if missing, never truncating on open) or adopts the target. */
@@ -205,8 +210,24 @@ export class SparseWriter {
     await this.#startWrite(buffers, bytes, this.#position - bytes);
   }
 
-  /** Starts a write once there is room in flight for it; its failure surfaces on a later call. */
+  /**
+   * Starts a write once there is room in flight for it; its failure surfaces on a later call.
+   * Writes into memory (tmpfs) and small writes into the page cache are done inline: they are
+   * a memcpy, and a round trip through libuv's thread pool costs several times more (100,000
+   * extents of 4 KiB: 1.1 s of submissions alone). Large writes to disk-backed files go to the
+   * pool, several at once. Ranges never overlap, so the two paths need no ordering.
+   */
   async #startWrite(buffers: Buffer[], bytes: number, at: number): Promise<void> {
+    if (this.#failure) throw this.#failure;
+    if (this.#inlineAll || bytes <= INLINE_WRITE_MAX) {
+      try {
+        writevFullySync(this.file.fd, buffers, at);
+      } catch (err) {
+        this.#failure ??= ioError('cannot write', this.file.name, err);
+        throw this.#failure;
+      }
+      return;
+    }
     await this.#settle(MAX_WRITES_IN_FLIGHT - 1, MAX_BYTES_IN_FLIGHT - bytes);
     if (this.#failure) throw this.#failure;
     this.#writesInFlight++;
@@ -272,6 +293,22 @@ export class SparseWriter {
 /** Callback-style fs call on a raw fd, as a promise. */
 function fdCall<T>(call: (cb: (err: Error | null, value?: T) => void) => void): Promise<T> {
   return new Promise((resolve, reject) => call((err, value) => (err ? reject(err) : resolve(value as T))));
+}
+
+/** `writevSync` at `position` until every byte is written. */
+function writevFullySync(fd: number, buffers: Buffer[], position: number): void {
+  let bufs = buffers;
+  let at = position;
+  for (;;) {
+    const total = bufs.reduce((n, b) => n + b.length, 0);
+    const n = bufs.length === 1 ? fs.writeSync(fd, bufs[0]!, 0, bufs[0]!.length, at) : fs.writevSync(fd, bufs, at);
+    if (n === total) return;
+    if (n === 0) throw new Error(`writev wrote nothing at ${at}`);
+    at += n;
+    let skip = n;
+    while (skip >= bufs[0]!.length) skip -= bufs.shift()!.length;
+    bufs = [bufs[0]!.subarray(skip), ...bufs.slice(1)];
+  }
 }
 
 /** `writev` at `position` until every byte is written (a short write continues where it stopped). */
