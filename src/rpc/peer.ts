@@ -46,6 +46,38 @@ interface PendingCall {
 }
 
 const ONE_HOLE = 12;
+/**
+ * Sockets we open ourselves (net.connect) read through `onread`: the Peer picks where each read
+ * lands, so the rest of a large frame is read straight into that frame's buffer instead of
+ * arriving in 64 KiB pieces that are then copied together. The transport creates the hook
+ * with the socket (reads that come before the Peer exists are kept and replayed).
+ */
+export const kReadHook = Symbol('sparsevirt.readHook');
+
+export class ReadHook {
+  private target: (scratch: number) => Buffer = (n) => Buffer.allocUnsafe(n);
+  private sink: ((n: number, buf: Buffer) => void) | null = null;
+  private early: Buffer[] = [];
+  static readonly SCRATCH = 64 * 1024;
+
+  /** For net.connect's `onread` option. */
+  readonly onread = {
+    buffer: (): Buffer => this.target(ReadHook.SCRATCH),
+    callback: (n: number, buf: Buffer): void => {
+      if (this.sink) this.sink(n, buf);
+      else this.early.push(Buffer.from(buf.subarray(0, n)));
+    },
+  };
+
+  attach(target: (scratch: number) => Buffer, sink: (n: number, buf: Buffer) => void): void {
+    this.target = target;
+    this.sink = sink;
+    const early = this.early;
+    this.early = [];
+    for (const b of early) sink(b.length, b);
+  }
+}
+
 /** Payloads up to this size are copied into the output batch; larger ones are written beside. */
 const SMALL_PAYLOAD = 16 * 1024;
 const OUT_BATCH = 256 * 1024;
@@ -61,6 +93,7 @@ export class Peer extends EventEmitter {
   private serial = 0;
   private closedErr: Error | null = null;
   private drainWaiters: Array<() => void> = [];
+  private hookTarget: Buffer | null = null;
   private outBuf: Buffer | null = null;
   private outStart = 0;
   private outEnd = 0;
@@ -69,6 +102,14 @@ export class Peer extends EventEmitter {
   private lastRecv = Date.now();
   private pingsOut = 0;
   private kaTimer: NodeJS.Timeout | null = null;
+  /** Serials of calls given up locally (timeout, abort): their late replies are dropped quietly. */
+  private readonly abandoned = new Set<number>();
+  /** Bytes handed to socket.write so far, and what keepalive saw at its last tick (see keepaliveTick). */
+  private bytesQueued = 0;
+  private kaPending = 0;
+  private kaAccepted = 0;
+  private kaQueued = 0;
+  private kaLastPausedPing = 0;
   readonly keepaliveInterval: number;
   readonly keepaliveCount: number;
   readonly streamPacketMax: number;
@@ -86,7 +127,9 @@ export class Peer extends EventEmitter {
     this.streamPacketMax = opts.streamPacketMax ?? STREAM_PAYLOAD_MAX;
     this.abortTimeout = opts.abortTimeout ?? 30000;
     this.sendWindow = opts.sendWindow ?? 1 << 20;
-    socket.on('data', (buf: Buffer) => this.onData(buf));
+    const hook = (socket as { [kReadHook]?: ReadHook })[kReadHook];
+    if (hook) hook.attach((n) => this.readTarget(n), (n, buf) => this.onRead(n, buf));
+    else socket.on('data', (buf: Buffer) => this.onData(buf));
     socket.on('drain', () => this.flushDrain());
     socket.on('error', (err) => this.destroy(new SparsevirtError('ERR_CONNECTION_CLOSED', `connection error: ${err.message}`, { cause: err })));
     socket.on('close', () => this.destroy(new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed by peer')));
@@ -119,6 +162,7 @@ export class Peer extends EventEmitter {
       this.socket.write(buildFrameHead(h, n));
       this.socket.write(payload);
       this.socket.uncork();
+      this.bytesQueued += total;
       return;
     }
     if (this.outBuf === null || this.outEnd + total > this.outBuf.length) {
@@ -144,6 +188,7 @@ export class Peer extends EventEmitter {
   private flushOut(): void {
     if (this.outBuf === null || this.outEnd === this.outStart || this.closedErr) return;
     this.socket.write(this.outBuf.subarray(this.outStart, this.outEnd));
+    this.bytesQueued += this.outEnd - this.outStart;
     this.outStart = this.outEnd;
   }
 
@@ -182,7 +227,7 @@ export class Peer extends EventEmitter {
       const entry: PendingCall = { ret: proc.ret as Codec<unknown>, resolve: resolve as (v: unknown) => void, reject };
       let timer: NodeJS.Timeout | undefined;
       const onAbort = () => {
-        this.pending.delete(serial);
+        this.abandon(serial);
         entry.cleanup?.();
         reject(new SparsevirtError('ERR_ABORTED', 'call aborted', { cause: opts.signal?.reason }));
       };
@@ -192,7 +237,7 @@ export class Peer extends EventEmitter {
       }
       if (opts.timeout) {
         timer = setTimeout(() => {
-          this.pending.delete(serial);
+          this.abandon(serial);
           entry.cleanup?.();
           reject(new SparsevirtError('ERR_TIMEOUT', `no reply to procedure ${proc.num} within ${opts.timeout} ms`));
         }, opts.timeout);
@@ -204,6 +249,13 @@ export class Peer extends EventEmitter {
       this.pending.set(serial, entry);
       this.sendFrame({ prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc: proc.num, type: MessageType.CALL, serial, status: Status.OK }, w.view());
     });
+  }
+
+  /** A call we stopped waiting for: its reply may still come and must not look like a stray one. */
+  private abandon(serial: number): void {
+    if (!this.pending.delete(serial)) return;
+    this.abandoned.add(serial);
+    if (this.abandoned.size > 1024) this.abandoned.delete(this.abandoned.values().next().value as number);
   }
 
   /** Server: answer a CALL with a return value. */
@@ -273,12 +325,35 @@ export class Peer extends EventEmitter {
   }
 
   private keepaliveTick(ms: number): void {
+    const now = Date.now();
     if (this.pausedBy > 0) {
-      // we stopped reading on purpose: silence is ours, not the peer's.
-      this.lastRecv = Date.now();
+      // We stopped reading on purpose: silence is ours, not the peer's. The peer's PINGs wait
+      // unread in the socket meanwhile, so tell it we are alive with a PING of our own every
+      // interval (its PONG is read when we resume); otherwise a slow consumer is declared dead.
+      this.lastRecv = now;
+      if (now - this.kaLastPausedPing >= ms) {
+        this.kaLastPausedPing = now;
+        this.sendFrame({ prog: KEEPALIVE_PROGRAM, vers: KEEPALIVE_VERSION, proc: KEEPALIVE_PING, type: MessageType.MESSAGE, serial: 0, status: Status.OK });
+      }
       return;
     }
-    const silent = Date.now() - this.lastRecv;
+    // Bytes the kernel took from a backlog we had (the socket could not take them at the last
+    // tick) were read by the peer: it is alive, only slow. A stopped peer takes nothing. A write
+    // completes only once all of it is in the kernel; libuv's queue size shows partial progress.
+    const pendingOut = this.socket.writableLength;
+    const accepted = this.bytesQueued - pendingOut;
+    const handle = (this.socket as { _handle?: { writeQueueSize?: unknown } })._handle;
+    const queued = typeof handle?.writeQueueSize === 'number' ? handle.writeQueueSize : 0;
+    const drained = this.kaPending > 0 && (accepted > this.kaAccepted || queued < this.kaQueued);
+    this.kaPending = pendingOut;
+    this.kaAccepted = accepted;
+    this.kaQueued = queued;
+    if (drained) {
+      this.lastRecv = now;
+      this.pingsOut = 0;
+      return;
+    }
+    const silent = now - this.lastRecv;
     if (silent < ms * (this.pingsOut + 1)) return;
     if (this.pingsOut >= this.keepaliveCount) {
       this.destroy(new SparsevirtError('ERR_KEEPALIVE_TIMEOUT',
@@ -291,11 +366,32 @@ export class Peer extends EventEmitter {
 
   // ---------------------------------------------------------------- receiving
 
+  private readonly onMessageBound = (m: Message): void => this.onMessage(m);
+
   private onData(buf: Buffer): void {
     this.lastRecv = Date.now();
     this.pingsOut = 0;
     try {
-      this.parser.push(buf, (m) => this.onMessage(m));
+      this.parser.push(buf, this.onMessageBound);
+    } catch (err) {
+      this.destroy(err as Error);
+    }
+  }
+
+  /** The buffer the next socket read lands in (sockets opened with a ReadHook). */
+  private readTarget(scratchSize: number): Buffer {
+    const t = this.parser.readTarget();
+    this.hookTarget = t;
+    return t ?? Buffer.allocUnsafe(scratchSize);
+  }
+
+  private onRead(n: number, buf: Buffer): void {
+    if (buf !== this.hookTarget) return this.onData(buf.subarray(0, n));
+    this.hookTarget = null;
+    this.lastRecv = Date.now();
+    this.pingsOut = 0;
+    try {
+      this.parser.filled(n, this.onMessageBound);
     } catch (err) {
       this.destroy(err as Error);
     }
@@ -342,7 +438,12 @@ export class Peer extends EventEmitter {
       // libvirt 9.0 reports a failed STREAM_HOLE as a REPLY/ERROR on the stream's serial (B3).
       const s = this.streams.get(streamKey(m.proc, m.serial));
       if (s && m.status === Status.ERROR) s.onPacket({ ...m, type: MessageType.STREAM });
-      else debug('reply without a pending call: %s', describeHeader(m));
+      else if (this.abandoned.delete(m.serial)) debug('late reply to an abandoned call: %s', describeHeader(m));
+      else {
+        // As libvirt's client: a reply nobody asked for means the two sides disagree about the
+        // conversation (a lost or forged serial), and a call may wait forever: give up now.
+        this.destroy(new SparsevirtError('ERR_PROTOCOL', `reply without a pending call (${describeHeader(m)})`));
+      }
       return;
     }
     this.pending.delete(m.serial);

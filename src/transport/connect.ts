@@ -4,6 +4,7 @@ import tls from 'node:tls';
 import { existsSync, readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { SparsevirtError } from '../errors.js';
+import { kReadHook, ReadHook } from '../rpc/peer.js';
 import { clientTlsFiles, type ParsedUri } from './uri.js';
 
 function readPem(file: string, what: string): Buffer {
@@ -57,11 +58,12 @@ export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; 
   const timeout = opts.timeout ?? 30000;
   let sock: net.Socket;
   let ready: string;
-  if (u.transport === 'unix') {
-    sock = net.createConnection({ path: u.socket });
-    ready = 'connect';
-  } else if (u.transport === 'tcp') {
-    sock = net.createConnection({ host: u.host, port: u.port });
+  if (u.transport === 'unix' || u.transport === 'tcp') {
+    const hook = new ReadHook();
+    const where = u.transport === 'unix' ? { path: u.socket } : { host: u.host, port: u.port };
+    // `onread` is accepted by net.connect at run time; @types/node types it on the Socket options only.
+    sock = net.createConnection({ ...where, onread: hook.onread } as unknown as net.NetConnectOpts);
+    (sock as { [kReadHook]?: ReadHook })[kReadHook] = hook;
     ready = 'connect';
   } else {
     const f = clientTlsFiles(u.pkipath);
