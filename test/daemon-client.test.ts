@@ -263,9 +263,9 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
       assert.ok(after.subarray(MiB, MiB + 139264).equals(await fsp.readFile(src)), 'the range reads as the source');
       assert.ok(after.subarray(MiB + 139264).equals(before.subarray(MiB + 139264)), 'bytes after the range untouched');
     }
-    // an upload past the end grows the volume (libvirt does too)
-    await vol.uploadFile(src, { sparse: true, offset: 5 * MiB });
-    assert.equal(fs.statSync(target).size, 5 * MiB + 139264);
+    // an upload past the end is refused (libvirt grows the file): the volume keeps its size
+    await assert.rejects(vol.uploadFile(src, { sparse: true, offset: 5 * MiB }), (e: RemoteError) => e.virCode === 8 && /runs past its capacity/.test(e.message));
+    assert.equal(fs.statSync(target).size, 4 * MiB);
     await vol.delete();
   });
 

@@ -19,7 +19,7 @@ import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { KEEPALIVE_PROGRAM, MessageType, REMOTE_PROGRAM, Status, buildFrame, type Message } from '../src/rpc/message.js';
 import { FrameParser } from '../src/rpc/parser.js';
-import { remoteErrorCodec } from '../src/rpc/structs.js';
+import { decodeRemoteError, remoteErrorCodec } from '../src/rpc/structs.js';
 import { P, PROCEDURES_BY_NUM } from '../src/protocol/remote.js';
 import { XdrReader, XdrWriter, encode, type Codec } from '../src/xdr/index.js';
 import { CAPTURE_LAYOUT, RawClient, describe as describeFrame, errorOf, extentMap, sha256File, startTestDaemon, type Frame, type TestDaemon } from './helpers/daemon.js';
@@ -299,11 +299,15 @@ describe('sparsevirtd answers the libvirt 9.0 captures as libvirtd does', () => 
       assert.equal(fs.statSync(vol).size, MiB, `${name}: volume size unchanged`);
     }
 
+    // libvirt grows the file when an upload starts past its end; sparsevirtd refuses it at the
+    // CALL with a clear error (issue 6: nothing past the capacity) and the volume is unchanged.
     await resetVolume('proto-up2.img', MiB);
     r = await replay('upload-beyond-capacity', d.socket, subst);
-    assertExact(r, 'upload-beyond-capacity');
+    const refusal = r.actual.find((f) => f.type === MessageType.REPLY && f.status === Status.ERROR);
+    assert.ok(refusal, 'upload-beyond-capacity: the CALL is refused');
+    assert.match(decodeRemoteError(refusal.payload).message, /past its capacity/);
     r.client.close();
-    assert.equal(fs.statSync(vol).size, 2162688, 'the file grows, as libvirt');
+    assert.equal(fs.statSync(vol).size, MiB, 'the volume keeps its size');
   });
 
   test('upload-sparse-offset-truncates: same wire, but the volume is not truncated and the hole reads as zeros (B1 fixed)', async () => {

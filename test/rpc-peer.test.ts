@@ -273,3 +273,21 @@ test('connection lost mid-stream: the stream and pending calls fail with ERR_CON
     cleanup();
   }
 });
+
+test('connect() to a server that accepts but never answers fails within its timeout', async () => {
+  const { connect } = await import('../src/index.js');
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'sv-silent-'));
+  const sockPath = path.join(dir, 'sock');
+  const held: net.Socket[] = [];
+  const srv = net.createServer((s) => void held.push(s));
+  await new Promise<void>((r) => srv.listen(sockPath, r));
+  try {
+    const t0 = Date.now();
+    await assert.rejects(connect(`x+unix:///system?socket=${sockPath}`, { timeout: 300 }), (e: SparsevirtError) => e.code === 'ERR_TIMEOUT');
+    assert.ok(Date.now() - t0 < 2000);
+  } finally {
+    for (const s of held) s.destroy();
+    srv.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -5,7 +5,6 @@
 import { randomUUID } from 'node:crypto';
 import { RemoteError, SparsevirtError, VIR_ERR_CODE } from '../errors.js';
 import { Peer } from '../rpc/peer.js';
-import { REMOTE_PROGRAM } from '../rpc/message.js';
 import {
   AuthType, CONNECT_RO, Feature, P, type PoolRef, type Procedure, type VolRef,
 } from '../protocol/remote.js';
@@ -21,11 +20,9 @@ export interface ConnectOptions {
   keepaliveInterval?: number;
   /** Unanswered pings before the connection is declared dead (default 6, as virsh). */
   keepaliveCount?: number;
-  /** Connect timeout in ms. */
+  /** Timeout in ms for opening the socket and for each handshake call (default 30 s). */
   timeout?: number;
 }
-
-void REMOTE_PROGRAM;
 
 export class Connection {
   readonly uri: ParsedUri;
@@ -54,12 +51,15 @@ export class Connection {
   }
 
   private async handshake(opts: ConnectOptions): Promise<void> {
-    const { types } = await this.call(P.AUTH_LIST, undefined, opts.signal);
+    // A server that accepts but never answers must not hang connect(): every handshake call is
+    // bounded (keepalive only starts once the server agreed to it).
+    const o = { signal: opts.signal, timeout: opts.timeout ?? 30000 };
+    const { types } = await this.peer.call(P.AUTH_LIST, undefined, o);
     if (types.length > 0 && !types.includes(AuthType.NONE)) {
       throw new SparsevirtError('ERR_UNSUPPORTED', `the server requires authentication (${types.map((t) => ['none', 'sasl', 'polkit'][t] ?? t).join(', ')}), which sparsevirt does not implement`);
     }
-    const ka = await this.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.PROGRAM_KEEPALIVE }, opts.signal);
-    await this.call(P.CONNECT_OPEN, { name: this.uri.name, flags: opts.readonly ? CONNECT_RO : 0 }, opts.signal);
+    const ka = await this.peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.PROGRAM_KEEPALIVE }, o);
+    await this.peer.call(P.CONNECT_OPEN, { name: this.uri.name, flags: opts.readonly ? CONNECT_RO : 0 }, o);
     if (ka.supported === 1) this.peer.startKeepalive();
   }
 

@@ -18,7 +18,7 @@ import { XdrReader } from '../xdr/index.js';
 import { CODE, DOMAIN, checkFlags, readOnlyError, rpcError, storageError, toRemoteError, virError } from './errors.js';
 import type { Logger } from './log.js';
 import type { Pool, StorageDriver, Volume } from './storage.js';
-import { Transfer, transferLength } from './transfer.js';
+import { Transfer, transferLength, uploadPastCapacity } from './transfer.js';
 
 /** What virsh gets from CONNECT_GET_LIB_VERSION: libvirt 9.0.0, the version we are compatible with. */
 export const LIB_VERSION = 9000000n;
@@ -386,20 +386,31 @@ export class Session {
   async openTransfer(call: Call, kind: 'upload' | 'download', a: TransferArgs): Promise<void> {
     const fn = kind === 'upload' ? 'storageVolUpload' : 'storageVolDownload';
     checkFlags(a.flags, SPARSE_STREAM, fn);
+    const m = call.msg;
+    // A second CALL on the serial of a stream in flight: refused before anything is opened, and
+    // the stream already there goes on undisturbed.
+    const busy = () => rpcError(CODE.RPC, `a stream is already open for procedure ${m.proc} serial ${m.serial}`);
+    if (this.peer.hasStream(m.proc, m.serial)) throw busy();
     const vol = await this.driver.volByRef(a.vol);
     if (a.offset > BigInt(Number.MAX_SAFE_INTEGER)) {
       if (kind === 'upload') throw storageError(CODE.INVALID_ARG, `offset ${a.offset} is larger than sparsevirtd supports (2^53)`);
     }
     const offset = a.offset > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(a.offset);
     const fh = await this.driver.openForTransfer(vol, kind === 'upload');
-    const m = call.msg;
     let transfer: Transfer;
     try {
+      let capacity: number | null = null;
+      if (kind === 'upload') {
+        // An upload never grows a volume (libvirt's would): what runs past the capacity fails.
+        capacity = (await fh.stat()).size;
+        if (offset > capacity) throw uploadPastCapacity(vol.name, capacity, offset);
+      }
       if (this.peer.closed) throw new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed');
+      if (this.peer.hasStream(m.proc, m.serial)) throw busy(); // opened while we looked the volume up
       const wire = this.peer.openStream(m.proc, m.serial, { sparse: (a.flags & SPARSE_STREAM) !== 0, sending: kind === 'download' });
       transfer = new Transfer({
         kind, vol, fh, wire, offset, length: transferLength(a.length), sparse: (a.flags & SPARSE_STREAM) !== 0,
-        log: this.log,
+        capacity, log: this.log,
       });
     } catch (err) {
       await fh.close().catch(() => undefined);

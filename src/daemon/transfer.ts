@@ -8,7 +8,9 @@
  *
  * Upload: `Stream.recv` → `writeChunks` at `offset`: holes read back as zeros even over old data
  * and the volume is never truncated (libvirt 9.0 does both wrong, B1). Bytes past `length`
- * fail the stream with libvirt's ENOSPC error. The client's finish is confirmed only once every
+ * fail the stream with libvirt's ENOSPC error. Nor is it ever grown: data or a hole that would
+ * run past the volume's capacity fails the stream with a clear error, after what fits was
+ * written (libvirt grows the file instead). The client's finish is confirmed only once every
  * byte is written and the file closed; a failure there is reported instead of the OK.
  */
 import type { FileHandle } from 'node:fs/promises';
@@ -17,7 +19,7 @@ import { RemoteError, SparsevirtError } from '../errors.js';
 import type { WireStream } from '../rpc/peer.js';
 import { fileChunks, writeChunks } from '../sparse/index.js';
 import { Stream } from '../stream/index.js';
-import { DOMAIN, streamNoSpace, systemError } from './errors.js';
+import { CODE, DOMAIN, streamNoSpace, systemError, virError } from './errors.js';
 import type { Logger } from './log.js';
 import type { Volume } from './storage.js';
 
@@ -33,6 +35,8 @@ export interface TransferSpec {
   offset: number;
   /** Bytes to move; null = no limit (length 0, or ≥ 2^53). */
   length: number | null;
+  /** Upload: the volume's size when the stream opened; nothing is written at or past it. */
+  capacity?: number | null;
   sparse: boolean;
   log: Logger;
 }
@@ -127,6 +131,7 @@ export class Transfer {
     const { spec, stream } = this;
     let source: AsyncIterable<Chunk> = this.received();
     if (spec.length !== null) source = limitTo(source, spec.length);
+    if (spec.capacity !== undefined && spec.capacity !== null) source = withinCapacity(source, spec.vol.name, spec.capacity, spec.offset);
     try {
       await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset });
     } catch (err) {
@@ -197,6 +202,31 @@ async function* limitTo(src: AsyncIterable<Chunk>, limit: number): AsyncGenerato
       throw streamNoSpace();
     }
     left -= c.bytes.length;
+    yield c;
+  }
+}
+
+/** The refusal for an upload that would write at or past the end of its volume. */
+export function uploadPastCapacity(vol: string, capacity: number, at: number): RemoteError {
+  return virError(CODE.INVALID_ARG, DOMAIN.STREAMS,
+    `upload to volume '${vol}' runs past its capacity (${capacity} bytes) at byte ${at}; resize the volume first`);
+}
+
+/**
+ * The stream of an upload at `offset` into a volume of `capacity` bytes: data and holes up to the
+ * capacity pass; the first byte past it (data or hole) fails the upload, after what fits was
+ * written, and the volume keeps its size.
+ */
+async function* withinCapacity(src: AsyncIterable<Chunk>, vol: string, capacity: number, offset: number): AsyncGenerator<Chunk> {
+  let at = offset;
+  for await (const c of src) {
+    const n = c.kind === 'data' ? c.bytes.length : c.length;
+    if (at + n > capacity) {
+      if (c.kind === 'data' && capacity > at) yield { kind: 'data', bytes: c.bytes.subarray(0, capacity - at) };
+      else if (c.kind === 'hole' && capacity > at) yield { kind: 'hole', length: capacity - at };
+      throw uploadPastCapacity(vol, capacity, capacity);
+    }
+    at += n;
     yield c;
   }
 }
