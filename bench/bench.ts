@@ -210,6 +210,8 @@ interface Row {
   daemonPeakKiB: number | null;
   clientCpuSeconds: number | null;
   ratioToReference: number | null;
+  /** Median over the median of `cp --sparse=always` on the same image (the local floor). */
+  ratioToCp: number | null;
   errors: string[];
 }
 
@@ -472,6 +474,9 @@ async function main(): Promise<number> {
       const list = active.filter((c) => c.supports(s));
       const refRuns = records.filter((r) => r.scenario === s.key && r.contender === REFERENCE_ID && r.ok);
       const refMedian = refRuns.length ? median(refRuns.map((r) => r.wallSeconds)) : null;
+      // local floors run once per image (under the download key)
+      const cpRuns = records.filter((r) => r.contender === 'cp' && r.ok && r.scenario === runKey(active.find((c) => c.id === 'cp') ?? list[0]!, s));
+      const cpMedian = cpRuns.length ? median(cpRuns.map((r) => r.wallSeconds)) : null;
       for (const c of list) {
         const rs = records.filter((r) => r.scenario === runKey(c, s) && r.contender === c.id);
         const ok = rs.filter((r) => r.ok);
@@ -500,6 +505,7 @@ async function main(): Promise<number> {
           daemonPeakKiB: maxOf(ok.map((r) => r.daemonPeakKiB)),
           clientCpuSeconds: cpuTimes.length ? median(cpuTimes) : null,
           ratioToReference: med !== null && refMedian ? med / refMedian : null,
+          ratioToCp: med !== null && cpMedian ? med / cpMedian : null,
           errors: [...new Set(rs.filter((r) => !r.ok).map((r) => r.error ?? '?'))],
         });
       }
@@ -562,12 +568,12 @@ function printTable(scenarios: Scenario[], rows: Row[]): void {
   const f = (x: number | null, d = 3): string => (x === null ? '-' : x.toFixed(d));
   const mib = (k: number | null): string => (k === null ? '-' : `${(k / 1024).toFixed(0)} MiB`);
   log('');
-  log(`results (wall time incl. process start; ratio = median / median of ${REFERENCE_ID}; < 1 is faster):`);
+  log(`results (wall time incl. process start; ×ref = median / median of ${REFERENCE_ID}, ×cp = median / median of cp --sparse=always; < 1 is faster):`);
   for (const s of scenarios) {
     const img = s.image;
     log('');
     log(`${s.key}  —  ${img.spec.title}; ${img.spec.extents.length} extents, ${fmtBytes(img.dataBytes)} data of ${fmtBytes(img.spec.size)}`);
-    const header = ['contender', 'median s', 'min–max s', 'data MiB/s', '×ref', 'client RSS', 'daemon RSS', 'client CPU s', 'runs'];
+    const header = ['contender', 'median s', 'min–max s', 'data MiB/s', '×ref', '×cp', 'client RSS', 'daemon RSS', 'client CPU s', 'runs'];
     const body = rows
       .filter((r) => r.scenario === s.key)
       .map((r) => [
@@ -576,6 +582,7 @@ function printTable(scenarios: Scenario[], rows: Row[]): void {
         r.minSeconds === null ? '-' : `${f(r.minSeconds)}–${f(r.maxSeconds)}`,
         r.dataMiBps === null ? '-' : r.dataMiBps.toFixed(0),
         r.ratioToReference === null ? '-' : r.ratioToReference.toFixed(2),
+        r.ratioToCp === null ? '-' : r.ratioToCp.toFixed(2),
         mib(r.clientPeakKiB),
         mib(r.daemonPeakKiB),
         f(r.clientCpuSeconds, 2),

@@ -41,3 +41,25 @@ test('writeChunks with an AbortSignal keeps memory bounded over 384 MiB of fresh
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('writeChunks: when the source fails, what it handed over is still written', async () => {
+  const dir = mkdtempSync(path.join('/dev/shm', 'sv-srcfail-'));
+  try {
+    const file = path.join(dir, 'out');
+    const { readFileSync } = await import('node:fs');
+    async function* source(): AsyncGenerator<Chunk> {
+      yield { kind: 'data', bytes: Buffer.alloc(4096, 0xab) };
+      yield { kind: 'hole', length: 4096 };
+      yield { kind: 'data', bytes: Buffer.alloc(1000, 0xcd) };
+      throw new Error('limit reached');
+    }
+    await assert.rejects(writeChunks(file, source()), /limit reached/);
+    const got = readFileSync(file);
+    assert.equal(got.length, 9192);
+    assert.ok(got.subarray(0, 4096).every((b) => b === 0xab));
+    assert.ok(got.subarray(4096, 8192).every((b) => b === 0));
+    assert.ok(got.subarray(8192).every((b) => b === 0xcd));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -291,3 +291,20 @@ test('connect() to a server that accepts but never answers fails within its time
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('an abort the server never confirms still resolves, after the abort timeout', async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    // the server accepts the download and then ignores everything on the stream
+    server.on('call', (m: Message) => server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined));
+    server.removeAllListeners('orphanStreamPacket');
+    const s = await openDownload(client, true);
+    const t0 = Date.now();
+    await s.abort(new Error('stop'));
+    const took = Date.now() - t0;
+    assert.ok(took >= 1500 && took < 5000, `abort settled after ${took} ms (timeout 2000 ms)`);
+    assert.equal(client.openStreams, 0);
+  } finally {
+    cleanup();
+  }
+});

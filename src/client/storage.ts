@@ -178,6 +178,7 @@ export class StorageVol {
       await peer.call(proc, { vol: this.ref, offset: BigInt(offset), length: BigInt(length), flags: sparse ? SPARSE_STREAM : 0 }, { serial, signal: opts.signal });
     } catch (err) {
       wire.fail(err as Error);
+      peer.abortStreamIfOpened(serial);
       if (sparse && isUnsupportedFlags(err)) {
         if (opts.fallbackToPlain) return this.openStream(proc, sending, { ...opts, sparse: false });
         throw new SparsevirtError('ERR_SPARSE_UNSUPPORTED',

@@ -104,6 +104,8 @@ export class Peer extends EventEmitter {
   private kaTimer: NodeJS.Timeout | null = null;
   /** Serials of calls given up locally (timeout, abort): their late replies are dropped quietly. */
   private readonly abandoned = new Set<number>();
+  /** Abandoned stream-opening calls whose stream must be aborted if the server opens it. */
+  private readonly abortWhenOpened = new Set<number>();
   /** Bytes handed to socket.write so far, and what keepalive saw at its last tick (see keepaliveTick). */
   private bytesQueued = 0;
   private kaPending = 0;
@@ -251,6 +253,16 @@ export class Peer extends EventEmitter {
     });
   }
 
+  /**
+   * The stream-opening call on `serial` was given up (aborted, timed out): if the server still
+   * accepts it, abort the stream it opened instead of leaving it running.
+   */
+  abortStreamIfOpened(serial: number): void {
+    if (!this.abandoned.has(serial)) return;
+    this.abortWhenOpened.add(serial);
+    if (this.abortWhenOpened.size > 1024) this.abortWhenOpened.delete(this.abortWhenOpened.values().next().value as number);
+  }
+
   /** A call we stopped waiting for: its reply may still come and must not look like a stray one. */
   private abandon(serial: number): void {
     if (!this.pending.delete(serial)) return;
@@ -296,7 +308,11 @@ export class Peer extends EventEmitter {
     if (this.streams.get(key) === s) this.streams.delete(key);
     this.ended.add(key);
     if (this.ended.size > 256) this.ended.delete(this.ended.values().next().value as string);
-    if (s.pausing) this.resumeReading();
+    if (s.pausing) {
+      // release this stream's hold once: its Stream may call resumeIncoming() again when it ends.
+      s.pausing = false;
+      this.resumeReading();
+    }
   }
 
   get openStreams(): number {
@@ -438,7 +454,14 @@ export class Peer extends EventEmitter {
       // libvirt 9.0 reports a failed STREAM_HOLE as a REPLY/ERROR on the stream's serial (B3).
       const s = this.streams.get(streamKey(m.proc, m.serial));
       if (s && m.status === Status.ERROR) s.onPacket({ ...m, type: MessageType.STREAM });
-      else if (this.abandoned.delete(m.serial)) debug('late reply to an abandoned call: %s', describeHeader(m));
+      else if (this.abandoned.delete(m.serial)) {
+        debug('late reply to an abandoned call: %s', describeHeader(m));
+        // a stream the caller gave up while it was being opened: the server opened it anyway,
+        // so abort it on the wire (its confirmation is dropped as a late packet).
+        if (this.abortWhenOpened.delete(m.serial) && m.status === Status.OK) {
+          this.sendFrame({ ...m, type: MessageType.STREAM, status: Status.ERROR });
+        }
+      }
       else {
         // As libvirt's client: a reply nobody asked for means the two sides disagree about the
         // conversation (a lost or forged serial), and a call may wait forever: give up now.
@@ -597,7 +620,13 @@ export class WireStream implements StreamChannel {
     this.aborting = true;
     const p = this.waitConfirm();
     this.peer.sendFrame({ ...this.head, status: Status.ERROR });
-    const t = setTimeout(() => this.close(), this.peer.abortTimeout);
+    const t = setTimeout(() => {
+      // no confirmation in time: the abort is done on our side anyway; never leave the caller waiting.
+      const c = this.confirm;
+      this.confirm = null;
+      this.close();
+      c?.resolve();
+    }, this.peer.abortTimeout);
     t.unref();
     return p.then(() => clearTimeout(t), () => clearTimeout(t));
   }

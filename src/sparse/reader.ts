@@ -201,9 +201,11 @@ export class ChunkReader implements AsyncIterable<Chunk> {
     try {
       for (;;) {
         fill();
+        // checked before taking the item: a read still in flight stays in `queue`, where the
+        // cleanup below waits for it before the file can be closed.
+        if (signal?.aborted) throw abortError(signal);
         const item = queue.shift();
         if (!item) break;
-        if (signal?.aborted) throw abortError(signal);
         if (item.kind === 'hole') {
           hole += item.length;
           continue;
