@@ -94,6 +94,7 @@ export class Peer extends EventEmitter {
   private closedErr: Error | null = null;
   private drainWaiters: Array<() => void> = [];
   private hookTarget: Buffer | null = null;
+  private scratch: Buffer | null = null;
   private outBuf: Buffer | null = null;
   private outStart = 0;
   private outEnd = 0;
@@ -398,11 +399,17 @@ export class Peer extends EventEmitter {
   private readTarget(scratchSize: number): Buffer {
     const t = this.parser.readTarget();
     this.hookTarget = t;
-    return t ?? Buffer.allocUnsafe(scratchSize);
+    if (t) return t;
+    if (this.scratch === null || this.scratch.length !== scratchSize) this.scratch = Buffer.allocUnsafe(scratchSize);
+    return this.scratch;
   }
 
   private onRead(n: number, buf: Buffer): void {
-    if (buf !== this.hookTarget) return this.onData(buf.subarray(0, n));
+    // The scratch buffer is reused for every read that does not continue a large frame, so what
+    // landed there is copied out at its exact size (small frames, the start of a large one):
+    // a peer that sends one small frame per read (libvirtd: 100,000 extents = 200,000 frames)
+    // must not cost a 64 KiB allocation each.
+    if (buf !== this.hookTarget) return this.onData(Buffer.from(buf.subarray(0, n)));
     this.hookTarget = null;
     this.lastRecv = Date.now();
     this.pingsOut = 0;
