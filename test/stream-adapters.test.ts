@@ -5,23 +5,10 @@ import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { describe, test } from 'node:test';
 import type { Chunk } from '../src/chunk.js';
-import { SparsevirtError } from '../src/errors.js';
 import { createStreamPair } from '../src/stream/index.js';
+import { code, hasSettled } from './helpers/asserts.js';
 
-function code(expected: string) {
-  return (err: unknown): boolean => {
-    assert.ok(err instanceof SparsevirtError, `expected a SparsevirtError, got ${String(err)}`);
-    assert.equal(err.code, expected, err.message);
-    return true;
-  };
-}
 
-async function hasSettled(p: Promise<unknown>): Promise<boolean> {
-  let settled = false;
-  p.then(() => { settled = true; }, () => { settled = true; });
-  await new Promise(setImmediate);
-  return settled;
-}
 
 function collector(objectMode = false): { sink: Writable; items: unknown[] } {
   const items: unknown[] = [];

@@ -4,24 +4,10 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import type { Chunk } from '../src/chunk.js';
 import { LEGACY_PAYLOAD_MAX } from '../src/chunk.js';
-import { SparsevirtError } from '../src/errors.js';
 import { type Stream, copyChunks, createStreamPair } from '../src/stream/index.js';
+import { code, hasSettled } from './helpers/asserts.js';
 
-function code(expected: string) {
-  return (err: unknown): boolean => {
-    assert.ok(err instanceof SparsevirtError, `expected a SparsevirtError, got ${String(err)}`);
-    assert.equal(err.code, expected, err.message);
-    return true;
-  };
-}
 
-/** True if `p` settled once everything already queued has run (used to assert "still pending"). */
-async function hasSettled(p: Promise<unknown>): Promise<boolean> {
-  let settled = false;
-  p.then(() => { settled = true; }, () => { settled = true; });
-  await new Promise(setImmediate);
-  return settled;
-}
 
 const data = (s: string): Chunk => ({ kind: 'data', bytes: Buffer.from(s) });
 const hole = (length: number): Chunk => ({ kind: 'hole', length });

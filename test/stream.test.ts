@@ -7,6 +7,7 @@ import { describe, test } from 'node:test';
 import type { Chunk } from '../src/chunk.js';
 import { SparsevirtError } from '../src/errors.js';
 import { Stream, type StreamChannel, type StreamOptions, ZERO_CHUNK_SIZE } from '../src/stream/index.js';
+import { code, hasSettled } from './helpers/asserts.js';
 
 /** Records every call; writes/finish/abort resolve at once unless a gate is set. */
 class RecordingChannel implements StreamChannel {
@@ -58,21 +59,7 @@ function deferred<T = void>(): { promise: Promise<T>; resolve: (v: T) => void; r
   return { promise, resolve, reject };
 }
 
-/** True if `p` settled once everything already queued has run (used to assert "still pending"). */
-async function hasSettled(p: Promise<unknown>): Promise<boolean> {
-  let settled = false;
-  p.then(() => { settled = true; }, () => { settled = true; });
-  await new Promise(setImmediate);
-  return settled;
-}
 
-function code(expected: string) {
-  return (err: unknown): boolean => {
-    assert.ok(err instanceof SparsevirtError, `expected a SparsevirtError, got ${String(err)}`);
-    assert.equal(err.code, expected, err.message);
-    return true;
-  };
-}
 
 const data = (s: string): Chunk => ({ kind: 'data', bytes: Buffer.from(s) });
 const hole = (length: number): Chunk => ({ kind: 'hole', length });
