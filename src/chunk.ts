@@ -1,3 +1,6 @@
+import fs from 'node:fs';
+import { SparsevirtError } from './errors.js';
+
 /**
  * The one currency of sparsevirt: everything that moves volume contents speaks `Chunk`,
  * from the disk to the wire and back. A source is an `AsyncIterable<Chunk>`.
@@ -11,6 +14,19 @@ export type Chunk =
 
 export type ChunkSource = AsyncIterable<Chunk>;
 
+/**
+ * Data that is still in a file in memory (tmpfs, ramfs): `length` bytes of `fd` at `offset`.
+ * Only `fileSendChunks` makes these, for `Stream.sendFileRange`/`sendChunks`: a socket can then
+ * take the file's pages by `sendfile(2)` instead of a read into a buffer and a copy back out.
+ * Anything else reads it as the data chunk it stands for (`readFileRange`).
+ */
+export interface FileRange {
+  kind: 'file';
+  fd: number;
+  offset: number;
+  length: number;
+}
+
 /** Largest stream data payload libvirt ever sends (256 KiB − 24-byte header). */
 export const LEGACY_PAYLOAD_MAX = 262120;
 
@@ -19,4 +35,16 @@ export const MAX_SAFE_BYTES = Number.MAX_SAFE_INTEGER;
 
 export function chunkLength(c: Chunk): number {
   return c.kind === 'data' ? c.bytes.length : c.length;
+}
+
+/** The bytes a `FileRange` stands for, read now (the file is in memory: this never waits on a disk). */
+export function readFileRange(r: FileRange): Buffer {
+  const buf = Buffer.allocUnsafe(r.length);
+  let have = 0;
+  while (have < r.length) {
+    const n = fs.readSync(r.fd, buf, have, r.length - have, r.offset + have);
+    if (n === 0) throw new SparsevirtError('ERR_IO', `cannot read fd ${r.fd}: file shrank while reading (EOF at ${r.offset + have})`);
+    have += n;
+  }
+  return buf;
 }

@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import type { Chunk } from '../chunk.js';
+import type { Chunk, FileRange } from '../chunk.js';
 import type { StorageVol } from '../client/index.js';
 import type { Stream } from '../stream/index.js';
 import { errorText, type Ctl } from './ctl.js';
@@ -63,9 +63,10 @@ interface Meter {
 }
 
 /** Counts chunks as they pass (data sent as zeros on a plain stream counts as data). */
-async function* metered(src: AsyncIterable<Chunk>, m: Meter, holesAreData: boolean): AsyncGenerator<Chunk> {
+async function* metered<C extends Chunk | FileRange>(src: AsyncIterable<C>, m: Meter, holesAreData: boolean): AsyncGenerator<C> {
   for await (const c of src) {
     if (c.kind === 'data') m.counts.dataBytes += c.bytes.length;
+    else if (c.kind === 'file') m.counts.dataBytes += c.length;
     else if (holesAreData) m.counts.dataBytes += c.length;
     else m.counts.holeBytes += c.length;
     m.bar?.update(m.counts);
@@ -165,16 +166,19 @@ const volUpload: Handler = async (ctl, cmd) => {
     const seekable = st.isFile() || st.isBlockDevice();
     const size = st.isFile() ? st.size : 0;
     meter = await makeMeter(ctl, 'upload', async () => (length > 0 && (size === 0 || length < size) ? length : size));
-    let source: AsyncIterable<Chunk>;
+    let source: AsyncIterable<Chunk | FileRange>;
     if (seekable) {
-      const { fileChunks } = await import('../sparse/index.js');
+      const { fileSendChunks } = await import('../sparse/index.js');
       // Holes are read as holes even for a plain stream: the stream sends them as zeros.
-      source = fileChunks({ fd: fh.fd }, { sparse: true, length: length || undefined, signal });
+      source = fileSendChunks({ fd: fh.fd }, { sparse: true, length: length || undefined, signal });
     } else {
       source = readSequential(fh, length);
     }
     try {
-      for await (const chunk of metered(source, meter, !stream.sparse)) await stream.sendChunk(chunk);
+      for await (const chunk of metered(source, meter, !stream.sparse)) {
+        if (chunk.kind === 'file') await stream.sendFileRange(chunk.fd, chunk.offset, chunk.length);
+        else await stream.sendChunk(chunk);
+      }
     } catch (err) {
       await stream.abort(err).catch(() => undefined);
       return ctl.fail(`cannot send data to volume ${name}`, handlerDetail(err, 'send'));

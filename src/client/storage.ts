@@ -1,8 +1,8 @@
 /** StoragePool and StorageVol: libvirt's storage API over the wire, plus sparse file transfer. */
-import type { Chunk } from '../chunk.js';
+import type { Chunk, FileRange } from '../chunk.js';
 import { checkByteCount, SparsevirtError } from '../errors.js';
 import { P, SPARSE_STREAM, type PoolRef, type VolRef } from '../protocol/remote.js';
-import { fileChunks, writeChunks } from '../sparse/index.js';
+import { fileSendChunks, writeChunks } from '../sparse/index.js';
 import { Stream } from '../stream/index.js';
 import { escapeXml, isUnsupportedFlags, uuidToString, type Connection } from './connection.js';
 
@@ -197,7 +197,7 @@ export class StorageVol {
   async uploadFile(file: string, opts: FileTransferOptions = {}): Promise<TransferResult> {
     const stream = await this.upload(opts);
     const sparse = stream.sparse;
-    const counted = count(fileChunks(file, { length: opts.length || undefined, sparse, detectZeroes: opts.detectZeroes, signal: opts.signal }), opts.onProgress);
+    const counted = count(fileSendChunks(file, { length: opts.length || undefined, sparse, detectZeroes: opts.detectZeroes, signal: opts.signal }), opts.onProgress);
     await stream.sendChunks(counted.chunks);
     return { ...counted.totals, sparse };
   }
@@ -220,11 +220,12 @@ export class StorageVol {
 }
 
 /** Count bytes as chunks pass, without copying them. */
-function count(src: AsyncIterable<Chunk>, onProgress?: (p: { dataBytes: number; holeBytes: number }) => void) {
+function count<C extends Chunk | FileRange>(src: AsyncIterable<C>, onProgress?: (p: { dataBytes: number; holeBytes: number }) => void) {
   const totals = { dataBytes: 0, holeBytes: 0 };
-  async function* gen(): AsyncGenerator<Chunk> {
+  async function* gen(): AsyncGenerator<C> {
     for await (const c of src) {
       if (c.kind === 'data') totals.dataBytes += c.bytes.length;
+      else if (c.kind === 'file') totals.dataBytes += c.length;
       else totals.holeBytes += c.length;
       onProgress?.(totals);
       yield c;

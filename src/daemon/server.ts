@@ -12,6 +12,7 @@ import tls from 'node:tls';
 import type { Duplex } from 'node:stream';
 import { SparsevirtError } from '../errors.js';
 import { Peer } from '../rpc/peer.js';
+import { adoptWithReadHook } from '../transport/connect.js';
 import { serverTlsFiles } from '../transport/uri.js';
 import { Logger, type LogLevel } from './log.js';
 import { Session } from './session.js';
@@ -164,7 +165,11 @@ class Daemon implements DaemonHandle {
         this.log.warn('TLS handshake refused', { remote: `${sock.remoteAddress}:${sock.remotePort}`, error: err.message });
       });
     } else {
-      server = net.createServer((sock) => this.accept(sock, spec.kind === 'unix' ? { transport: 'unix' } : { transport: 'tcp', remote: `${sock.remoteAddress}:${sock.remotePort}` }));
+      // Paused: the socket is re-created with a read hook before anything is read from it.
+      server = net.createServer({ pauseOnConnect: true }, (sock) => {
+        const info = spec.kind === 'unix' ? { transport: 'unix' } : { transport: 'tcp', remote: `${sock.remoteAddress}:${sock.remotePort}` };
+        this.accept(this.closing ? sock : adoptWithReadHook(sock), info);
+      });
     }
     server.on('error', (err) => this.log.error('listener error', { error: err.message }));
     if (spec.kind === 'unix') {

@@ -17,7 +17,7 @@ import type { FileHandle } from 'node:fs/promises';
 import type { Chunk } from '../chunk.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
 import type { WireStream } from '../rpc/peer.js';
-import { fileChunks, writeChunks } from '../sparse/index.js';
+import { fileSendChunks, writeChunks } from '../sparse/index.js';
 import { Stream } from '../stream/index.js';
 import { CODE, DOMAIN, streamNoSpace, systemError, virError } from './errors.js';
 import type { Logger } from './log.js';
@@ -101,11 +101,16 @@ export class Transfer {
 
   private async download(): Promise<string> {
     const { spec, stream } = this;
-    const chunks = fileChunks({ fd: spec.fh.fd }, {
+    const chunks = fileSendChunks({ fd: spec.fh.fd }, {
       offset: spec.offset, length: spec.length ?? undefined, sparse: spec.sparse,
     });
     try {
       for await (const chunk of chunks) {
+        if (chunk.kind === 'file') {
+          this.dataBytes += chunk.length;
+          await stream.sendFileRange(chunk.fd, chunk.offset, chunk.length);
+          continue;
+        }
         if (chunk.kind === 'data') this.dataBytes += chunk.bytes.length;
         else this.holeBytes += chunk.length;
         await stream.sendChunk(chunk);

@@ -69,6 +69,24 @@ export class FrameParser {
   }
 
   /**
+   * Like `push(buf.subarray(0, n))`, for a buffer handed over for good (a fresh read buffer):
+   * a frame that starts at its beginning and fits in it, but is not complete yet, is then
+   * assembled in place (`readTarget()` is the rest of it) instead of being copied out.
+   */
+  pushOwned(buf: Buffer, n: number, onMessage: (m: Message) => void): void {
+    if (this.idle && !this.failed && n >= LEN_SIZE) {
+      const len = buf.readUInt32BE(0);
+      this.checkLength(len);
+      if (len > n && len <= buf.length) {
+        this.partial = buf.subarray(0, len);
+        this.partialHave = n;
+        return;
+      }
+    }
+    this.push(buf.subarray(0, n), onMessage);
+  }
+
+  /**
    * Feed bytes; calls onMessage for each whole frame, in order. Throws ProtocolError on a bad
    * frame, and again on every later push (framing is lost for good). If onMessage throws, the
    * exception propagates and the bytes after that frame are kept: the next push (even with an

@@ -8,7 +8,7 @@ import { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
 import diagnostics from 'node:diagnostics_channel';
-import type { Chunk } from '../chunk.js';
+import { readFileRange, type Chunk } from '../chunk.js';
 import { RemoteError, SparsevirtError, remoteErrorFields, VIR_DOMAIN, VIR_ERR_CODE, type RemoteErrorFields } from '../errors.js';
 import type { StreamChannel, StreamInbound } from '../stream/channel.js';
 import { XdrReader, XdrWriter, type Codec } from '../xdr/index.js';
@@ -18,6 +18,7 @@ import {
   type Header, type Message,
 } from './message.js';
 import { FrameParser } from './parser.js';
+import * as sys from '../sparse/sys.js';
 import { decodeRemoteError, encodeRemoteError, streamHoleCodec } from './structs.js';
 
 const debug = debuglog('sparsevirt:rpc');
@@ -82,6 +83,19 @@ export class ReadHook {
 const SMALL_PAYLOAD = 16 * 1024;
 const OUT_BATCH = 256 * 1024;
 
+/** A frame this big means stream data is flowing (see `readTarget`). */
+const BIG_FRAME = 64 * 1024;
+/** A whole data packet of libvirt's size with its header. */
+const FRESH_READ = FRAME_OVERHEAD + STREAM_PAYLOAD_MAX;
+
+/** SO_SNDBUF for unix sockets that carry a stream out (the kernel doubles it). */
+const SOCKET_SEND_BUFFER = 1 << 20;
+
+/** What goes through Node's queue when a direct frame stalls: its completion means "writable". */
+const STALL_PIECE = 16 * 1024;
+
+const readRange = (fd: number, offset: number, length: number): Buffer => readFileRange({ kind: 'file', fd, offset, length });
+
 export class Peer extends EventEmitter {
   readonly role: 'client' | 'server';
   readonly socket: Duplex;
@@ -94,11 +108,22 @@ export class Peer extends EventEmitter {
   private closedErr: Error | null = null;
   private drainWaiters: Array<() => void> = [];
   private hookTarget: Buffer | null = null;
+  /** The last frame was big (stream data): the next read goes into a fresh frame-sized buffer. */
+  private bigFrames = false;
+  private freshTarget: Buffer | null = null;
   private scratch: Buffer | null = null;
   private outBuf: Buffer | null = null;
   private outStart = 0;
   private outEnd = 0;
   private flushScheduled = false;
+  private directFdCache: number | undefined;
+  private sendBufferSet = false;
+  /** While a direct frame waits for the socket: what was written after it, in order. */
+  private held: Buffer[] | null = null;
+  private heldBytes = 0;
+  private directDone: Promise<void> | null = null;
+  private directAbort: (() => void) | null = null;
+  private readonly directHead = Buffer.allocUnsafe(FRAME_OVERHEAD);
   private pausedBy = 0;
   private lastRecv = Date.now();
   private pingsOut = 0;
@@ -112,6 +137,7 @@ export class Peer extends EventEmitter {
   private kaPending = 0;
   private kaAccepted = 0;
   private kaQueued = 0;
+  private kaOutq = -1;
   private kaLastPausedPing = 0;
   readonly keepaliveInterval: number;
   readonly keepaliveCount: number;
@@ -161,10 +187,16 @@ export class Peer extends EventEmitter {
     const total = FRAME_OVERHEAD + n;
     if (n > SMALL_PAYLOAD) {
       this.flushOut();
-      this.socket.cork();
-      this.socket.write(buildFrameHead(h, n));
-      this.socket.write(payload);
-      this.socket.uncork();
+      const head = buildFrameHead(h, n);
+      if (this.held) {
+        this.held.push(head, payload as Buffer);
+        this.heldBytes += total;
+      } else {
+        this.socket.cork();
+        this.socket.write(head);
+        this.socket.write(payload);
+        this.socket.uncork();
+      }
       this.bytesQueued += total;
       return;
     }
@@ -182,6 +214,124 @@ export class Peer extends EventEmitter {
     }
   }
 
+  /**
+   * The socket's fd when frames may be written to it directly (a plain unix or TCP socket, the
+   * native syscalls loaded), else -1. Direct writes happen only while Node's own write queue is
+   * empty, so they never overtake bytes handed to `socket.write` before them.
+   */
+  private directFd(): number {
+    if (this.directFdCache !== undefined) return this.directFdCache;
+    const handle = (this.socket as { _handle?: { fd?: number } })._handle;
+    const fd = typeof handle?.fd === 'number' && handle.fd >= 0 && !(this.socket as { encrypted?: boolean }).encrypted ? handle.fd : -1;
+    this.directFdCache = fd >= 0 && sys.nativeSyscallsAvailable() ? fd : -1;
+    return this.directFdCache;
+  }
+
+  /**
+   * A stream is about to send through this connection: on a unix socket, let the kernel hold
+   * a few packets (see `sys.setSendBuffer`), once. TCP keeps its own autotuning.
+   */
+  enlargeSendBuffer(): void {
+    if (this.sendBufferSet) return;
+    this.sendBufferSet = true;
+    const handle = (this.socket as { _handle?: { constructor?: { name?: string } } })._handle;
+    const fd = this.directFd();
+    if (fd >= 0 && handle?.constructor?.name === 'Pipe') sys.setSendBuffer(fd, SOCKET_SEND_BUFFER);
+  }
+
+  /**
+   * Queue a frame whose payload is `length` bytes of the file `fd` at `offset` (a file in memory:
+   * reading it never waits for a disk). When the socket can take it, the header is written and
+   * the payload handed over by `sendfile(2)`: the kernel passes the file's pages to the socket
+   * without a copy through user space. If the socket fills up mid-frame, a small piece goes
+   * through Node's queue (its completion says the socket has room again) and `sendfile` goes
+   * on; frames queued meanwhile are held back so that nothing overtakes the frame. Returns null
+   * when the frame is on its way, or a promise of that; the file's bytes are read by then.
+   */
+  sendFileFrame(h: Header, fd: number, offset: number, length: number): Promise<void> | null {
+    if (this.closedErr) return null;
+    if (chFrame.hasSubscribers) chFrame.publish({ dir: 'out', header: h, length });
+    this.flushOut();
+    const total = FRAME_OVERHEAD + length;
+    const sfd = this.held === null && this.socket.writableLength === 0 && !this.socket.destroyed ? this.directFd() : -1;
+    if (sfd < 0) {
+      this.sendFrame(h, readRange(fd, offset, length));
+      return null;
+    }
+    const head = this.directHead;
+    writeFrameHead(head, 0, total, h);
+    const w = sys.writeRaw(sfd, head);
+    if (w < 0) {
+      // the socket is full (or not ours to write: then never again): queue it as usual.
+      if (w !== -sys.EAGAIN) this.directFdCache = -1;
+      this.sendFrame(h, readRange(fd, offset, length));
+      return null;
+    }
+    this.bytesQueued += total;
+    if (w < FRAME_OVERHEAD) {
+      // part of the head went: the rest of the frame follows through Node's queue.
+      this.socket.write(Buffer.from(head.subarray(w)));
+      this.socket.write(this.readOrDie(fd, offset, length));
+      return null;
+    }
+    let sent = this.pump(sfd, fd, offset, length);
+    if (sent === length) return null;
+    // Mid-frame and the socket is full: hold every other write until this frame is out.
+    this.held = [];
+    let resolve!: () => void;
+    const finished = new Promise<void>((r) => (resolve = r));
+    this.directDone = finished;
+    const done = (): void => {
+      this.directAbort = null;
+      const held = this.held ?? [];
+      this.held = null;
+      this.heldBytes = 0;
+      this.directDone = null;
+      if (!this.closedErr) for (const b of held) this.socket.write(b);
+      resolve();
+    };
+    const step = (): void => {
+      if (this.closedErr) return done();
+      if (sent < length && this.socket.writableLength === 0) sent += this.pump(sfd, fd, offset + sent, length - sent);
+      if (sent === length) return done();
+      let piece: Buffer;
+      try {
+        piece = this.readOrDie(fd, offset + sent, Math.min(STALL_PIECE, length - sent));
+      } catch {
+        return done();
+      }
+      sent += piece.length;
+      this.socket.write(piece, step);
+    };
+    this.directAbort = done;
+    step(); // (may finish at once: directDone is set first)
+    return finished;
+  }
+
+  /** `sendfile` until the socket is full or `length` bytes are out: the bytes sent. */
+  private pump(sfd: number, fd: number, offset: number, length: number): number {
+    let sent = 0;
+    while (sent < length) {
+      const r = sys.sendfile(sfd, fd, offset + sent, length - sent);
+      if (r <= 0) {
+        if (r < 0 && r !== -sys.EAGAIN) this.directFdCache = -1; // e.g. EINVAL: not for this pair of fds
+        break;
+      }
+      sent += r;
+    }
+    return sent;
+  }
+
+  /** Read what a frame already on the wire still needs: failing here loses the framing for good. */
+  private readOrDie(fd: number, offset: number, length: number): Buffer {
+    try {
+      return readRange(fd, offset, length);
+    } catch (err) {
+      this.destroy(err as Error);
+      throw err;
+    }
+  }
+
   private readonly flushOutTick = (): void => {
     this.flushScheduled = false;
     this.flushOut();
@@ -190,20 +340,27 @@ export class Peer extends EventEmitter {
   /** Hand the batched frames to the socket (the bytes already handed over are never reused). */
   private flushOut(): void {
     if (this.outBuf === null || this.outEnd === this.outStart || this.closedErr) return;
-    this.socket.write(this.outBuf.subarray(this.outStart, this.outEnd));
-    this.bytesQueued += this.outEnd - this.outStart;
+    const batch = this.outBuf.subarray(this.outStart, this.outEnd);
+    if (this.held) {
+      this.held.push(batch);
+      this.heldBytes += batch.length;
+    } else {
+      this.socket.write(batch);
+    }
+    this.bytesQueued += batch.length;
     this.outStart = this.outEnd;
   }
 
   /** Bytes written but not yet taken by the kernel, plus the batch. */
   get outgoingBytes(): number {
-    return this.socket.writableLength + (this.outEnd - this.outStart);
+    return this.socket.writableLength + (this.outEnd - this.outStart) + this.heldBytes;
   }
 
   /** Resolves when the socket can take more (immediately if it can). */
   drained(): Promise<void> {
     if (this.closedErr) return Promise.reject(this.closedErr);
     this.flushOut();
+    if (this.directDone) return this.directDone.then(() => this.drained());
     if (!(this.socket as any).writableNeedDrain) return Promise.resolve();
     return new Promise((resolve) => this.drainWaiters.push(resolve));
   }
@@ -361,7 +518,12 @@ export class Peer extends EventEmitter {
     const accepted = this.bytesQueued - pendingOut;
     const handle = (this.socket as { _handle?: { writeQueueSize?: unknown } })._handle;
     const queued = typeof handle?.writeQueueSize === 'number' ? handle.writeQueueSize : 0;
-    const drained = this.kaPending > 0 && (accepted > this.kaAccepted || queued < this.kaQueued);
+    // Past Node's queue: what the kernel holds unread shrinks while the peer reads (a unix
+    // socket holds up to 2 MiB: at a slow reader's pace that is longer than a keepalive window).
+    const fd = this.directFd();
+    const outq = fd >= 0 ? sys.socketOutq(fd) : -1;
+    const drained = (this.kaPending > 0 && (accepted > this.kaAccepted || queued < this.kaQueued)) || (this.kaOutq > 0 && outq >= 0 && outq < this.kaOutq);
+    this.kaOutq = outq;
     this.kaPending = pendingOut;
     this.kaAccepted = accepted;
     this.kaQueued = queued;
@@ -400,6 +562,11 @@ export class Peer extends EventEmitter {
     const t = this.parser.readTarget();
     this.hookTarget = t;
     if (t) return t;
+    if (this.bigFrames) {
+      // Stream data is flowing: read the next frame straight into a buffer of its likely size.
+      this.freshTarget = Buffer.allocUnsafeSlow(FRESH_READ);
+      return this.freshTarget;
+    }
     if (this.scratch === null || this.scratch.length !== scratchSize) this.scratch = Buffer.allocUnsafe(scratchSize);
     return this.scratch;
   }
@@ -409,6 +576,17 @@ export class Peer extends EventEmitter {
     // landed there is copied out at its exact size (small frames, the start of a large one):
     // a peer that sends one small frame per read (libvirtd: 100,000 extents = 200,000 frames)
     // must not cost a 64 KiB allocation each.
+    if (buf === this.freshTarget) {
+      this.freshTarget = null;
+      this.lastRecv = Date.now();
+      this.pingsOut = 0;
+      try {
+        this.parser.pushOwned(buf, n, this.onMessageBound);
+      } catch (err) {
+        this.destroy(err as Error);
+      }
+      return;
+    }
     if (buf !== this.hookTarget) return this.onData(Buffer.from(buf.subarray(0, n)));
     this.hookTarget = null;
     this.lastRecv = Date.now();
@@ -421,6 +599,7 @@ export class Peer extends EventEmitter {
   }
 
   private onMessage(m: Message): void {
+    this.bigFrames = m.payload.length >= BIG_FRAME;
     if (chFrame.hasSubscribers) chFrame.publish({ dir: 'in', header: m, length: m.payload.length });
     if (m.prog === KEEPALIVE_PROGRAM) {
       if (m.type === MessageType.MESSAGE && m.proc === KEEPALIVE_PING) {
@@ -511,6 +690,7 @@ export class Peer extends EventEmitter {
     for (const s of [...this.streams.values()]) s.fail(err);
     this.streams.clear();
     this.flushDrain();
+    this.directAbort?.();
     this.outBuf = null;
     this.socket.destroy();
     this.emit('close', err);
@@ -554,6 +734,8 @@ export class WireStream implements StreamChannel {
     readonly sending: boolean,
   ) {
     this.head = { prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc, type: MessageType.STREAM, serial, status: Status.CONTINUE };
+    sys.tuneMallocForStreaming(); // a stream moves many large buffers: keep their memory mapped
+    if (sending) peer.enlargeSendBuffer();
     this.holeHead = { ...this.head, type: MessageType.STREAM_HOLE };
   }
 
@@ -595,6 +777,21 @@ export class WireStream implements StreamChannel {
     }
     const ok = peer.outgoingBytes <= peer.sendWindow;
     if (!ok) await peer.drained();
+    if (this.err) throw this.err;
+  }
+
+  /** Data from a file in memory, `length` bytes at `offset`: see `Peer.sendFileFrame`. */
+  async writeFile(fd: number, offset: number, length: number): Promise<void> {
+    if (this.err) throw this.err;
+    if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
+    const peer = this.peer;
+    const max = peer.streamPacketMax;
+    for (let off = 0; off < length; off += max) {
+      const pending = peer.sendFileFrame(this.head, fd, offset + off, Math.min(max, length - off));
+      if (pending) await pending;
+      if (this.err) throw this.err;
+    }
+    if (peer.outgoingBytes > peer.sendWindow) await peer.drained();
     if (this.err) throw this.err;
   }
 

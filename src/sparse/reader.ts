@@ -4,7 +4,7 @@
  * bounded by `readAhead × chunkSize` whatever the size of the file.
  */
 import fs from 'node:fs';
-import { LEGACY_PAYLOAD_MAX, type Chunk } from '../chunk.js';
+import { LEGACY_PAYLOAD_MAX, type Chunk, type FileRange } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
 import * as sys from './sys.js';
 import { ExtentWalker, zeroDetection, type Extent, type ZeroDetection } from './extents.js';
@@ -48,6 +48,13 @@ interface PendingHole {
 }
 
 /**
+ * Data pieces at least this long are passed on as `FileRange`s by `fileSendChunks` (in memory
+ * only): below it, one read into a shared slab and a copy into the output batch cost less than
+ * the two syscalls a direct packet takes.
+ */
+const FILE_RANGE_MIN = 64 << 10;
+
+/**
  * Small extents make many small reads: keep up to this many in flight so the thread pool stays
  * busy (a round trip costs far more than a 4 KiB copy).
  */
@@ -80,6 +87,8 @@ export class ChunkReader implements AsyncIterable<Chunk> {
   readonly #zeroes: ZeroDetection | null;
   readonly #signal: AbortSignal | undefined;
   #iterated = false;
+  /** Set by `fileSendChunks`: big data pieces of a file in memory come out as `FileRange`s. */
+  #fileRanges = false;
 
   private constructor(file: OpenFile, offset: number, end: number, opts: ChunkReaderOptions, zd: ZeroDetection | null) {
     this.file = file;
@@ -113,15 +122,25 @@ export class ChunkReader implements AsyncIterable<Chunk> {
   }
 
   [Symbol.asyncIterator](): AsyncIterator<Chunk> {
+    return this.#iterate() as AsyncIterator<Chunk>;
+  }
+
+  #iterate(): AsyncIterator<Chunk | FileRange> {
     if (this.#iterated) throw new SparsevirtError('ERR_STREAM_STATE', `${this.file.name}: a ChunkReader is iterated once`);
     this.#iterated = true;
     return this.#chunks();
   }
 
-  async *#chunks(): AsyncGenerator<Chunk, void, undefined> {
+  /** Internal: the chunks with `FileRange`s in place of big data pieces (see `fileSendChunks`). */
+  static iterateRanges(reader: ChunkReader): AsyncIterator<Chunk | FileRange> {
+    reader.#fileRanges = true;
+    return reader.#iterate();
+  }
+
+  async *#chunks(): AsyncGenerator<Chunk | FileRange, void, undefined> {
     const { fd, name, isBlockDevice } = this.file;
     const walker = new ExtentWalker(fd, name, this.offset, this.end, !isBlockDevice);
-    const queue: Array<PendingRead | PendingHole> = [];
+    const queue: Array<PendingRead | PendingHole | FileRange> = [];
     const signal = this.#signal;
     const chunkSize = this.#chunkSize;
     const zd = this.#zeroes;
@@ -145,6 +164,7 @@ export class ChunkReader implements AsyncIterable<Chunk> {
     // How much of a read to try inline, before the thread pool: all of it from a file in memory;
     // what the page cache holds elsewhere, until the filesystem says it cannot tell.
     let inline: 'memory' | 'cached' | 'none' = isBlockDevice ? 'cached' : sys.isMemoryBacked(fd) ? 'memory' : 'cached';
+    const ranges = this.#fileRanges && inline === 'memory' && !zd;
     const readInline = (buf: Buffer, at: number): number => {
       if (inline === 'memory') {
         try {
@@ -174,6 +194,11 @@ export class ChunkReader implements AsyncIterable<Chunk> {
         }
         const stop = zd ? (Math.floor(extentPos / readUnit) + 1) * readUnit : extentPos + readUnit;
         const length = Math.min(stop, extentEnd) - extentPos;
+        if (ranges && length >= FILE_RANGE_MIN) {
+          queue.push({ kind: 'file', fd, offset: extentPos, length });
+          extentPos += length;
+          continue;
+        }
         const buf = carve(length);
         const cached = inline === 'none' ? 0 : readInline(buf, extentPos);
         let read: Promise<number> | null = null;
@@ -208,6 +233,11 @@ export class ChunkReader implements AsyncIterable<Chunk> {
         if (!item) break;
         if (item.kind === 'hole') {
           hole += item.length;
+          continue;
+        }
+        if (item.kind === 'file') {
+          if (hole > 0) yield* holeChunks(takeHole(), sparse, chunkSize);
+          yield item;
           continue;
         }
         let n = item.buf.length;
@@ -287,14 +317,19 @@ function* zeroRuns(buf: Buffer, offset: number, minRun: number): Generator<[bool
  * A block device is all data, sized from the device.
  */
 export function fileChunks(target: FileTarget, opts: ChunkReaderOptions = {}): AsyncIterable<Chunk> {
+  return lazyIterable(() => ChunkReader.open(target, opts).then((r) => r[Symbol.asyncIterator]()));
+}
+
+/**
+ * An iterable whose iterator is opened on the first `next()`, then called directly: an async
+ * generator with `yield*` would add a promise hop to every chunk.
+ */
+function lazyIterable<T>(openIt: () => Promise<AsyncIterator<T>>): AsyncIterable<T> {
   return {
-    [Symbol.asyncIterator]: (): AsyncIterator<Chunk> => {
-      // Delegates straight to the reader once open: an async generator with `yield*` would add
-      // a promise hop to every chunk.
-      let it: AsyncIterator<Chunk> | null = null;
-      let opening: Promise<AsyncIterator<Chunk>> | null = null;
-      const open = (): Promise<AsyncIterator<Chunk>> =>
-        (opening ??= ChunkReader.open(target, opts).then((reader) => (it = reader[Symbol.asyncIterator]())));
+    [Symbol.asyncIterator]: (): AsyncIterator<T> => {
+      let it: AsyncIterator<T> | null = null;
+      let opening: Promise<AsyncIterator<T>> | null = null;
+      const open = (): Promise<AsyncIterator<T>> => (opening ??= openIt().then((i) => (it = i)));
       return {
         next: () => (it ? it.next() : open().then((i) => i.next())),
         return: async () => {
@@ -305,6 +340,16 @@ export function fileChunks(target: FileTarget, opts: ChunkReaderOptions = {}): A
       };
     },
   };
+}
+
+/**
+ * `fileChunks` for a sender that can take `FileRange`s (`Stream.sendChunks`): from a file in
+ * memory, data pieces of 64 KiB and more come out as ranges of the file instead of buffers,
+ * so that a socket takes them by `sendfile(2)`. Elsewhere (disks, block devices, zero
+ * detection) the same chunks as `fileChunks`. A range is valid until the next `next()`.
+ */
+export function fileSendChunks(target: FileTarget, opts: ChunkReaderOptions = {}): AsyncIterable<Chunk | FileRange> {
+  return lazyIterable(() => ChunkReader.open(target, opts).then((r) => ChunkReader.iterateRanges(r)));
 }
 
 /**

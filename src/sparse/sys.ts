@@ -50,6 +50,12 @@ interface Syscalls {
   isMemoryBacked(fd: number): boolean;
   fallocate(fd: number, mode: number, offset: number, length: number): number;
   blockDeviceSize(fd: number): number;
+  sendfile(outFd: number, inFd: number, offset: number, count: number): number;
+  write(fd: number, buf: Buffer): number;
+  mallopt(param: number, value: number): boolean;
+  setSendBuffer(fd: number, bytes: number): number;
+  dup(fd: number): number;
+  outq(fd: number): number;
 }
 
 /** koffi hands back a BigInt for 64-bit results past 2^53; refuse those rather than round. */
@@ -68,6 +74,14 @@ function loadNative(): Syscalls | null {
     koffi.struct('iovec', { base: 'void *', len: 'size_t' });
     const preadv2 = libc.func('int64_t preadv2(int fd, const iovec *iov, int iovcnt, int64_t offset, int flags)');
     const fstatfs = libc.func('int fstatfs(int fd, void *buf)');
+    const sendfile = libc.func('int64_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)');
+    const write = libc.func('int64_t write(int fd, const void *buf, size_t count)');
+    const mallopt = libc.func('int mallopt(int param, int value)');
+    const ioctlInt = libc.func('int ioctl(int fd, unsigned long request, _Out_ int *out)');
+    const intBox: [number] = [0];
+    const dup = libc.func('int fcntl(int fd, int cmd, int arg)');
+    const setsockopt = libc.func('int setsockopt(int fd, int level, int name, _In_ int *value, uint32_t len)');
+    const offBox: [number | bigint] = [0];
     // struct statfs is 120 bytes on 64-bit Linux; f_type (a long) comes first.
     const statfsBuf = Buffer.alloc(256);
     // One reusable out-parameter box: koffi writes the u64 into out[0].
@@ -88,6 +102,28 @@ function loadNative(): Syscalls | null {
       },
       fallocate(fd, mode, offset, length) {
         return fallocate(fd, mode, offset, length) < 0 ? -koffi.errno() : 0;
+      },
+      sendfile(outFd, inFd, offset, count) {
+        offBox[0] = offset;
+        const r = sendfile(outFd, inFd, offBox, count) as number;
+        return r < 0 ? -koffi.errno() : r;
+      },
+      write(fd, buf) {
+        const r = write(fd, buf, buf.length) as number;
+        return r < 0 ? -koffi.errno() : r;
+      },
+      outq(fd) {
+        return ioctlInt(fd, TIOCOUTQ, intBox) === 0 ? intBox[0] : -koffi.errno();
+      },
+      dup(fd) {
+        const r = dup(fd, F_DUPFD_CLOEXEC, 0) as number;
+        return r < 0 ? -koffi.errno() : r;
+      },
+      setSendBuffer(fd, bytes) {
+        return setsockopt(fd, SOL_SOCKET, SO_SNDBUF, [bytes], 4) < 0 ? -koffi.errno() : 0;
+      },
+      mallopt(param, value) {
+        return mallopt(param, value) === 1;
       },
       blockDeviceSize(fd) {
         if (ioctl(fd, BLKGETSIZE64, sizeBox) === 0) return toSafe('block device size', sizeBox[0]);
@@ -123,6 +159,12 @@ const fallback: Syscalls = {
   isMemoryBacked: () => false,
   fallocate: () => -ENOSYS,
   blockDeviceSize: sysfsBlockDeviceSize,
+  sendfile: () => -ENOSYS,
+  write: () => -ENOSYS,
+  mallopt: () => false,
+  setSendBuffer: () => -ENOSYS,
+  dup: () => -ENOSYS,
+  outq: () => -ENOSYS,
 };
 
 // koffi is loaded on the first syscall, not at import: a command that never maps or punches
@@ -181,6 +223,67 @@ export function fallocate(fd: number, mode: number, offset: number, length: numb
 /** The size of the block device open on `fd` in bytes, or `-errno`. */
 export function blockDeviceSize(fd: number): number {
   return impl().blockDeviceSize(fd);
+}
+
+/**
+ * `sendfile(2)` of `count` bytes of `inFd` at `offset` (the file position is not used) to the
+ * socket `outFd`: bytes sent (short or `-EAGAIN` when the socket is full), or `-errno`. From a
+ * file in memory into a unix or TCP socket the kernel passes the pages by reference: no copy
+ * through user space, no buffer here.
+ */
+export function sendfile(outFd: number, inFd: number, offset: number, count: number): number {
+  return impl().sendfile(outFd, inFd, offset, count);
+}
+
+/** `write(2)` of all of `buf` to `fd`, without Node's queue: bytes written, or `-errno` (EAGAIN). */
+export function writeRaw(fd: number, buf: Buffer): number {
+  return impl().write(fd, buf);
+}
+
+const F_DUPFD_CLOEXEC = 1030;
+const TIOCOUTQ = 0x5411;
+
+/**
+ * `ioctl(SIOCOUTQ)`: what a socket holds that the peer has not read yet (for a unix socket, in
+ * kernel buffer units), or `-errno`. Falling means the peer is reading.
+ */
+export function socketOutq(fd: number): number {
+  return impl().outq(fd);
+}
+
+/** `fcntl(F_DUPFD_CLOEXEC)`: a second fd for the same open file (close-on-exec), or `-errno`. */
+export function dupFd(fd: number): number {
+  return impl().dup(fd);
+}
+
+const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
+
+/**
+ * `setsockopt(SO_SNDBUF)`: how much a unix socket may hold unread (the kernel doubles it, and
+ * caps it at net.core.wmem_max). The default (~208 KiB) is less than one 256 KiB stream packet,
+ * so sender and receiver would take turns at every packet. 0 or `-errno`.
+ */
+export function setSendBuffer(fd: number, bytes: number): number {
+  return impl().setSendBuffer(fd, bytes);
+}
+
+const M_TRIM_THRESHOLD = -1;
+const M_MMAP_THRESHOLD = -3;
+let mallocTuned = false;
+
+/**
+ * Keep glibc from handing the memory of freed stream buffers back to the kernel after every
+ * garbage collection, only to fault it in again for the next ones (a 2 GiB transfer in 256 KiB
+ * buffers otherwise costs ~250,000 page faults). Buffers up to 32 MiB come from the heap,
+ * whose top is trimmed only past 64 MiB of free space: peak memory is unchanged, the faults go.
+ */
+export function tuneMallocForStreaming(): void {
+  if (mallocTuned) return;
+  mallocTuned = true;
+  const m = impl();
+  m.mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  m.mallopt(M_TRIM_THRESHOLD, 64 << 20);
 }
 
 /** A Node-style system error (`code`, `errno`, `syscall`) for a `-errno` result from this module. */

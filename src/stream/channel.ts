@@ -18,6 +18,12 @@ import type { Chunk } from '../chunk.js';
  */
 export interface StreamChannel {
   write(chunk: Chunk): Promise<void>;
+  /**
+   * Optional: data straight from a file in memory, `length` bytes of `fd` at `offset` (the
+   * channel may hand them to the kernel without reading them). The bytes are consumed when the
+   * returned promise settles. Channels without it get the bytes read into a buffer by the stream.
+   */
+  writeFile?(fd: number, offset: number, length: number): Promise<void>;
   finish(): Promise<void>;
   abort(reason: Error): Promise<void>;
   pauseIncoming(): void;

@@ -1,6 +1,6 @@
 import diagnostics_channel from 'node:diagnostics_channel';
 import type { Readable, Writable } from 'node:stream';
-import { type Chunk, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength } from '../chunk.js';
+import { type Chunk, type FileRange, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength, readFileRange } from '../chunk.js';
 import { SparsevirtError } from '../errors.js';
 import { type ReadableOptions, type WritableOptions, streamToReadable, streamToWritable } from './adapters.js';
 import type { StreamChannel, StreamInbound } from './channel.js';
@@ -484,9 +484,12 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    * stream), then finish. The chunk-level upload everyone uses. On failure the stream is
    * aborted and the original error rethrown; if the receiver finished early it resolves.
    */
-  async sendChunks(source: AsyncIterable<Chunk>): Promise<void> {
+  async sendChunks(source: AsyncIterable<Chunk | FileRange>): Promise<void> {
     try {
-      for await (const chunk of source) await this.sendChunk(chunk);
+      for await (const chunk of source) {
+        if (chunk.kind === 'file') await this.sendFileRange(chunk.fd, chunk.offset, chunk.length);
+        else await this.sendChunk(chunk);
+      }
       await this.finish();
     } catch (err) {
       await this.helperFailed(err);
@@ -651,6 +654,33 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     }
     this.pendingHole += length;
     this.pos += length;
+  }
+
+  /**
+   * Send `length` bytes of the file `fd` (in memory: tmpfs, ramfs) at `offset` as data: the
+   * same as `sendChunk` with those bytes, but a socket channel hands the file's pages to the
+   * kernel (sendfile) rather than reading them here. The bytes are read by the time it resolves.
+   */
+  async sendFileRange(fd: number, offset: number, length: number): Promise<void> {
+    for (const [name, v] of [['fd', fd], ['offset', offset], ['length', length]] as const) {
+      if (!Number.isSafeInteger(v) || v < 0) throw new SparsevirtError('ERR_INVALID_ARG', `${name} must be a non-negative integer, got ${v}`);
+    }
+    this.beginSend('sendFileRange');
+    try {
+      if (length === 0) return;
+      if (this.pos + length > MAX_SAFE_BYTES) {
+        throw new SparsevirtError('ERR_INVALID_ARG', 'stream position would pass 2^53 bytes');
+      }
+      if (this.pendingHole !== 0) {
+        await this.flushHole();
+        this.ensureLive();
+      }
+      this.pos += length;
+      const ch = this.channel;
+      await this.track(ch.writeFile ? ch.writeFile(fd, offset, length) : ch.write({ kind: 'data', bytes: readFileRange({ kind: 'file', fd, offset, length }) }));
+    } finally {
+      this.sending = false;
+    }
   }
 
   private async sendData(chunk: DataChunk): Promise<void> {

@@ -1,10 +1,11 @@
 /** Open the byte stream a libvirt URI names: a unix socket, plain tcp or TLS. */
 import net from 'node:net';
 import tls from 'node:tls';
-import { existsSync, readFileSync } from 'node:fs';
+import fs, { existsSync, readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { SparsevirtError } from '../errors.js';
 import { kReadHook, ReadHook } from '../rpc/peer.js';
+import * as sys from '../sparse/sys.js';
 import { clientTlsFiles, type ParsedUri } from './uri.js';
 
 function readPem(file: string, what: string): Buffer {
@@ -52,6 +53,34 @@ function readTlsConfirmation(sock: tls.TLSSocket, where: string, timeout: number
     sock.once('close', refused);
     sock.once('error', onError);
   });
+}
+
+/**
+ * An accepted plain socket (unix or tcp, created with `pauseOnConnect` so that it never read)
+ * re-created on a duplicate of its fd with a `ReadHook`: net's `onread` exists only for sockets
+ * made by `net.connect` or `new net.Socket`, and it lets large frames be read straight into
+ * their buffers. Without the native syscalls (no dup), the socket is returned as it is.
+ */
+export function adoptWithReadHook(sock: net.Socket): net.Socket {
+  const handle = (sock as { _handle?: { fd?: number } })._handle;
+  const fd = typeof handle?.fd === 'number' ? handle.fd : -1;
+  const copy = fd >= 0 ? sys.dupFd(fd) : -1;
+  if (copy < 0) {
+    sock.resume();
+    return sock;
+  }
+  const hook = new ReadHook();
+  let adopted: net.Socket;
+  try {
+    adopted = new net.Socket({ fd: copy, readable: true, writable: true, onread: hook.onread } as unknown as net.SocketConstructorOpts);
+  } catch {
+    fs.closeSync(copy);
+    sock.resume();
+    return sock;
+  }
+  (adopted as { [kReadHook]?: ReadHook })[kReadHook] = hook;
+  sock.destroy(); // closes the original fd; it was never polled
+  return adopted;
 }
 
 export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; timeout?: number } = {}): Promise<Duplex> {
