@@ -139,7 +139,7 @@ describe('keepalive and slow readers', () => {
       await pool.createVol({ name: 'big.img', capacity: 12 * MiB, allocation: 0 });
       await makeFilledFile(path.join(poolDir, 'big.img'), 12 * MiB, 8);
 
-      // 1. our client, default window (4 MiB): at 64 KiB/s its socket stays paused ~30 s at a
+      // 1. our client, default window (2 MiB): at 64 KiB/s its socket stays paused ~15 s at a
       //    time; it pings every keepaliveInterval meanwhile (0.5 s here, under the daemon's 3 s)
       const slow = startWorker({ op: 'slow-download', uri: d.uri, pool: 'ka', vol: 'big.img', rate: 64 * 1024, sparse: false, keepaliveInterval: 0.5 });
       // 2. a raw client: asks for keepalive (feature 10), downloads, reads 64 KiB/s and never pings

@@ -247,7 +247,8 @@ const volDownload: Handler = async (ctl, cmd) => {
         const { writeChunks } = await import('../sparse/index.js');
         // The file is empty (created or truncated): holes are simply skipped; a trailing one
         // sets the size, as virsh's lseek + ftruncate.
-        await writeChunks({ fd: fh.fd }, chunks, { signal });
+        const { releaseFramePayloads } = await import('../rpc/peer.js');
+        await writeChunks({ fd: fh.fd }, chunks, { signal, release: releaseFramePayloads });
       } else {
         await writeSequential(fh, st, chunks);
       }

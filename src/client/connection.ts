@@ -2,7 +2,6 @@
  * The client: `connect(uri)` opens a libvirt connection (to libvirtd or sparsevirtd) and gives
  * typed access to storage pools and volumes, with sparse upload and download.
  */
-import { randomUUID } from 'node:crypto';
 import { RemoteError, SparsevirtError, VIR_ERR_CODE } from '../errors.js';
 import { Peer } from '../rpc/peer.js';
 import {
@@ -165,7 +164,7 @@ export function uuidToString(b: Buffer): string {
 }
 
 export function newUuid(): Buffer {
-  return uuidToBytes(randomUUID());
+  return uuidToBytes(globalThis.crypto.randomUUID()); // (webcrypto's getter loads crypto on first use)
 }
 
 /** True for libvirt's "unsupported flags" refusal (what an old or limited peer says to the sparse flag). */

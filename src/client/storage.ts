@@ -2,6 +2,7 @@
 import type { Chunk, FileRange } from '../chunk.js';
 import { checkByteCount, SparsevirtError } from '../errors.js';
 import { P, SPARSE_STREAM, type PoolRef, type VolRef } from '../protocol/remote.js';
+import { releaseFramePayloads } from '../rpc/peer.js';
 import { fileSendChunks, writeChunks } from '../sparse/index.js';
 import { Stream } from '../stream/index.js';
 import { escapeXml, isUnsupportedFlags, uuidToString, type Connection } from './connection.js';
@@ -210,7 +211,7 @@ export class StorageVol {
     const stream = await this.download(opts);
     const counted = count(stream, opts.onProgress);
     try {
-      await writeChunks(file, counted.chunks, { truncate: true, signal: opts.signal });
+      await writeChunks(file, counted.chunks, { truncate: true, signal: opts.signal, release: releaseFramePayloads });
     } catch (err) {
       await stream.abort(err as Error).catch(() => {});
       throw err;

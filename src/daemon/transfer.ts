@@ -16,7 +16,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import type { Chunk } from '../chunk.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
-import type { WireStream } from '../rpc/peer.js';
+import { releaseFramePayloads, type WireStream } from '../rpc/peer.js';
 import { fileSendChunks, writeChunks } from '../sparse/index.js';
 import { Stream } from '../stream/index.js';
 import { CODE, DOMAIN, streamNoSpace, systemError, virError } from './errors.js';
@@ -53,6 +53,8 @@ export class Transfer {
   private readonly started = Date.now();
   dataBytes = 0;
   holeBytes = 0;
+  /** The connection's sendfile counter when this transfer started (downloads: see the log line). */
+  private readonly directAtStart: number;
 
   constructor(readonly spec: TransferSpec) {
     this.stream = new Stream(spec.wire, {
@@ -61,6 +63,7 @@ export class Transfer {
       highWaterMark: UPLOAD_WINDOW,
     });
     spec.wire.attach(this.stream);
+    this.directAtStart = spec.wire.peer.stats.directBytes;
   }
 
   /** Runs the transfer to its end; never rejects (outcomes are logged). Closes the file. */
@@ -79,7 +82,10 @@ export class Transfer {
     }
     spec.log.info(`${spec.kind} ${outcome}`, {
       pool: spec.vol.pool.name, vol: spec.vol.name, sparse: spec.sparse, offset: spec.offset, length: spec.length,
-      dataBytes: this.dataBytes, holeBytes: this.holeBytes, ms: Date.now() - this.started, ...(error ? { error } : {}),
+      dataBytes: this.dataBytes, holeBytes: this.holeBytes,
+      // bytes the kernel passed from the file to the socket (sendfile): one stream at a time, these are its own
+      ...(spec.kind === 'download' ? { sendfileBytes: spec.wire.peer.stats.directBytes - this.directAtStart } : {}),
+      ms: Date.now() - this.started, ...(error ? { error } : {}),
     });
   }
 
@@ -138,7 +144,7 @@ export class Transfer {
     if (spec.length !== null) source = limitTo(source, spec.length);
     if (spec.capacity !== undefined && spec.capacity !== null) source = withinCapacity(source, spec.vol.name, spec.capacity, spec.offset);
     try {
-      await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset });
+      await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset, release: releaseFramePayloads });
     } catch (err) {
       if (stream.state !== 'open') return this.endedByPeer(err);
       const e = err instanceof RemoteError ? err : systemError('cannot write to stream', (err as { cause?: unknown }).cause ?? err, DOMAIN.STREAMS);

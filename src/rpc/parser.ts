@@ -26,11 +26,17 @@ export class FrameParser {
   private partialHave = 0;
   /** Input not yet parsed because an onMessage callback threw (a private copy). */
   private backlog: Buffer | null = null;
+  /** While true, whole frames inside a pushed chunk are copied out instead of viewed. */
+  private copyOut = false;
   /** Set by the first framing error: the byte stream cannot be resynchronised after it. */
   private failed: ProtocolError | null = null;
 
-  constructor(opts: { maxFrame?: number } = {}) {
+  /** Where a frame that spans reads is assembled (a buffer of exactly `len` bytes). */
+  private readonly alloc: (len: number) => Buffer;
+
+  constructor(opts: { maxFrame?: number; alloc?: (len: number) => Buffer } = {}) {
     this.maxFrame = opts.maxFrame ?? FRAME_MAX;
+    this.alloc = opts.alloc ?? ((len) => Buffer.allocUnsafe(len));
   }
 
   /** True when no partial frame is pending (a clean boundary). */
@@ -58,6 +64,11 @@ export class FrameParser {
     return this.partial.subarray(this.partialHave);
   }
 
+  /** Whether `n` more bytes complete the frame being assembled. */
+  completes(n: number): boolean {
+    return this.partial !== null && this.partialHave + n >= this.partial.length;
+  }
+
   /** `n` bytes were read into the buffer `readTarget()` returned. */
   filled(n: number, onMessage: (m: Message) => void): void {
     const frame = this.partial!;
@@ -73,17 +84,33 @@ export class FrameParser {
    * a frame that starts at its beginning and fits in it, but is not complete yet, is then
    * assembled in place (`readTarget()` is the rest of it) instead of being copied out.
    */
-  pushOwned(buf: Buffer, n: number, onMessage: (m: Message) => void): void {
+  pushOwned(buf: Buffer, n: number, onMessage: (m: Message) => void): 'kept' | 'free' {
     if (this.idle && !this.failed && n >= LEN_SIZE) {
       const len = buf.readUInt32BE(0);
       this.checkLength(len);
       if (len > n && len <= buf.length) {
         this.partial = buf.subarray(0, len);
         this.partialHave = n;
-        return;
+        return 'kept';
+      }
+      if (len === n) {
+        this.push(buf.subarray(0, n), onMessage);
+        return 'kept';
       }
     }
-    this.push(buf.subarray(0, n), onMessage);
+    // Several frames, or the tail of one: each is copied out, so `buf` can be reused at once.
+    this.copyOut = true;
+    try {
+      this.push(buf.subarray(0, n), onMessage);
+    } finally {
+      this.copyOut = false;
+    }
+    return this.backlog !== null && this.backlog.buffer === buf.buffer ? 'kept' : 'free';
+  }
+
+  /** Whether the frame being assembled lives in `buf` (adopted by `pushOwned`). */
+  assemblingIn(buf: Buffer): boolean {
+    return this.partial !== null && this.partial.buffer === buf.buffer;
   }
 
   /**
@@ -121,7 +148,7 @@ export class FrameParser {
         this.lenHave = 0;
         const len = this.lenBuf.readUInt32BE(0);
         this.checkLength(len);
-        this.partial = Buffer.allocUnsafe(len);
+        this.partial = this.alloc(len);
         this.lenBuf.copy(this.partial, 0);
         this.partialHave = LEN_SIZE;
         continue;
@@ -129,12 +156,18 @@ export class FrameParser {
         const len = chunk.readUInt32BE(pos);
         this.checkLength(len);
         if (end - pos < len) {
-          this.partial = Buffer.allocUnsafe(len);
+          this.partial = this.alloc(len);
           chunk.copy(this.partial, 0, pos, end);
           this.partialHave = end - pos;
           return;
         }
-        msg = toMessage(chunk, pos, pos + len);
+        if (this.copyOut) {
+          const copy = this.alloc(len);
+          chunk.copy(copy, 0, pos, pos + len);
+          msg = toMessage(copy, 0, len);
+        } else {
+          msg = toMessage(chunk, pos, pos + len);
+        }
         pos += len;
       }
       // State is at the next frame boundary before user code runs.

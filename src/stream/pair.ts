@@ -5,7 +5,7 @@ import { Stream } from './stream.js';
 
 export interface StreamPairOptions {
   sparse: boolean;
-  /** The receiver's window (data bytes queued before the sender's writes wait). Default 4 MiB. */
+  /** The receiver's window (data bytes queued before the sender's writes wait). Default 2 MiB. */
   highWaterMark?: number;
   /** Aborts both ends. */
   signal?: AbortSignal;

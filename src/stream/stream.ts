@@ -78,7 +78,7 @@ export type StreamState = 'open' | 'finishing' | 'finished' | 'aborted' | 'faile
 export interface StreamOptions {
   /** The stream was opened with libvirt's sparse flag: holes may travel. */
   sparse: boolean;
-  /** Data bytes queued incoming before `channel.pauseIncoming()`. Default 4 MiB. */
+  /** Data bytes queued incoming before `channel.pauseIncoming()`. Default 2 MiB (eight full packets). */
   highWaterMark?: number;
   /** Aborts the stream; pending calls reject with ERR_ABORTED (`cause` = `signal.reason`). */
   signal?: AbortSignal;
@@ -114,7 +114,7 @@ export type HoleQuery = () => Promise<HoleQueryResult>;
 /** libvirt's virStreamSourceSkipFunc: advance the source past a hole that was sent. */
 export type HoleSkip = (length: number) => Promise<void>;
 
-export const DEFAULT_HIGH_WATER_MARK = 4 * 1024 * 1024;
+export const DEFAULT_HIGH_WATER_MARK = 2 * 1024 * 1024;
 
 /** Published when a stream reaches a final state: `{ stream, state, error }`. */
 export const streamCloseChannel = diagnostics_channel.channel('sparsevirt:stream:close');
