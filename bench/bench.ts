@@ -292,8 +292,8 @@ async function main(): Promise<number> {
   mkdirSync(runDir, { recursive: true });
 
   // ------------------------------------------------------------------ contenders' availability
-  const cliMain = join(DIST, 'src', 'cli', 'main.js');
-  const daemonMain = join(DIST, 'src', 'daemon', 'main.js');
+  const cliMain = join(DIST, 'bin', 'sparsevirt.mjs'); // the bundled programs, as installed (`bin`)
+  const daemonMain = join(DIST, 'bin', 'sparsevirtd.mjs');
   const sparse = await loadSparseApi();
   const ctx: BenchContext = {
     repoRoot: REPO_ROOT,
@@ -301,7 +301,7 @@ async function main(): Promise<number> {
     runDir,
     libvirt: { skip: 'not set up yet' },
     ours: { skip: 'not set up yet' },
-    cli: existsSync(cliMain) ? { mainJs: cliMain } : { skip: 'not built yet (dist/src/cli/main.js missing)' },
+    cli: existsSync(cliMain) ? { mainJs: cliMain } : { skip: 'not built yet (dist/bin/sparsevirt.mjs missing: npm run build)' },
     localCopy: 'skip' in sparse ? sparse : { script: join(DIST, 'bench', 'local-copy.js') },
     tools: { cp: cpOk!, qemuImg: qemuImgOk!, nbdkit: nbdkitOk!, nbdcopy: nbdcopyOk!, virsh: virshOk! },
   };
@@ -349,7 +349,7 @@ async function main(): Promise<number> {
       }
     }
     if (needOurs) {
-      if (!existsSync(daemonMain)) ctx.ours = { skip: 'not built yet (dist/src/daemon/main.js missing)' };
+      if (!existsSync(daemonMain)) ctx.ours = { skip: 'not built yet (dist/bin/sparsevirtd.mjs missing: npm run build)' };
       else if (!virshOk) ctx.ours = { skip: 'virsh needed to define the bench pool on sparsevirtd' };
       else if (!opts.list) {
         const daemon = new OurDaemon(daemonMain, join(runDir, 'sparsevirtd.sock'), join(base, 'sparsevirtd-state'));

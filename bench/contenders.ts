@@ -34,7 +34,7 @@ export interface BenchContext {
   libvirt: { uri: string; pool: DirPool; pid: number | null } | { skip: string };
   /** HOOK: sparsevirtd started by the bench with the same pool, or why not. */
   ours: { daemon: OurDaemon; pool: DirPool } | { skip: string };
-  /** HOOK: path of dist/src/cli/main.js, or why not. */
+  /** HOOK: path of dist/bin/sparsevirt.mjs, or why not. */
   cli: { mainJs: string } | { skip: string };
   /** HOOK: our local chunk copy (dist/bench/local-copy.js over dist/src/sparse), or why not. */
   localCopy: { script: string } | { skip: string };
@@ -248,9 +248,9 @@ const ourLocal = localFile(
 /** In table order: ours first, then the reference pair, then anchors and floors. */
 export function allContenders(): Contender[] {
   return [
-    pair('sparsevirt', 'sparsevirtd'), // HOOK: needs dist/src/cli/main.js + dist/src/daemon/main.js
-    pair('sparsevirt', 'libvirtd'), // HOOK: needs dist/src/cli/main.js
-    pair('virsh', 'sparsevirtd'), // HOOK: needs dist/src/daemon/main.js
+    pair('sparsevirt', 'sparsevirtd'), // HOOK: needs dist/bin/sparsevirt.mjs + dist/bin/sparsevirtd.mjs
+    pair('sparsevirt', 'libvirtd'), // HOOK: needs dist/bin/sparsevirt.mjs
+    pair('virsh', 'sparsevirtd'), // HOOK: needs dist/bin/sparsevirtd.mjs
     pair('virsh', 'libvirtd'), // the reference
     nbdcopy,
     qemuImg,

@@ -116,7 +116,7 @@ export async function libvirtdPid(): Promise<number | null> {
 // ------------------------------------------------------------------------------------ sparsevirtd
 
 /**
- * HOOK (sparsevirtd): `node dist/src/daemon/main.js --listen unix:SOCK --state-dir DIR`.
+ * HOOK (sparsevirtd): `node dist/bin/sparsevirtd.mjs --listen unix:SOCK --state-dir DIR`.
  * The bench then defines its dir pool through virsh on `qemu+unix:///system?socket=SOCK`.
  */
 export class OurDaemon {

@@ -16,7 +16,7 @@ import { defaultStateDir, parseDaemonArgs, packageVersion } from '../src/daemon/
 import { defaultDaemonSocket } from '../src/transport/uri.js';
 import { fillRandom, run, tempDir } from './helpers/daemon.js';
 
-const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../src/daemon/main.js');
+const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../bin/sparsevirtd.mjs');
 const PKG = JSON.parse(fs.readFileSync(path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../package.json'), 'utf8')) as { version: string };
 
 interface Running {

@@ -301,6 +301,10 @@ export class Peer extends EventEmitter {
    * daemon, which reads no faster than it writes: it keeps the big buffer for the whole upload.
    * TCP keeps its own autotuning.
    */
+  get sendBufferIsBig(): boolean {
+    return this.sendBufferBig;
+  }
+
   bigSendBuffer(big: boolean): void {
     if (this.sendBufferBig === big) return;
     this.sendBufferBig = big;
@@ -331,6 +335,7 @@ export class Peer extends EventEmitter {
       return null;
     }
     this.bigSendBuffer(true);
+    sys.tuneMallocForStreaming();
     const head = this.directHead;
     writeFrameHead(head, 0, total, h);
     const w = sys.writeRaw(sfd, head);
@@ -691,6 +696,8 @@ export class Peer extends EventEmitter {
     // Big data packets flowing: read the next frame into a fresh frame-sized buffer. A hole
     // packet between two data extents does not end that; small data or anything else does.
     if (m.type !== MessageType.STREAM_HOLE) this.bigFrames = m.payload.length >= BIG_FRAME;
+    // many large buffers will come and go: keep their memory mapped (loads koffi: not before)
+    if (this.bigFrames) sys.tuneMallocForStreaming();
     if (chFrame.hasSubscribers) chFrame.publish({ dir: 'in', header: m, length: m.payload.length });
     if (m.prog === KEEPALIVE_PROGRAM) {
       if (m.type === MessageType.MESSAGE && m.proc === KEEPALIVE_PING) {
@@ -825,8 +832,6 @@ export class WireStream implements StreamChannel {
     readonly sending: boolean,
   ) {
     this.head = { prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc, type: MessageType.STREAM, serial, status: Status.CONTINUE };
-    sys.tuneMallocForStreaming(); // a stream moves many large buffers: keep their memory mapped
-    if (sending && peer.role === 'client') peer.bigSendBuffer(true);
     this.holeHead = { ...this.head, type: MessageType.STREAM_HOLE };
   }
 
@@ -855,6 +860,8 @@ export class WireStream implements StreamChannel {
     if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
     const peer = this.peer;
     if (chunk.kind === 'data') {
+      // an upload with data: let the socket hold a few packets (see Peer.bigSendBuffer)
+      if (peer.role === 'client' && !peer.sendBufferIsBig) peer.bigSendBuffer(true);
       const b = chunk.bytes;
       const max = peer.streamPacketMax;
       if (b.length <= max) peer.sendFrame(this.head, b);

@@ -15,6 +15,8 @@ export interface OpenFile {
   readonly name: string;
   /** Apparent size: `st_size` for a regular file, the device size for a block device. */
   readonly size: number;
+  /** `st_blocks` of a regular file when opened (-1 for a block device). */
+  readonly blocks: number;
   readonly isBlockDevice: boolean;
   /** Closes the fd if this module opened it; idempotent. */
   close(): Promise<void>;
@@ -60,11 +62,11 @@ export async function openFile(target: FileTarget, flags: number, mode = 0o644):
     } catch (err) {
       throw ioError('cannot stat', name, err);
     }
-    if (stat.isFile()) return { fd, name, size: stat.size, isBlockDevice: false, close };
+    if (stat.isFile()) return { fd, name, size: stat.size, blocks: stat.blocks, isBlockDevice: false, close };
     if (stat.isBlockDevice()) {
       const size = sys.blockDeviceSize(fd);
       if (size < 0) throw ioError('cannot get the size of block device', name, sys.errnoException(size, 'ioctl'));
-      return { fd, name, size, isBlockDevice: true, close };
+      return { fd, name, size, blocks: -1, isBlockDevice: true, close };
     }
     throw new SparsevirtError('ERR_UNSUPPORTED', `${name} is neither a regular file nor a block device`);
   } catch (err) {
@@ -75,6 +77,23 @@ export async function openFile(target: FileTarget, flags: number, mode = 0o644):
 
 /** The write/punch granularity we align zeroing on block devices to (covers 512 and 4096 sectors). */
 export const DEVICE_ALIGN = 4096;
+
+/** statfs f_type of filesystems whose st_blocks counts every allocated byte (no FUSE, no network). */
+const TRUE_BLOCK_COUNT = new Set([0x01021994 /* tmpfs */, 0xef53 /* ext2/3/4 */, 0x58465342 /* xfs */, 0x9123683e /* btrfs */]);
+
+/**
+ * Whether a regular file with `st_blocks` 0 is certainly one hole: on tmpfs, ext4, xfs and btrfs
+ * (checked by statfs, in plain Node) every stored byte counts in st_blocks, inline data included.
+ * Elsewhere (FUSE, NFS: st_blocks may be 0 for data) only the extent map can tell.
+ */
+export function certainlyAllHole(file: OpenFile): boolean {
+  if (file.isBlockDevice || file.blocks !== 0 || file.size === 0) return false;
+  try {
+    return TRUE_BLOCK_COUNT.has(fs.statfsSync(`/proc/self/fd/${file.fd}`).type);
+  } catch {
+    return false;
+  }
+}
 
 let zeroBuffer = Buffer.alloc(1 << 20);
 

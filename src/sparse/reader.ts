@@ -8,7 +8,7 @@ import { LEGACY_PAYLOAD_MAX, type Chunk, type FileRange } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
 import * as sys from './sys.js';
 import { ExtentWalker, zeroDetection, type Extent, type ZeroDetection } from './extents.js';
-import { abortError, ioError, openFile, readFully, zeroes, type FileTarget, type OpenFile } from './file.js';
+import { abortError, certainlyAllHole, ioError, openFile, readFully, zeroes, type FileTarget, type OpenFile } from './file.js';
 
 export interface WindowOptions {
   /** First byte of the window (default 0). */
@@ -138,6 +138,16 @@ export class ChunkReader implements AsyncIterable<Chunk> {
   }
 
   async *#chunks(): AsyncGenerator<Chunk | FileRange, void, undefined> {
+    if (certainlyAllHole(this.file)) {
+      // Not one block allocated: one hole, without an extent walk (or loading the native library).
+      try {
+        if (this.#signal?.aborted) throw abortError(this.#signal);
+        if (this.end > this.offset) yield* holeChunks(this.end - this.offset, this.#sparse, this.#chunkSize);
+      } finally {
+        await this.file.close();
+      }
+      return;
+    }
     const { fd, name, isBlockDevice } = this.file;
     const walker = new ExtentWalker(fd, name, this.offset, this.end, !isBlockDevice);
     const queue: Array<PendingRead | PendingHole | FileRange> = [];

@@ -22,7 +22,7 @@ import { fileChunks, writeChunks } from '../../src/sparse/index.js';
 export const MiB = 1 << 20;
 /** The repository root (this file runs as dist/test/long/harness.js). */
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
-export const DAEMON_MAIN = path.join(ROOT, 'dist/src/daemon/main.js');
+export const DAEMON_MAIN = path.join(ROOT, 'dist/bin/sparsevirtd.mjs');
 export const HARNESS = fileURLToPath(import.meta.url);
 export const FIXTURES = path.join(ROOT, 'test/fixtures/libvirt-9.0');
 export const NOBODY = { uid: 65534, gid: 65534 };
