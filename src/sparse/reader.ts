@@ -47,12 +47,7 @@ interface PendingHole {
   length: number;
 }
 
-/**
- * Data pieces at least this long are passed on as `FileRange`s by `fileSendChunks` (in memory
- * only): below it, one read into a shared slab and a copy into the output batch cost less than
- * the two syscalls a direct packet takes.
- */
-const FILE_RANGE_MIN = 64 << 10;
+
 
 /**
  * Small extents make many small reads: keep up to this many in flight so the thread pool stays
@@ -204,9 +199,10 @@ export class ChunkReader implements AsyncIterable<Chunk> {
         }
         const stop = zd ? (Math.floor(extentPos / readUnit) + 1) * readUnit : extentPos + readUnit;
         const length = Math.min(stop, extentEnd) - extentPos;
-        if (ranges && length >= FILE_RANGE_MIN) {
+        if (ranges) {
           queue.push({ kind: 'file', fd, offset: extentPos, length });
           extentPos += length;
+          queuedReads++; // (bounds how far the extent walk runs ahead; no bytes are held)
           continue;
         }
         const buf = carve(length);
@@ -246,6 +242,7 @@ export class ChunkReader implements AsyncIterable<Chunk> {
           continue;
         }
         if (item.kind === 'file') {
+          queuedReads--;
           if (hole > 0) yield* holeChunks(takeHole(), sparse, chunkSize);
           yield item;
           continue;
@@ -354,9 +351,10 @@ function lazyIterable<T>(openIt: () => Promise<AsyncIterator<T>>): AsyncIterable
 
 /**
  * `fileChunks` for a sender that can take `FileRange`s (`Stream.sendChunks`): from a file in
- * memory, data pieces of 64 KiB and more come out as ranges of the file instead of buffers,
- * so that a socket takes them by `sendfile(2)`. Elsewhere (disks, block devices, zero
- * detection) the same chunks as `fileChunks`. A range is valid until the next `next()`.
+ * memory, data comes out as ranges of the file instead of buffers, read only where they go
+ * (a socket takes large ones by `sendfile(2)`, small ones are read straight into its output
+ * batch). Elsewhere (disks, block devices, zero detection) the same chunks as `fileChunks`.
+ * A range is valid until the next `next()`.
  */
 export function fileSendChunks(target: FileTarget, opts: ChunkReaderOptions = {}): AsyncIterable<Chunk | FileRange> {
   return lazyIterable(() => ChunkReader.open(target, opts).then((r) => ChunkReader.iterateRanges(r)));
