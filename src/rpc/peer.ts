@@ -133,6 +133,13 @@ export function releaseFramePayloads(buffers: Buffer[]): void {
   for (const b of buffers) recycleFramePayload(b);
 }
 
+/** Output batch buffers whose every write completed, for the next batch (process-wide). */
+const BATCH_POOL_MAX = 8;
+const batchPool: Buffer[] = [];
+function recycleBatch(buf: Buffer): void {
+  if (batchPool.length < BATCH_POOL_MAX) batchPool.push(buf);
+}
+
 /** SO_SNDBUF for unix sockets while file data goes out by sendfile (the kernel doubles it). */
 const SOCKET_SEND_BUFFER = 1 << 20;
 
@@ -176,6 +183,8 @@ export class Peer extends EventEmitter {
   private adopted: Buffer | null = null;
   private scratch: Buffer | null = null;
   private outBuf: Buffer | null = null;
+  /** The current batch: writes of it not yet completed, and whether a newer batch replaced it. */
+  private outState: { buf: Buffer; pending: number; retired: boolean } | null = null;
   private outStart = 0;
   private outEnd = 0;
   private flushScheduled = false;
@@ -268,13 +277,10 @@ export class Peer extends EventEmitter {
       this.bytesQueued += total;
       return;
     }
-    if (this.outBuf === null || this.outEnd + total > this.outBuf.length) {
-      this.flushOut();
-      this.outBuf = Buffer.allocUnsafe(OUT_BATCH);
-      this.outStart = this.outEnd = 0;
-    }
-    writeFrameHead(this.outBuf, this.outEnd, total, h);
-    if (payload) this.outBuf.set(payload, this.outEnd + FRAME_OVERHEAD);
+    if (this.outBuf === null || this.outEnd + total > this.outBuf.length) this.newBatch();
+    const out = this.outBuf!;
+    writeFrameHead(out, this.outEnd, total, h);
+    if (payload) out.set(payload, this.outEnd + FRAME_OVERHEAD);
     this.outEnd += total;
     if (!this.flushScheduled) {
       this.flushScheduled = true;
@@ -425,19 +431,16 @@ export class Peer extends EventEmitter {
   private sendSmallFromFile(h: Header, fd: number, offset: number, length: number): void {
     if (chFrame.hasSubscribers) chFrame.publish({ dir: 'out', header: h, length });
     const total = FRAME_OVERHEAD + length;
-    if (this.outBuf === null || this.outEnd + total > this.outBuf.length) {
-      this.flushOut();
-      this.outBuf = Buffer.allocUnsafe(OUT_BATCH);
-      this.outStart = this.outEnd = 0;
-    }
+    if (this.outBuf === null || this.outEnd + total > this.outBuf.length) this.newBatch();
+    const out = this.outBuf!;
     // the payload first: a failed read leaves nothing half-made in the batch
     const at = this.outEnd + FRAME_OVERHEAD;
     for (let have = 0; have < length; ) {
-      const n = fs.readSync(fd, this.outBuf, at + have, length - have, offset + have);
+      const n = fs.readSync(fd, out, at + have, length - have, offset + have);
       if (n === 0) throw new SparsevirtError('ERR_IO', `cannot read fd ${fd}: file shrank while reading (EOF at ${offset + have})`);
       have += n;
     }
-    writeFrameHead(this.outBuf, this.outEnd, total, h);
+    writeFrameHead(out, this.outEnd, total, h);
     this.outEnd += total;
     if (!this.flushScheduled) {
       this.flushScheduled = true;
@@ -450,16 +453,37 @@ export class Peer extends EventEmitter {
     this.flushOut();
   };
 
+  /**
+   * Flush and start a new output batch. The old one goes back to the pool once every write of it
+   * completed (an upload of 100,000 small extents otherwise leaves 1,600 of them to the GC).
+   */
+  private newBatch(): void {
+    this.flushOut();
+    const old = this.outState;
+    if (old) {
+      old.retired = true;
+      if (old.pending === 0) recycleBatch(old.buf);
+    }
+    this.outBuf = batchPool.pop() ?? Buffer.allocUnsafeSlow(OUT_BATCH);
+    this.outState = { buf: this.outBuf, pending: 0, retired: false };
+    this.outStart = this.outEnd = 0;
+  }
+
   /** Hand the batched frames to the socket (the bytes already handed over are never reused). */
   private flushOut(): void {
     if (this.outBuf === null || this.outEnd === this.outStart || this.closedErr) return;
     const batch = this.outBuf.subarray(this.outStart, this.outEnd);
+    const state = this.outState!;
     if (this.held) {
       this.held.push(batch);
       this.heldBytes += batch.length;
+      state.pending = Infinity; // written later without a callback: never reused
     } else {
       if (this.sendBufferBig && this.role === 'server') this.bigSendBuffer(false);
-      this.socket.write(batch);
+      state.pending++;
+      this.socket.write(batch, () => {
+        if (--state.pending === 0 && state.retired) recycleBatch(state.buf);
+      });
     }
     this.bytesQueued += batch.length;
     this.outStart = this.outEnd;
@@ -823,6 +847,7 @@ export class Peer extends EventEmitter {
     this.flushDrain();
     this.directAbort?.();
     this.outBuf = null;
+    this.outState = null;
     this.socket.destroy();
     this.emit('close', err);
   }

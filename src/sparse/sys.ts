@@ -1,10 +1,12 @@
 /**
- * The few Linux syscalls Node's `fs` does not offer, bound once through koffi: `lseek` with
- * SEEK_DATA/SEEK_HOLE, `fallocate`, `ioctl(BLKGETSIZE64)`, `preadv2(RWF_NOWAIT)` and `fstatfs`.
+ * The few Linux calls Node does not offer, bound once through koffi: `lseek` with
+ * SEEK_DATA/SEEK_HOLE, `fallocate`, `ioctl(BLKGETSIZE64, SIOCOUTQ)`, `preadv2(RWF_NOWAIT)`,
+ * `fstatfs`; for the data path `sendfile`, `write`, `setsockopt(SO_SNDBUF)`, `fcntl(F_DUPFD)`
+ * and glibc's `mallopt`.
  *
- * Calls are synchronous: none of them waits for file data (at most for metadata, or for the
- * blocks a punch frees), and a call costs about a microsecond through koffi, far less than a
- * round trip through the libuv thread pool.
+ * Calls are synchronous: none of them waits for a disk (sendfile is used on files in memory
+ * only; at most metadata, or the blocks a punch frees), and a call costs about a microsecond
+ * through koffi, far less than a round trip through the libuv thread pool.
  *
  * Failures are returned, not thrown: a negative result is `-errno`, as the kernel does it.
  * ENXIO from SEEK_DATA is an ordinary answer ("hole to the end") on the hot path, and
@@ -13,7 +15,7 @@
  * When koffi cannot be loaded (or `SPARSEVIRT_NO_KOFFI=1`, or `setNativeSyscalls(false)`
  * in tests), the pure-JS fallback answers ENOSYS for lseek/fallocate, so callers take the
  * same path they take on a filesystem without hole support: every byte is data, and holes
- * are written as zeros.
+ * are written as zeros; data is read into buffers instead of sent by sendfile.
  */
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
@@ -276,14 +278,14 @@ let mallocTuned = false;
  * Keep glibc from handing the memory of freed stream buffers back to the kernel after every
  * garbage collection, only to fault it in again for the next ones (a 2 GiB transfer in 256 KiB
  * buffers otherwise costs ~250,000 page faults). Buffers up to 32 MiB come from the heap,
- * whose top is trimmed only past 64 MiB of free space: peak memory is unchanged, the faults go.
+ * whose top is trimmed only past 16 MiB of free space: peak memory is unchanged, the faults go.
  */
 export function tuneMallocForStreaming(): void {
   if (mallocTuned) return;
   mallocTuned = true;
   const m = impl();
   m.mallopt(M_MMAP_THRESHOLD, 32 << 20);
-  m.mallopt(M_TRIM_THRESHOLD, 64 << 20);
+  m.mallopt(M_TRIM_THRESHOLD, 16 << 20);
 }
 
 /** A Node-style system error (`code`, `errno`, `syscall`) for a `-errno` result from this module. */
