@@ -217,3 +217,34 @@ test('daemon on tmpfs: our client and virsh download and upload a volume; same S
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('writing into a sized but unallocated target (a new volume): holes are left alone, data lands, nothing else is allocated', async () => {
+  const { writeChunks } = await import('../src/sparse/index.js');
+  for (const base of ['/dev/shm', '/tmp']) {
+    const dir = await scratchDir(base, 'sv-datapath-w-');
+    try {
+      const src = path.join(dir, 'src.img');
+      const size = await makeImage(src, LAYOUT, 9);
+      const dst = path.join(dir, 'dst.img');
+      fs.writeFileSync(dst, '');
+      fs.truncateSync(dst, size); // what vol-create-as --allocation 0 leaves
+      assert.equal(fs.statSync(dst).blocks, 0);
+      await writeChunks(dst, fileSendChunksAsData(src));
+      assert.equal(await sha256File(dst), await sha256File(src), `${base}: SHA-256`);
+      const want = expectedAllocation(await extentMap(src), 0, 4096);
+      const got = await allocatedBytes(dst);
+      assert.ok(Math.abs(got - want) <= 4096 * 16, `${base}: allocated ${got}, source-like ${want}`);
+      // and over a target that does hold data, holes are still zeroed (punched)
+      fs.writeFileSync(dst, Buffer.alloc(size, 0xaa));
+      await writeChunks(dst, fileSendChunksAsData(src));
+      assert.equal(await sha256File(dst), await sha256File(src), `${base}: SHA-256 over old data`);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }
+});
+
+/** The source's chunks with its file ranges read into buffers (what a receiver gets). */
+async function* fileSendChunksAsData(file: string): AsyncGenerator<Chunk> {
+  for await (const c of fileSendChunks(file)) yield c.kind === 'file' ? { kind: 'data', bytes: readFileRange(c) } : c;
+}

@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import type { Chunk } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
-import { DEVICE_ALIGN, abortError, ioError, openFile, zeroes, type FileTarget, type OpenFile } from './file.js';
+import { DEVICE_ALIGN, abortError, certainlyAllHole, ioError, openFile, zeroes, type FileTarget, type OpenFile } from './file.js';
 import * as sys from './sys.js';
 
 export interface SparseWriterOptions {
@@ -72,7 +72,11 @@ const UNSUPPORTED = new Set([-sys.EOPNOTSUPP, -sys.ENOSYS]);
  */
 export class SparseWriter {
   readonly file: OpenFile;
-  /** The target's size when opened (after the up-front cut of `truncate`): holes below it need zeroing. */
+  /**
+   * Holes below this offset need zeroing: the target's size when opened (after the up-front cut
+   * of `truncate`), or 0 when the target had not one block allocated (a new volume): nothing
+   * there to zero. (A stream only moves forward, so a hole never lands on data written here.)
+   */
   readonly #originalSize: number;
   readonly #truncate: boolean;
   readonly #sync: boolean;
@@ -119,6 +123,8 @@ export class SparseWriter {
       }
       originalSize = start;
     }
+    // 100,000 holes in a fresh volume are 100,000 punches of nothing otherwise
+    if (certainlyAllHole(file)) originalSize = 0;
     return new SparseWriter(file, originalSize, opts, start);
   }
 
