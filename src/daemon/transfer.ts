@@ -140,9 +140,7 @@ export class Transfer {
 
   private async upload(): Promise<string> {
     const { spec, stream } = this;
-    let source: AsyncIterable<Chunk> = this.received();
-    if (spec.length !== null) source = limitTo(source, spec.length);
-    if (spec.capacity !== undefined && spec.capacity !== null) source = withinCapacity(source, spec.vol.name, spec.capacity, spec.offset);
+    const source = this.received();
     try {
       await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset, release: releaseFramePayloads });
     } catch (err) {
@@ -159,21 +157,48 @@ export class Transfer {
     return 'ok';
   }
 
-  /** The received chunks; ends at the client's finish without acknowledging it yet. */
+  /**
+   * The received chunks, held to the upload's limits; ends at the client's finish without
+   * acknowledging it yet. `length` bytes at most: holes past it are clipped (as libvirt does),
+   * data past it fails with libvirt's ENOSPC error ("cannot write to stream: No space left on
+   * device"). Nothing at or past the volume's capacity: the first byte past it (data or hole)
+   * fails the upload, after what fits was passed on, and the volume keeps its size. One
+   * generator for all of it: a layer per check costs a promise per packet.
+   */
   private async *received(): AsyncGenerator<Chunk> {
-    const stream = this.stream;
+    const { spec, stream } = this;
     const stopAtHole = stream.sparse ? { stopAtHole: true } : undefined;
+    let left = spec.length ?? Number.POSITIVE_INFINITY;
+    const capacity = spec.capacity ?? Number.POSITIVE_INFINITY;
+    let at = spec.offset;
     for (;;) {
       const r = await stream.recv(Number.MAX_SAFE_INTEGER, stopAtHole);
       if (r === null) return;
+      let chunk: Chunk;
+      let n: number;
       if (Buffer.isBuffer(r)) {
         this.dataBytes += r.length;
-        yield { kind: 'data', bytes: r };
+        chunk = { kind: 'data', bytes: r };
+        n = r.length;
       } else {
-        const length = await stream.recvHole();
-        this.holeBytes += length;
-        yield { kind: 'hole', length };
+        n = await stream.recvHole();
+        this.holeBytes += n;
+        chunk = { kind: 'hole', length: n };
       }
+      let overLimit = false;
+      if (n > left) {
+        if (chunk.kind === 'data') overLimit = true;
+        n = left;
+        chunk = chunk.kind === 'data' ? { kind: 'data', bytes: chunk.bytes.subarray(0, n) } : { kind: 'hole', length: n };
+      }
+      left -= n;
+      if (at + n > capacity) {
+        if (capacity > at) yield chunk.kind === 'data' ? { kind: 'data', bytes: chunk.bytes.subarray(0, capacity - at) } : { kind: 'hole', length: capacity - at };
+        throw uploadPastCapacity(spec.vol.name, capacity, capacity);
+      }
+      at += n;
+      if (n > 0) yield chunk;
+      if (overLimit) throw streamNoSpace();
     }
   }
 
@@ -188,56 +213,8 @@ export class Transfer {
   }
 }
 
-/**
- * At most `limit` bytes of stream: holes past it are clipped (as libvirt does); data past it
- * fails with libvirt's ENOSPC error ("cannot write to stream: No space left on device").
- */
-async function* limitTo(src: AsyncIterable<Chunk>, limit: number): AsyncGenerator<Chunk> {
-  let left = limit;
-  for await (const c of src) {
-    if (c.kind === 'hole') {
-      if (left === 0) continue;
-      if (c.length <= left) {
-        left -= c.length;
-        yield c;
-      } else {
-        const length = left;
-        left = 0;
-        yield { kind: 'hole', length };
-      }
-      continue;
-    }
-    if (c.bytes.length > left) {
-      if (left > 0) yield { kind: 'data', bytes: c.bytes.subarray(0, left) };
-      left = 0;
-      throw streamNoSpace();
-    }
-    left -= c.bytes.length;
-    yield c;
-  }
-}
-
 /** The refusal for an upload that would write at or past the end of its volume. */
 export function uploadPastCapacity(vol: string, capacity: number, at: number): RemoteError {
   return virError(CODE.INVALID_ARG, DOMAIN.STREAMS,
     `upload to volume '${vol}' runs past its capacity (${capacity} bytes) at byte ${at}; resize the volume first`);
-}
-
-/**
- * The stream of an upload at `offset` into a volume of `capacity` bytes: data and holes up to the
- * capacity pass; the first byte past it (data or hole) fails the upload, after what fits was
- * written, and the volume keeps its size.
- */
-async function* withinCapacity(src: AsyncIterable<Chunk>, vol: string, capacity: number, offset: number): AsyncGenerator<Chunk> {
-  let at = offset;
-  for await (const c of src) {
-    const n = c.kind === 'data' ? c.bytes.length : c.length;
-    if (at + n > capacity) {
-      if (c.kind === 'data' && capacity > at) yield { kind: 'data', bytes: c.bytes.subarray(0, capacity - at) };
-      else if (c.kind === 'hole' && capacity > at) yield { kind: 'hole', length: capacity - at };
-      throw uploadPastCapacity(vol, capacity, capacity);
-    }
-    at += n;
-    yield c;
-  }
 }

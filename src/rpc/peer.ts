@@ -294,6 +294,8 @@ export class Peer extends EventEmitter {
    * empty, so they never overtake bytes handed to `socket.write` before them.
    */
   private directFd(): number {
+    // a destroyed socket's fd number may already belong to another file: never touch it again
+    if (this.socket.destroyed) return -1;
     if (this.directFdCache !== undefined) return this.directFdCache;
     const handle = (this.socket as { _handle?: { fd?: number } })._handle;
     const fd = typeof handle?.fd === 'number' && handle.fd >= 0 && !(this.socket as { encrypted?: boolean }).encrypted ? handle.fd : -1;
@@ -385,7 +387,7 @@ export class Peer extends EventEmitter {
       resolve();
     };
     const step = (): void => {
-      if (this.closedErr) return done();
+      if (this.closedErr || this.socket.destroyed) return done();
       if (sent < length && this.socket.writableLength === 0) sent += this.pump(sfd, fd, offset + sent, length - sent);
       if (sent === length) return done();
       let piece: Buffer;
