@@ -99,13 +99,22 @@ export class FrameParser {
       }
     }
     // Several frames, or the tail of one: each is copied out, so `buf` can be reused at once.
+    this.pushCopy(buf, n, onMessage);
+    return 'free';
+  }
+
+  /**
+   * `push(buf.subarray(0, n))` for a buffer that is reused after this call (a read scratch):
+   * every whole frame in it is copied out at its exact size, and a partial frame is assembled
+   * elsewhere, so nothing keeps a view of `buf`.
+   */
+  pushCopy(buf: Buffer, n: number, onMessage: (m: Message) => void): void {
     this.copyOut = true;
     try {
       this.push(buf.subarray(0, n), onMessage);
     } finally {
       this.copyOut = false;
     }
-    return this.backlog !== null && this.backlog.buffer === buf.buffer ? 'kept' : 'free';
   }
 
   /** Whether the frame being assembled lives in `buf` (adopted by `pushOwned`). */

@@ -178,6 +178,7 @@ export class Peer extends EventEmitter {
   private hookTarget: Buffer | null = null;
   /** The last frame was big (stream data): the next read goes into a fresh frame-sized buffer. */
   private bigFrames = false;
+  private smallRun = 0;
   private freshTarget: Buffer | null = null;
   /** The fresh buffer the frame being assembled lives in. */
   private adopted: Buffer | null = null;
@@ -733,7 +734,17 @@ export class Peer extends EventEmitter {
       }
       return;
     }
-    if (buf !== this.hookTarget) return this.onData(Buffer.from(buf.subarray(0, n)));
+    if (buf !== this.hookTarget) {
+      // the scratch buffer, reused for every read that does not continue a large frame
+      this.lastRecv = Date.now();
+      this.pingsOut = 0;
+      try {
+        this.parser.pushCopy(buf, n, this.onMessageBound);
+      } catch (err) {
+        this.destroy(err as Error);
+      }
+      return;
+    }
     this.hookTarget = null;
     this.lastRecv = Date.now();
     this.pingsOut = 0;
@@ -754,7 +765,14 @@ export class Peer extends EventEmitter {
   private onMessage(m: Message): void {
     // Big data packets flowing: read the next frame into a fresh frame-sized buffer. A hole
     // packet between two data extents does not end that; small data or anything else does.
-    if (m.type !== MessageType.STREAM_HOLE) this.bigFrames = m.payload.length >= BIG_FRAME;
+    // (libvirtd sends each 256 KiB it reads as a 262,120-byte packet and a 24-byte one: a few
+    // small packets in a row end it.)
+    if (m.payload.length >= BIG_FRAME) {
+      this.bigFrames = true;
+      this.smallRun = 0;
+    } else if (m.type !== MessageType.STREAM_HOLE && ++this.smallRun >= 4) {
+      this.bigFrames = false;
+    }
     // many large buffers will come and go: keep their memory mapped (loads koffi: not before)
     if (this.bigFrames) sys.tuneMallocForStreaming();
     if (chFrame.hasSubscribers) chFrame.publish({ dir: 'in', header: m, length: m.payload.length });
