@@ -40,12 +40,12 @@ const LAYOUT: Layout = [
   { kind: 'hole', length: 7 * MiB },
 ];
 
-async function peerPair(dir: string): Promise<{ client: Peer; server: Peer; close: () => void }> {
+async function peerPair(dir: string, serverOpts: { streamPacketMax?: number; keepaliveInterval?: number; keepaliveCount?: number } = {}): Promise<{ client: Peer; server: Peer; close: () => void }> {
   const sockPath = path.join(dir, 'peer.sock');
   let server!: Peer;
   const srv = net.createServer();
   const accepted = new Promise<void>((resolve) => srv.once('connection', (s) => {
-    server = new Peer(s, { role: 'server' });
+    server = new Peer(s, { role: 'server', ...serverOpts });
     resolve();
   }));
   await new Promise<void>((r) => srv.listen(sockPath, r));
@@ -248,3 +248,88 @@ test('writing into a sized but unallocated target (a new volume): holes are left
 async function* fileSendChunksAsData(file: string): AsyncGenerator<Chunk> {
   for await (const c of fileSendChunks(file)) yield c.kind === 'file' ? { kind: 'data', bytes: readFileRange(c) } : c;
 }
+
+test('a frame stalled when its stream dies keeps reading its own file: the fd closed and reused meanwhile leaks nothing', async () => {
+  const dir = await scratchDir('/dev/shm', 'sv-datapath-fd-');
+  // 4 MiB packets, twice what the socket holds: the stall is mid-packet, with megabytes to go
+  const { client, server, close } = await peerPair(dir, { streamPacketMax: 4 * MiB });
+  try {
+    const a = path.join(dir, 'a.img');
+    const b = path.join(dir, 'b.img');
+    fs.writeFileSync(a, Buffer.alloc(8 * MiB, 0x11));
+    fs.writeFileSync(b, Buffer.alloc(8 * MiB, 0x55));
+    let serverStream!: Stream;
+    let sending!: Promise<void>;
+    let aFd = -1;
+    server.on('call', (m: Message) => {
+      if (m.proc !== P.STORAGE_VOL_DOWNLOAD.num) return;
+      const wire = server.openStream(m.proc, m.serial, { sparse: true, sending: true });
+      serverStream = new Stream(wire, { sparse: true });
+      wire.attach(serverStream);
+      server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined);
+      aFd = fs.openSync(a, 'r');
+      sending = serverStream.sendFileRange(aFd, 0, 8 * MiB).catch(() => undefined);
+    });
+    // every byte the client gets, frames and all (its Stream drops data that precedes an error)
+    const raw: Buffer[] = [];
+    client.socket.on('data', (d: Buffer) => raw.push(Buffer.from(d)));
+    client.socket.pause(); // the socket fills: a frame stalls mid-way
+    const serial = client.nextSerial();
+    const wire = client.openStream(P.STORAGE_VOL_DOWNLOAD.num, serial, { sparse: true, sending: false });
+    const s = new Stream(wire, { sparse: true });
+    wire.attach(s);
+    const called = client.call(P.STORAGE_VOL_DOWNLOAD, { vol: { pool: 'p', name: 'a.img', key: 'a' }, offset: 0n, length: 0n, flags: SPARSE_STREAM }, { serial });
+    const deadline = Date.now() + 5000;
+    while (server.stats.directStalls === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+    assert.ok(server.stats.directStalls > 0, 'a frame stalled');
+    // the stream dies (daemon shutdown, say): the sender stops and closes its file; the fd number
+    // is taken by another file at once
+    await serverStream.abort(new Error('stopping'));
+    await sending;
+    fs.closeSync(aFd);
+    const bFd = fs.openSync(b, 'r');
+    try {
+      client.socket.resume();
+      await called;
+      const got: Buffer[] = [];
+      await assert.rejects((async () => {
+        for await (const c of s as AsyncIterable<Chunk>) if (c.kind === 'data') got.push(Buffer.from(c.bytes));
+      })());
+      await new Promise((r) => setTimeout(r, 100));
+      const wireBytes = Buffer.concat(raw);
+      assert.ok(wireBytes.length > 2 * MiB, `the frames sent before the abort arrived (${wireBytes.length} bytes)`);
+      assert.equal(wireBytes.indexOf(Buffer.alloc(64, 0x55)), -1, 'not one byte of the other file went out');
+      assert.ok(Buffer.concat(got).every((x) => x === 0x11));
+    } finally {
+      fs.closeSync(bFd);
+    }
+  } finally {
+    close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a peer that stops reading while a frame is stalled is still found out by keepalive (held PINGs are not progress)', async () => {
+  const dir = await scratchDir('/dev/shm', 'sv-datapath-ka-');
+  const { client, server, close } = await peerPair(dir, { streamPacketMax: 4 * MiB, keepaliveInterval: 0.2, keepaliveCount: 2 });
+  try {
+    fs.writeFileSync(path.join(dir, 'a.img'), Buffer.alloc(16 * MiB, 0x22));
+    serveFiles(server, dir);
+    server.startKeepalive();
+    const closed = new Promise<Error>((r) => server.once('close', r));
+    client.socket.pause(); // and never again
+    const serial = client.nextSerial();
+    const wire = client.openStream(P.STORAGE_VOL_DOWNLOAD.num, serial, { sparse: true, sending: false });
+    wire.attach(new Stream(wire, { sparse: true }));
+    void client.call(P.STORAGE_VOL_DOWNLOAD, { vol: { pool: 'p', name: 'a.img', key: 'a' }, offset: 0n, length: 0n, flags: SPARSE_STREAM }, { serial }).catch(() => undefined);
+    const t0 = Date.now();
+    const err = await Promise.race([closed, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
+    assert.ok(err, 'the server gave up on the peer');
+    assert.equal((err as { code?: string }).code, 'ERR_KEEPALIVE_TIMEOUT');
+    assert.ok(server.stats.directStalls > 0, 'a frame was stalled meanwhile');
+    assert.ok(Date.now() - t0 < 3000, `within the keepalive window (${Date.now() - t0} ms)`);
+  } finally {
+    close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -16,6 +16,9 @@ export class ProtocolError extends SparsevirtError {
   }
 }
 
+/** A frame alone in an owned buffer keeps it from this size; a smaller one is copied out. */
+const OWN_BUFFER_MIN = 64 * 1024;
+
 export class FrameParser {
   private readonly maxFrame: number;
   /** Bytes of the length word seen so far when it was split across chunks. */
@@ -93,7 +96,8 @@ export class FrameParser {
         this.partialHave = n;
         return 'kept';
       }
-      if (len === n) {
+      if (len === n && len >= OWN_BUFFER_MIN) {
+        // one big frame alone in the buffer: it keeps the buffer (no copy)
         this.push(buf.subarray(0, n), onMessage);
         return 'kept';
       }

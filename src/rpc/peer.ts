@@ -274,8 +274,8 @@ export class Peer extends EventEmitter {
         this.socket.write(head);
         this.socket.write(payload);
         this.socket.uncork();
+        this.bytesQueued += total;
       }
-      this.bytesQueued += total;
       return;
     }
     if (this.outBuf === null || this.outEnd + total > this.outBuf.length) this.newBatch();
@@ -372,7 +372,16 @@ export class Peer extends EventEmitter {
     }
     let sent = this.pump(sfd, fd, offset, length);
     if (sent === length) return null;
-    // Mid-frame and the socket is full: hold every other write until this frame is out.
+    // Mid-frame and the socket is full: hold every other write until this frame is out. The
+    // caller may close its fd before the frame is out (the stream died meanwhile): the rest is
+    // read through a duplicate of it, never through a number that may name another file by then.
+    const own = sys.dupFd(fd);
+    if (own < 0) {
+      // no duplicate: finish the frame through Node's queue now, as a buffered frame would
+      this.socket.write(this.readOrDie(fd, offset + sent, length - sent));
+      return null;
+    }
+    fd = own;
     this.held = [];
     this.stats.directStalls++;
     let resolve!: () => void;
@@ -384,7 +393,13 @@ export class Peer extends EventEmitter {
       this.held = null;
       this.heldBytes = 0;
       this.directDone = null;
-      if (!this.closedErr) for (const b of held) this.socket.write(b);
+      fs.close(own, () => undefined);
+      if (!this.closedErr) {
+        for (const b of held) {
+          this.socket.write(b);
+          this.bytesQueued += b.length;
+        }
+      }
       resolve();
     };
     const step = (): void => {
@@ -487,8 +502,9 @@ export class Peer extends EventEmitter {
       this.socket.write(batch, () => {
         if (--state.pending === 0 && state.retired) recycleBatch(state.buf);
       });
+      // (held bytes count once written: keepalive reads progress from this counter)
+      this.bytesQueued += batch.length;
     }
-    this.bytesQueued += batch.length;
     this.outStart = this.outEnd;
   }
 
@@ -847,6 +863,11 @@ export class Peer extends EventEmitter {
   close(): void {
     if (this.kaTimer) clearInterval(this.kaTimer);
     this.kaTimer = null;
+    if (this.directDone) {
+      // a frame is half out and others wait behind it: end once they are all written
+      void this.directDone.then(() => this.close());
+      return;
+    }
     this.flushOut();
     this.socket.end();
   }
@@ -963,6 +984,7 @@ export class WireStream implements StreamChannel {
     const peer = this.peer;
     const max = peer.streamPacketMax;
     for (let off = 0; off < length; off += max) {
+      if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
       const pending = peer.sendFileFrame(this.head, fd, offset + off, Math.min(max, length - off));
       if (pending) await pending;
       if (this.err) throw this.err;

@@ -313,7 +313,7 @@ function fdCall<T>(call: (cb: (err: Error | null, value?: T) => void) => void): 
 
 /** `writevSync` at `position` until every byte is written. */
 function writevFullySync(fd: number, buffers: Buffer[], position: number): void {
-  let bufs = buffers;
+  let bufs = buffers.slice(); // (trimmed below: the caller's list stays whole, for `release`)
   let at = position;
   for (;;) {
     const total = bufs.reduce((n, b) => n + b.length, 0);
@@ -329,7 +329,7 @@ function writevFullySync(fd: number, buffers: Buffer[], position: number): void 
 
 /** `writev` at `position` until every byte is written (a short write continues where it stopped). */
 async function writevFully(fd: number, buffers: Buffer[], position: number): Promise<void> {
-  let bufs = buffers;
+  let bufs = buffers.slice(); // (trimmed below: the caller's list stays whole, for `release`)
   let at = position;
   for (;;) {
     const total = bufs.reduce((n, b) => n + b.length, 0);

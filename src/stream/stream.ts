@@ -659,7 +659,9 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   /**
    * Send `length` bytes of the file `fd` (in memory: tmpfs, ramfs) at `offset` as data: the
    * same as `sendChunk` with those bytes, but a socket channel hands the file's pages to the
-   * kernel (sendfile) rather than reading them here. The bytes are read by the time it resolves.
+   * kernel (sendfile) rather than reading them here. When it resolves the range is handed over
+   * (the fd may be closed), but pages passed by sendfile are the file's own until the peer reads
+   * them: do not rewrite that part of the file meanwhile (up to the socket's 2 MiB).
    */
   async sendFileRange(fd: number, offset: number, length: number): Promise<void> {
     for (const [name, v] of [['fd', fd], ['offset', offset], ['length', length]] as const) {
