@@ -8,9 +8,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
-import { Peer } from '../src/rpc/peer.js';
+import type { Peer } from '../src/rpc/peer.js';
+import { peerPair } from './helpers/peers.js';
 import type { Message } from '../src/rpc/message.js';
 import { P, SPARSE_STREAM } from '../src/protocol/remote.js';
 import { Stream } from '../src/stream/index.js';
@@ -39,29 +39,6 @@ const LAYOUT: Layout = [
   { kind: 'data', length: 3 * MiB },
   { kind: 'hole', length: 7 * MiB },
 ];
-
-async function peerPair(dir: string, serverOpts: { streamPacketMax?: number; keepaliveInterval?: number; keepaliveCount?: number } = {}): Promise<{ client: Peer; server: Peer; close: () => void }> {
-  const sockPath = path.join(dir, 'peer.sock');
-  let server!: Peer;
-  const srv = net.createServer();
-  const accepted = new Promise<void>((resolve) => srv.once('connection', (s) => {
-    server = new Peer(s, { role: 'server', ...serverOpts });
-    resolve();
-  }));
-  await new Promise<void>((r) => srv.listen(sockPath, r));
-  const sock = net.createConnection(sockPath);
-  await new Promise<void>((r) => sock.once('connect', () => r()));
-  await accepted;
-  const client = new Peer(sock, { role: 'client', abortTimeout: 2000 });
-  return {
-    client, server,
-    close: () => {
-      client.destroy(new Error('test done'));
-      server.destroy(new Error('test done'));
-      srv.close();
-    },
-  };
-}
 
 /** The server sends the file named by the download's volume name, via `fileSendChunks`. */
 function serveFiles(server: Peer, dir: string): void {
@@ -252,7 +229,7 @@ async function* fileSendChunksAsData(file: string): AsyncGenerator<Chunk> {
 test('a frame stalled when its stream dies keeps reading its own file: the fd closed and reused meanwhile leaks nothing', async () => {
   const dir = await scratchDir('/dev/shm', 'sv-datapath-fd-');
   // 4 MiB packets, twice what the socket holds: the stall is mid-packet, with megabytes to go
-  const { client, server, close } = await peerPair(dir, { streamPacketMax: 4 * MiB });
+  const { client, server, close } = await peerPair(dir, { server: { streamPacketMax: 4 * MiB } });
   try {
     const a = path.join(dir, 'a.img');
     const b = path.join(dir, 'b.img');
@@ -311,7 +288,7 @@ test('a frame stalled when its stream dies keeps reading its own file: the fd cl
 
 test('a peer that stops reading while a frame is stalled is still found out by keepalive (held PINGs are not progress)', async () => {
   const dir = await scratchDir('/dev/shm', 'sv-datapath-ka-');
-  const { client, server, close } = await peerPair(dir, { streamPacketMax: 4 * MiB, keepaliveInterval: 0.2, keepaliveCount: 2 });
+  const { client, server, close } = await peerPair(dir, { server: { streamPacketMax: 4 * MiB, keepaliveInterval: 0.2, keepaliveCount: 2 } });
   try {
     fs.writeFileSync(path.join(dir, 'a.img'), Buffer.alloc(16 * MiB, 0x22));
     serveFiles(server, dir);

@@ -8,7 +8,8 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { Peer } from '../src/rpc/peer.js';
+import type { Peer } from '../src/rpc/peer.js';
+import { peerPair } from './helpers/peers.js';
 import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Message } from '../src/rpc/message.js';
 import { encodeRemoteError } from '../src/rpc/structs.js';
 import { P, SPARSE_STREAM } from '../src/protocol/remote.js';
@@ -21,24 +22,12 @@ interface Pair { client: Peer; server: Peer; cleanup: () => void }
 
 async function pair(opts: { keepalive?: number; count?: number } = {}): Promise<Pair> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'sv-peer-'));
-  const sockPath = path.join(dir, 'sock');
-  let server!: Peer;
-  const srv = net.createServer();
-  const accepted = new Promise<void>((resolve) => srv.once('connection', (s) => {
-    server = new Peer(s, { role: 'server', keepaliveInterval: opts.keepalive, keepaliveCount: opts.count });
-    resolve();
-  }));
-  await new Promise<void>((r) => srv.listen(sockPath, r));
-  const sock = net.createConnection(sockPath);
-  await new Promise<void>((r) => sock.once('connect', () => r()));
-  await accepted;
-  const client = new Peer(sock, { role: 'client', keepaliveInterval: opts.keepalive, keepaliveCount: opts.count, abortTimeout: 2000 });
+  const ka = { keepaliveInterval: opts.keepalive, keepaliveCount: opts.count };
+  const { client, server, close } = await peerPair(dir, { server: ka, client: ka });
   return {
     client, server,
     cleanup: () => {
-      client.destroy(new Error('test done'));
-      server.destroy(new Error('test done'));
-      srv.close();
+      close();
       rmSync(dir, { recursive: true, force: true });
     },
   };

@@ -729,10 +729,11 @@ export class Peer extends EventEmitter {
   }
 
   private onRead(n: number, buf: Buffer): void {
-    // The scratch buffer is reused for every read that does not continue a large frame, so what
-    // landed there is copied out at its exact size (small frames, the start of a large one):
-    // a peer that sends one small frame per read (libvirtd: 100,000 extents = 200,000 frames)
-    // must not cost a 64 KiB allocation each.
+    // Three kinds of read target: a fresh frame-sized buffer while big packets flow (a frame
+    // alone in it keeps it), the rest of a frame being assembled, and the 64 KiB scratch buffer,
+    // reused for every other read, out of which each frame is copied at its exact size: a peer
+    // that sends one small frame per read (libvirtd: 100,000 extents = 200,000 frames) must not
+    // cost a 64 KiB allocation each.
     if (buf === this.freshTarget) {
       this.freshTarget = null;
       this.lastRecv = Date.now();
