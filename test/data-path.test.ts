@@ -10,11 +10,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Peer } from '../src/rpc/peer.js';
-import { peerPair } from './helpers/peers.js';
-import type { Message } from '../src/rpc/message.js';
-import { P, SPARSE_STREAM } from '../src/protocol/remote.js';
+import { peerPair, serveDownloads, startDownload } from './helpers/peers.js';
 import { Stream } from '../src/stream/index.js';
-import { XdrReader } from '../src/xdr/index.js';
 import { fileSendChunks } from '../src/sparse/index.js';
 import { setNativeSyscalls } from '../src/sparse/sys.js';
 import { readFileRange, type Chunk } from '../src/chunk.js';
@@ -42,25 +39,13 @@ const LAYOUT: Layout = [
 
 /** The server sends the file named by the download's volume name, via `fileSendChunks`. */
 function serveFiles(server: Peer, dir: string): void {
-  server.on('call', (m: Message) => {
-    if (m.proc !== P.STORAGE_VOL_DOWNLOAD.num) return;
-    const args = P.STORAGE_VOL_DOWNLOAD.args.dec(new XdrReader(m.payload));
-    const sparse = (args.flags & SPARSE_STREAM) !== 0;
-    const wire = server.openStream(m.proc, m.serial, { sparse, sending: true });
-    const s = new Stream(wire, { sparse });
-    wire.attach(s);
-    server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined);
-    void s.sendChunks(fileSendChunks(path.join(dir, args.vol.name), { sparse })).catch(() => undefined);
-  });
+  serveDownloads(server, (s, name, sparse) => void s.sendChunks(fileSendChunks(path.join(dir, name), { sparse })).catch(() => undefined));
 }
 
 /** Downloads `name` and rebuilds its bytes (holes as zeros). */
 async function download(client: Peer, name: string, size: number): Promise<{ bytes: Buffer; holes: number }> {
-  const serial = client.nextSerial();
-  const wire = client.openStream(P.STORAGE_VOL_DOWNLOAD.num, serial, { sparse: true, sending: false });
-  const s = new Stream(wire, { sparse: true });
-  wire.attach(s);
-  await client.call(P.STORAGE_VOL_DOWNLOAD, { vol: { pool: 'p', name, key: name }, offset: 0n, length: 0n, flags: SPARSE_STREAM }, { serial });
+  const { stream: s, called } = startDownload(client, name, true);
+  await called;
   const bytes = Buffer.alloc(size);
   let pos = 0;
   let holes = 0;
@@ -238,12 +223,8 @@ test('a frame stalled when its stream dies keeps reading its own file: the fd cl
     let serverStream!: Stream;
     let sending!: Promise<void>;
     let aFd = -1;
-    server.on('call', (m: Message) => {
-      if (m.proc !== P.STORAGE_VOL_DOWNLOAD.num) return;
-      const wire = server.openStream(m.proc, m.serial, { sparse: true, sending: true });
-      serverStream = new Stream(wire, { sparse: true });
-      wire.attach(serverStream);
-      server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined);
+    serveDownloads(server, (stream) => {
+      serverStream = stream;
       aFd = fs.openSync(a, 'r');
       sending = serverStream.sendFileRange(aFd, 0, 8 * MiB).catch(() => undefined);
     });
@@ -251,11 +232,7 @@ test('a frame stalled when its stream dies keeps reading its own file: the fd cl
     const raw: Buffer[] = [];
     client.socket.on('data', (d: Buffer) => raw.push(Buffer.from(d)));
     client.socket.pause(); // the socket fills: a frame stalls mid-way
-    const serial = client.nextSerial();
-    const wire = client.openStream(P.STORAGE_VOL_DOWNLOAD.num, serial, { sparse: true, sending: false });
-    const s = new Stream(wire, { sparse: true });
-    wire.attach(s);
-    const called = client.call(P.STORAGE_VOL_DOWNLOAD, { vol: { pool: 'p', name: 'a.img', key: 'a' }, offset: 0n, length: 0n, flags: SPARSE_STREAM }, { serial });
+    const { stream: s, called } = startDownload(client, 'a.img', true);
     const deadline = Date.now() + 5000;
     while (server.stats.directStalls === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
     assert.ok(server.stats.directStalls > 0, 'a frame stalled');
@@ -295,10 +272,7 @@ test('a peer that stops reading while a frame is stalled is still found out by k
     server.startKeepalive();
     const closed = new Promise<Error>((r) => server.once('close', r));
     client.socket.pause(); // and never again
-    const serial = client.nextSerial();
-    const wire = client.openStream(P.STORAGE_VOL_DOWNLOAD.num, serial, { sparse: true, sending: false });
-    wire.attach(new Stream(wire, { sparse: true }));
-    void client.call(P.STORAGE_VOL_DOWNLOAD, { vol: { pool: 'p', name: 'a.img', key: 'a' }, offset: 0n, length: 0n, flags: SPARSE_STREAM }, { serial }).catch(() => undefined);
+    void startDownload(client, 'a.img', true).called.catch(() => undefined);
     const t0 = Date.now();
     const err = await Promise.race([closed, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
     assert.ok(err, 'the server gave up on the peer');

@@ -9,13 +9,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { mkdtempSync, rmSync } from 'node:fs';
 import type { Peer } from '../src/rpc/peer.js';
-import { peerPair } from './helpers/peers.js';
+import { peerPair, serveDownloads, startDownload } from './helpers/peers.js';
 import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Message } from '../src/rpc/message.js';
 import { encodeRemoteError } from '../src/rpc/structs.js';
-import { P, SPARSE_STREAM } from '../src/protocol/remote.js';
+import { P } from '../src/protocol/remote.js';
 import { Stream } from '../src/stream/index.js';
 import { remoteErrorFields, RemoteError, SparsevirtError } from '../src/errors.js';
-import { XdrReader } from '../src/xdr/index.js';
 import type { Chunk } from '../src/chunk.js';
 
 interface Pair { client: Peer; server: Peer; cleanup: () => void }
@@ -44,14 +43,7 @@ async function collect(s: AsyncIterable<Chunk>): Promise<Chunk[]> {
 
 /** Serve one download on the server peer: reply OK, then send `chunks` and finish. */
 function serveDownload(server: Peer, chunks: Chunk[], onDone?: (err?: Error) => void): void {
-  server.on('call', (m: Message) => {
-    if (m.proc !== P.STORAGE_VOL_DOWNLOAD.num) return;
-    const args = P.STORAGE_VOL_DOWNLOAD.args.dec(new XdrReader(m.payload));
-    const sparse = (args.flags & SPARSE_STREAM) !== 0;
-    const wire = server.openStream(m.proc, m.serial, { sparse, sending: true });
-    const s = new Stream(wire, { sparse });
-    wire.attach(s);
-    server.reply(m, P.STORAGE_VOL_DOWNLOAD.ret, undefined);
+  serveDownloads(server, (s, _name, sparse) => {
     (async () => {
       for (const c of chunks) await s.sendChunk(sparse || c.kind === 'data' ? c : { kind: 'data', bytes: Buffer.alloc(c.length) });
       await s.finish();
@@ -60,12 +52,9 @@ function serveDownload(server: Peer, chunks: Chunk[], onDone?: (err?: Error) => 
 }
 
 async function openDownload(client: Peer, sparse: boolean): Promise<Stream> {
-  const serial = client.nextSerial();
-  const wire = client.openStream(P.STORAGE_VOL_DOWNLOAD.num, serial, { sparse, sending: false });
-  const s = new Stream(wire, { sparse });
-  wire.attach(s);
-  await client.call(P.STORAGE_VOL_DOWNLOAD, { vol, offset: 0n, length: 0n, flags: sparse ? 1 : 0 }, { serial });
-  return s;
+  const { stream, called } = startDownload(client, 'v', sparse);
+  await called;
+  return stream;
 }
 
 test('call/reply: values decode; errors keep libvirt fields; serials match out of order', async () => {
