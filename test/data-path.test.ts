@@ -19,6 +19,7 @@ import { connect } from '../src/index.js';
 import { allocatedBytes, expectedAllocation, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 import { startTestDaemon } from './helpers/daemon.js';
 import { virsh } from './helpers/libvirt.js';
+import { PACE_US } from '../src/daemon/transfer.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -171,6 +172,68 @@ test('daemon on tmpfs: our client and virsh download and upload a volume; same S
       const r2 = await virsh(['vol-upload', '--pool', 'shm', 'w.img', src, '--sparse'], { uri: d.virshUri });
       assert.equal(r2.code, 0, r2.stderr);
       await sparseAsSource(path.join(poolDir, 'w.img'), 'virsh upload');
+    } finally {
+      await conn.close();
+    }
+  } finally {
+    await d.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('small packets: our client says it takes a deep queue and is not paced; virsh is paced (its queue would run away); both copies identical and sparse', async () => {
+  const dir = await scratchDir('/dev/shm', 'sv-datapath-p-');
+  const d = await startTestDaemon({ dir });
+  try {
+    const poolDir = path.join(dir, 'pool');
+    const conn = await connect(d.uri);
+    try {
+      const pool = await conn.storagePoolDefineDir('shm', poolDir);
+      await pool.build();
+      await pool.create();
+      const EXTENTS = 3000;
+      const layout: Layout = [];
+      for (let i = 0; i < EXTENTS; i++) layout.push({ kind: 'data', length: 4 * KiB }, { kind: 'hole', length: 12 * KiB });
+      const src = path.join(poolDir, 'small.img');
+      const size = await makeImage(src, layout, 11);
+      await pool.refresh();
+      const srcSha = await sha256File(src);
+      const want = expectedAllocation(await extentMap(src), 0, 4096);
+      const check = async (file: string, what: string) => {
+        assert.equal(await sha256File(file), srcSha, `${what}: SHA-256`);
+        assert.equal(fs.statSync(file).size, size, `${what}: size`);
+        const got = await allocatedBytes(file);
+        assert.ok(Math.abs(got - want) <= 4096 * 16, `${what}: allocated ${got}, source-like ${want}`);
+      };
+      const lastDownload = () => {
+        const line = d.logs.filter((l) => /"download ok"/.test(l)).at(-1);
+        assert.ok(line, 'the daemon logged the download');
+        return JSON.parse(line!) as { ms: number; pacedWaits?: number; holeBytes: number; newBatches: number };
+      };
+      const packets = 2 * EXTENTS; // a data and a hole packet per extent
+
+      await new Promise((r) => setTimeout(r, 50)); // the feature's answer (not awaited by connect)
+      assert.equal(conn.sparsevirtDaemon, true, 'sparsevirtd took the deep-queue feature');
+      const vol = await pool.volLookupByName('small.img');
+      const out = path.join(dir, 'ours.img');
+      await vol.downloadFile(out, { sparse: true });
+      await check(out, 'our download');
+      const ours = lastDownload();
+      assert.equal(ours.pacedWaits, undefined, 'our client is not paced');
+      // ~48 batches of 256 KiB went out, from a daemon that never had to wait for the socket:
+      // their write callbacks never ran in between, yet the pool (8) was enough
+      assert.ok(ours.newBatches <= 8, `${ours.newBatches} output batches allocated`);
+
+      const vout = path.join(dir, 'virsh.img');
+      const r = await virsh(['vol-download', '--pool', 'shm', 'small.img', vout, '--sparse'], { uri: d.virshUri });
+      assert.equal(r.code, 0, r.stderr);
+      await check(vout, 'virsh download');
+      const logged = lastDownload();
+      assert.ok(logged.holeBytes > 0, 'holes went as holes');
+      assert.equal(typeof logged.pacedWaits, 'number', 'virsh is paced');
+      // every block of 64 small packets takes at least 64 × PACE_US
+      const floorMs = Math.floor(packets / 64) * 64 * PACE_US / 1000;
+      assert.ok(logged.ms >= floorMs * 0.95, `paced download took ${logged.ms} ms, at least ${floorMs} ms expected`);
     } finally {
       await conn.close();
     }

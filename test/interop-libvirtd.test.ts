@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { rm } from 'node:fs/promises';
 import { connect, RemoteError, SparsevirtError } from '../src/index.js';
-import { P } from '../src/protocol/remote.js';
+import { Feature, P } from '../src/protocol/remote.js';
 import { LIBVIRTD_URI, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, createVolume, requireLibvirt, requireLibvirtListeners, withScratchPool } from './helpers/libvirt.js';
 import { allocatedBytes, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 
@@ -129,6 +129,9 @@ test('libvirtd errors keep their codes: missing pool and volume, unsupported fla
       });
       assert.equal((await vol.info()).capacity, 65536, 'the connection is still usable');
     });
+    // sparsevirt's own feature number (asked at connect, not awaited): libvirtd answers 0
+    assert.deepEqual(await conn.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.SPARSEVIRT_DEEP_QUEUE }), { supported: 0 });
+    assert.equal(conn.sparsevirtDaemon, false, 'libvirtd is not taken for sparsevirtd');
   } finally {
     await conn.close();
   }

@@ -28,6 +28,12 @@ export class Connection {
   readonly peer: Peer;
   readonly readonly: boolean;
 
+  /**
+   * The daemon took `Feature.SPARSEVIRT_DEEP_QUEUE` (it is sparsevirtd); false until its answer
+   * arrives, and with libvirtd.
+   */
+  sparsevirtDaemon = false;
+
   private constructor(uri: ParsedUri, peer: Peer, readonly: boolean) {
     this.uri = uri;
     this.peer = peer;
@@ -60,6 +66,11 @@ export class Connection {
     const ka = await this.peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.PROGRAM_KEEPALIVE }, o);
     await this.peer.call(P.CONNECT_OPEN, { name: this.uri.name, flags: opts.readonly ? CONNECT_RO : 0 }, o);
     if (ka.supported === 1) this.peer.startKeepalive();
+    // Not awaited: the answer changes nothing here, and the daemon reads it before any later call.
+    this.peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.SPARSEVIRT_DEEP_QUEUE }, o).then(
+      (r) => { this.sparsevirtDaemon = r.supported === 1; },
+      () => {},
+    );
   }
 
   /** Call a procedure; RemoteErrors keep libvirt's code, domain and message. */

@@ -73,6 +73,10 @@ const HANDLERS = new Map<number, Handler>([
         return { supported: 1 };
       }
       session.requireOpen(true);
+      if (a.feature === Feature.SPARSEVIRT_DEEP_QUEUE) {
+        session.peer.deepQueue = true;
+        return { supported: 1 };
+      }
       return { supported: FEATURES_SUPPORTED.has(a.feature) ? 1 : 0 };
     },
   }],

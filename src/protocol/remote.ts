@@ -109,8 +109,19 @@ export const PROCEDURES_BY_NUM: ReadonlyMap<number, Procedure<any, any>> = new M
   Object.values(P).map((p) => [p.num, p as Procedure<any, any>]),
 );
 
-/** VIR_DRV_FEATURE_* numbers the handshake uses. */
-export const Feature = { PROGRAM_KEEPALIVE: 10, REMOTE_EVENT_CALLBACK: 14, REMOTE_CLOSE_CALLBACK: 15 } as const;
+/**
+ * VIR_DRV_FEATURE_* numbers the handshake uses, and one of sparsevirt's own. libvirt answers 0 to
+ * a feature it does not know (checked against libvirtd 9.0), so asking is safe with any daemon.
+ *
+ * SPARSEVIRT_DEEP_QUEUE: "this client's cost per received stream packet does not grow with the
+ * number of packets queued for it". libvirt's own client (9.0) walks its whole queue for each
+ * packet it reads, so sparsevirtd keeps the socket's send buffer small for small packets unless
+ * the client said this (see `Peer.deepQueue`).
+ */
+export const Feature = {
+  PROGRAM_KEEPALIVE: 10, REMOTE_EVENT_CALLBACK: 14, REMOTE_CLOSE_CALLBACK: 15,
+  SPARSEVIRT_DEEP_QUEUE: 0x53560001,
+} as const;
 
 export const AuthType = { NONE: 0, SASL: 1, POLKIT: 2 } as const;
 export const CONNECT_RO = 1;

@@ -133,6 +133,9 @@ export function releaseFramePayloads(buffers: Buffer[]): void {
   for (const b of buffers) recycleFramePayload(b);
 }
 
+/** Buffers allocated by the data path, process-wide (tests check that pools are reused). */
+export const bufferStats = { outputBatches: 0 };
+
 /** Output batch buffers whose every write completed, for the next batch (process-wide). */
 const BATCH_POOL_MAX = 8;
 const batchPool: Buffer[] = [];
@@ -313,6 +316,15 @@ export class Peer extends EventEmitter {
    * daemon, which reads no faster than it writes: it keeps the big buffer for the whole upload.
    * TCP keeps its own autotuning.
    */
+  /**
+   * Server side: the client said it takes a deep queue of small packets
+   * (`Feature.SPARSEVIRT_DEEP_QUEUE`), so the big send buffer stays for them too. For 100,000
+   * 4 KiB extents, our client's download went from 1.37 to 1.05 s: with the default buffer the
+   * daemon is woken only once the queue fell below a quarter of ~208 KiB, and the client
+   * drains that faster than the daemon refills it.
+   */
+  deepQueue = false;
+
   get sendBufferIsBig(): boolean {
     return this.sendBufferBig;
   }
@@ -482,7 +494,12 @@ export class Peer extends EventEmitter {
       old.retired = true;
       if (old.pending === 0) recycleBatch(old.buf);
     }
-    this.outBuf = batchPool.pop() ?? Buffer.allocUnsafeSlow(OUT_BATCH);
+    let buf = batchPool.pop();
+    if (buf === undefined) {
+      buf = Buffer.allocUnsafeSlow(OUT_BATCH);
+      bufferStats.outputBatches++;
+    }
+    this.outBuf = buf;
     this.outState = { buf: this.outBuf, pending: 0, retired: false };
     this.outStart = this.outEnd = 0;
   }
@@ -497,11 +514,20 @@ export class Peer extends EventEmitter {
       this.heldBytes += batch.length;
       state.pending = Infinity; // written later without a callback: never reused
     } else {
-      if (this.sendBufferBig && this.role === 'server') this.bigSendBuffer(false);
+      if (this.role === 'server' && this.sendBufferBig !== this.deepQueue) this.bigSendBuffer(this.deepQueue);
       state.pending++;
-      this.socket.write(batch, () => {
+      let settled = false;
+      const written = (): void => {
+        if (settled) return;
+        settled = true;
         if (--state.pending === 0 && state.retired) recycleBatch(state.buf);
-      });
+      };
+      this.socket.write(batch, written);
+      // Nothing left in Node's queue: the kernel took the bytes during write(). The callback
+      // comes on a later tick, and a sender that never waits (small packets into a deep
+      // socket buffer) runs on microtasks, before any tick: without this, 1,255 of 1,613
+      // batches of a 100,000-extent download were new allocations (daemon RSS 200+ MiB).
+      if (this.socket.writableLength === 0) written();
       // (held bytes count once written: keepalive reads progress from this counter)
       this.bytesQueued += batch.length;
     }
