@@ -97,7 +97,8 @@ function pair(client: Client, server: Server): Contender {
   const command = (ctx: BenchContext, uri: string, args: string[]): RunSpec =>
     client === 'virsh'
       ? { cmd: 'virsh', args: ['-q', '-c', uri, ...args] }
-      : { cmd: process.execPath, args: [(ctx.cli as { mainJs: string }).mainJs, '-c', uri, ...args] };
+      // run as installed (npm's bin link runs the file): its #! line is part of its start-up
+      : { cmd: (ctx.cli as { mainJs: string }).mainJs, args: ['-c', uri, ...args] };
 
   return {
     id,

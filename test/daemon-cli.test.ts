@@ -59,7 +59,21 @@ test('--help, --version, and bad options', async () => {
     assert.equal(r.code, 2, bad.join(' '));
     assert.match(r.stderr, /^sparsevirtd: .*see sparsevirtd --help/);
   }
-  assert.ok(fs.readFileSync(MAIN, 'utf8').startsWith('#!/usr/bin/env node\n'), 'shebang');
+  assert.ok(fs.readFileSync(MAIN, 'utf8').startsWith('#!/usr/bin/env -S -u NODE_EXTRA_CA_CERTS node\n'), 'shebang');
+});
+
+test('both programs run as installed (their #! line) without NODE_EXTRA_CA_CERTS, which Node 20 parses at start-up and they never use', async () => {
+  const CLI = path.join(path.dirname(MAIN), 'sparsevirt.mjs');
+  // node itself warns about a CA file it cannot load, before any script runs
+  const env = { ...process.env, NODE_EXTRA_CA_CERTS: '/nonexistent-sv-ca.pem' };
+  const direct = await run(process.execPath, [CLI, '--version'], { env });
+  assert.match(direct.stderr, /extra certs/i, 'node reads the variable at start-up');
+  for (const prog of [CLI, MAIN]) {
+    const r = await run(prog, ['--version'], { env });
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^(sparsevirtd )?\d+\.\d+\.\d+\n/);
+    assert.doesNotMatch(r.stderr, /extra certs/i, `${path.basename(prog)}: the variable is dropped before node starts`);
+  }
 });
 
 test('defaults: the per-user state directory and the socket sparsevirt looks for', () => {

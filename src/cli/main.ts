@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S -u NODE_EXTRA_CA_CERTS node
 /**
  * `sparsevirt`: virsh's storage commands over libvirt's remote protocol, with sparse streams.
  * `sparsevirt -c URI CMD ...` takes the same arguments as `virsh -c URI CMD ...` and prints the

@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S -u NODE_EXTRA_CA_CERTS node
 /**
  * `sparsevirtd`: the daemon executable. Runs in the foreground, logs JSON lines to stderr,
  * stops cleanly on SIGINT/SIGTERM (a second signal exits at once).
