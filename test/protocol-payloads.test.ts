@@ -180,3 +180,16 @@ describe('across all captures', () => {
     assert.equal(PROCEDURES_BY_NUM.size, Object.keys(P).length, 'duplicate procedure numbers');
   });
 });
+
+test('decoded opaque values are copies: a pool reference kept by the caller does not pin the frame buffer it came in', () => {
+  const pool = { name: 'p', uuid: Buffer.alloc(16, 7) };
+  const wire = encode(P.STORAGE_POOL_LOOKUP_BY_NAME.ret, { pool });
+  // the frame's bytes sit in a larger shared buffer, as received frames do (read slabs)
+  const slab = Buffer.alloc(wire.length + 64);
+  wire.copy(slab, 32);
+  const got = decode(P.STORAGE_POOL_LOOKUP_BY_NAME.ret, slab.subarray(32, 32 + wire.length)) as { pool: { uuid: Buffer } };
+  assert.deepEqual(got.pool.uuid, pool.uuid);
+  assert.notEqual(got.pool.uuid.buffer, slab.buffer, 'the UUID is not a view of the frame buffer');
+  slab.fill(0);
+  assert.deepEqual(got.pool.uuid, pool.uuid, 'the value survives the buffer being reused');
+});

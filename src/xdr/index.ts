@@ -83,13 +83,17 @@ export class XdrReader {
     this.pos += 8;
     return v;
   }
+  /**
+   * A copy, not a view: a decoded value (a pool's UUID, say) may live long, and must not keep
+   * the frame's buffer (a shared receive slab) alive with it.
+   */
   fixedOpaque(n: number): Buffer {
     this.need(n + pad4(n), 'fixed opaque');
-    const v = this.buf.subarray(this.pos, this.pos + n);
+    const v = Buffer.from(this.buf.subarray(this.pos, this.pos + n));
     this.pos += n + pad4(n);
     return v;
   }
-  /** Variable-length opaque: a view into the buffer, not a copy. */
+  /** Variable-length opaque: a copy (see `fixedOpaque`). */
   opaque(max: number): Buffer {
     const n = this.uint();
     if (n > max) throw new XdrError(`opaque length ${n} exceeds maximum ${max}`);
