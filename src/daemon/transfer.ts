@@ -62,7 +62,7 @@ export const PACE_US = 20;
 const PACE_EVERY = 64;
 const PACED_DATA_MAX = 64 * 1024;
 
-/** Holds back a sender of small packets to `PACE_US` each (no credit carried over). */
+/** Holds back a sender of small packets to `PACE_US` each (no credit carried over, debt is). */
 class Pacer {
   private count = 0;
   private since = performance.now();
@@ -75,11 +75,12 @@ class Pacer {
     this.count = 0;
     const due = this.since + (PACE_EVERY * PACE_US) / 1000;
     const now = performance.now();
-    if (due - now < 0.5) {
-      this.since = now;
+    if (now >= due) {
+      this.since = now; // a slow block: no credit for the next one
       return null;
     }
-    this.since = due;
+    this.since = due; // a fast one: the next block starts where this one was due
+    if (due - now < 0.5) return null; // (its debt carries over: not worth a timer yet)
     this.waits++;
     return new Promise((resolve) => setTimeout(resolve, due - now));
   }

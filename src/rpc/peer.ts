@@ -86,7 +86,6 @@ const OUT_BATCH = 256 * 1024;
 
 /** A frame this big means stream data is flowing (see `readTarget`). */
 const BIG_FRAME = 64 * 1024;
-const EMPTY = Buffer.alloc(0);
 /**
  * Reads of small frames go into slabs of this size, one after the other, while at least
  * READ_SLAB_MIN of it is left (see `onRead`).
@@ -395,15 +394,7 @@ export class Peer extends EventEmitter {
     if (chFrame.hasSubscribers) chFrame.publish({ dir: 'out', header: h, length });
     this.flushOut();
     const total = FRAME_OVERHEAD + length;
-    const sfd = this.held === null && this.socket.writableLength === 0 && !this.socket.destroyed ? this.directFd() : -1;
-    if (sfd < 0 && this.held === null && !this.socket.destroyed && this.socket.writableLength > 0 && this.directFd() >= 0) {
-      // Node's queue still holds earlier bytes: the frame goes by sendfile once they are out (an
-      // empty write's callback comes after theirs), not through a copy: 2–4 % of a 2 GiB upload
-      // to libvirtd took that path, 256 KiB of garbage each, and the client's RSS reached 86 MiB.
-      return new Promise((resolve) => {
-        this.socket.write(EMPTY, () => resolve(this.sendFileFrame(h, fd, offset, length) ?? undefined));
-      });
-    }
+    const sfd = this.held === null && !this.socket.destroyed ? this.directFd() : -1;
     if (sfd < 0) {
       this.sendFrame(h, readRange(fd, offset, length));
       this.stats.bufferedFrames++;
@@ -413,7 +404,10 @@ export class Peer extends EventEmitter {
     sys.tuneMallocForStreaming();
     const head = this.directHead;
     writeFrameHead(head, 0, total, h);
-    const w = sys.writeRaw(sfd, head);
+    // Node's queue still holds earlier bytes: nothing may pass them, so the head joins them and
+    // the payload follows by sendfile once they are out (below), not through a copy (2–4 % of a
+    // 2 GiB upload to libvirtd went as 256 KiB copies, and the client's RSS reached 86 MiB)
+    const w = this.socket.writableLength > 0 ? -sys.EAGAIN : sys.writeRaw(sfd, head);
     if (w < 0 && w !== -sys.EAGAIN) {
       // not ours to write (never again): queue it as usual
       this.directFdCache = -1;
@@ -423,8 +417,9 @@ export class Peer extends EventEmitter {
     }
     this.bytesQueued += total;
     let sent = 0;
-    // The socket was full before the head was all in: the rest of the head goes through Node's
-    // queue, whose completion says there is room again, and the payload by sendfile after it.
+    // The socket or Node's queue was full before the head was all in: the rest of the head goes
+    // through Node's queue, whose completion says there is room again, and the payload by
+    // sendfile after it.
     const headRest = w < 0 ? Buffer.from(head) : w < FRAME_OVERHEAD ? Buffer.from(head.subarray(w)) : null;
     if (headRest === null) {
       sent = this.pump(sfd, fd, offset, length);
@@ -447,7 +442,11 @@ export class Peer extends EventEmitter {
     let resolve!: () => void;
     const finished = new Promise<void>((r) => (resolve = r));
     this.directDone = finished;
+    let ended = false;
     const done = (): void => {
+      // once only: destroy() ends it, and the socket's last write callback may try again
+      if (ended) return;
+      ended = true;
       this.directAbort = null;
       const held = this.held ?? [];
       this.held = null;
