@@ -48,3 +48,25 @@ export function readFileRange(r: FileRange): Buffer {
   }
   return buf;
 }
+
+/**
+ * `src` as it is, with `fn` called on each chunk as it passes (progress counters). Not an async
+ * generator: a generator wrapped around another costs several promises and microtask hops per
+ * chunk, which for 200,000 packets is a measurable share of a transfer. Closing it (`return`)
+ * closes `src`.
+ */
+export function tapChunks<C>(src: AsyncIterable<C>, fn: (c: C) => void): AsyncIterableIterator<C> {
+  // like a generator, `src` is not touched before the first next()
+  let it: AsyncIterator<C> | undefined;
+  const seen = (r: IteratorResult<C>): IteratorResult<C> => {
+    if (!r.done) fn(r.value);
+    return r;
+  };
+  const done = (value?: unknown): Promise<IteratorResult<C>> => Promise.resolve({ done: true as const, value: value as C });
+  const tap: AsyncIterableIterator<C> = {
+    next: () => (it ??= src[Symbol.asyncIterator]()).next().then(seen),
+    return: (value?: unknown) => (it?.return ? it.return(value) : done(value)),
+    [Symbol.asyncIterator]: () => tap,
+  };
+  return tap;
+}

@@ -1,5 +1,5 @@
 /** StoragePool and StorageVol: libvirt's storage API over the wire, plus sparse file transfer. */
-import type { Chunk, FileRange } from '../chunk.js';
+import { tapChunks, type Chunk, type FileRange } from '../chunk.js';
 import { checkByteCount, SparsevirtError } from '../errors.js';
 import { P, SPARSE_STREAM, type PoolRef, type VolRef } from '../protocol/remote.js';
 import { releaseFramePayloads } from '../rpc/peer.js';
@@ -223,14 +223,11 @@ export class StorageVol {
 /** Count bytes as chunks pass, without copying them. */
 function count<C extends Chunk | FileRange>(src: AsyncIterable<C>, onProgress?: (p: { dataBytes: number; holeBytes: number }) => void) {
   const totals = { dataBytes: 0, holeBytes: 0 };
-  async function* gen(): AsyncGenerator<C> {
-    for await (const c of src) {
-      if (c.kind === 'data') totals.dataBytes += c.bytes.length;
-      else if (c.kind === 'file') totals.dataBytes += c.length;
-      else totals.holeBytes += c.length;
-      onProgress?.(totals);
-      yield c;
-    }
-  }
-  return { chunks: gen(), totals };
+  const chunks = tapChunks(src, (c) => {
+    if (c.kind === 'data') totals.dataBytes += c.bytes.length;
+    else if (c.kind === 'file') totals.dataBytes += c.length;
+    else totals.holeBytes += c.length;
+    onProgress?.(totals);
+  });
+  return { chunks, totals };
 }
