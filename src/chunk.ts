@@ -56,16 +56,34 @@ export function readFileRange(r: FileRange): Buffer {
  * closes `src`.
  */
 export function tapChunks<C>(src: AsyncIterable<C>, fn: (c: C) => void): AsyncIterableIterator<C> {
-  // like a generator, `src` is not touched before the first next()
+  // like a generator, `src` is not touched before the first next(), nor after return()
   let it: AsyncIterator<C> | undefined;
-  const seen = (r: IteratorResult<C>): IteratorResult<C> => {
-    if (!r.done) fn(r.value);
+  let closed = false;
+  const done = (value?: unknown): Promise<IteratorResult<C>> => Promise.resolve({ done: true as const, value: value as C });
+  const close = (value?: unknown): Promise<IteratorResult<C>> => {
+    closed = true;
+    return it?.return ? it.return(value) : done(value);
+  };
+  const seen = (r: IteratorResult<C>): IteratorResult<C> | Promise<IteratorResult<C>> => {
+    if (r.done) return r;
+    try {
+      fn(r.value);
+    } catch (err) {
+      // a failing observer closes the source, as a generator's for-await would
+      return close().then(() => Promise.reject(err), () => Promise.reject(err));
+    }
     return r;
   };
-  const done = (value?: unknown): Promise<IteratorResult<C>> => Promise.resolve({ done: true as const, value: value as C });
   const tap: AsyncIterableIterator<C> = {
-    next: () => (it ??= src[Symbol.asyncIterator]()).next().then(seen),
-    return: (value?: unknown) => (it?.return ? it.return(value) : done(value)),
+    next: () => {
+      if (closed) return done();
+      try {
+        return (it ??= src[Symbol.asyncIterator]()).next().then(seen);
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    },
+    return: close,
     [Symbol.asyncIterator]: () => tap,
   };
   return tap;

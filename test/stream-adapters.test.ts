@@ -213,4 +213,20 @@ test('tapChunks: sees every chunk in order, touches its source only on the first
   for await (const c of tapChunks(src, (c) => seen.push(chunkLength(c)))) all.push(chunkLength(c));
   assert.deepEqual(all, [1, 2, 3]);
   assert.deepEqual(seen, [1, 1, 2, 3]);
+
+  // closed before it started: it stays closed and never opens the source
+  const early = tapChunks(src, () => undefined);
+  await early.return!();
+  assert.deepEqual(await early.next(), { done: true, value: undefined });
+  assert.equal(opened, 2);
+  // an observer that throws fails next() and closes the source
+  const failing = tapChunks(src, () => {
+    throw new Error('observer failed');
+  });
+  await assert.rejects(failing.next(), /observer failed/);
+  assert.equal(closed, 2, 'the source was closed');
+  // a source that cannot be opened rejects, never throws synchronously
+  const broken: AsyncIterable<Chunk> = { [Symbol.asyncIterator]: () => { throw new Error('cannot iterate'); } };
+  const p = tapChunks(broken, () => undefined).next();
+  await assert.rejects(p, /cannot iterate/);
 });

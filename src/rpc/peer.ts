@@ -255,7 +255,7 @@ export class Peer extends EventEmitter {
   readonly sendWindow: number;
   /**
    * Data-path counters: payload bytes the kernel took straight from files (`sendfile`); direct
-   * frames that found the socket full mid-frame (later frames held back meanwhile); payload
+   * frames that found the socket or Node's queue full (later frames held back meanwhile); payload
    * bytes of those that went through Node's queue instead (the 16 KiB pieces whose completion
    * says the socket has room again); and large file frames read into a buffer whole, because
    * another frame was held or the socket was not ours to write.
@@ -473,10 +473,12 @@ export class Peer extends EventEmitter {
       }
       sent += piece.length;
       this.stats.copiedBytes += piece.length;
-      this.socket.write(piece, step);
+      this.socket.write(piece, stepAfter);
     };
+    // a failed write (EPIPE) comes before the socket is destroyed: read no further pieces
+    const stepAfter = (err?: Error | null): void => (err ? done() : step());
     this.directAbort = done;
-    if (headRest !== null) this.socket.write(headRest, step);
+    if (headRest !== null) this.socket.write(headRest, stepAfter);
     else step(); // (may finish at once: directDone is set first)
     return finished;
   }
