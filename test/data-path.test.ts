@@ -15,9 +15,9 @@ import { Stream } from '../src/stream/index.js';
 import { fileSendChunks } from '../src/sparse/index.js';
 import { setNativeSyscalls } from '../src/sparse/sys.js';
 import { readFileRange, type Chunk } from '../src/chunk.js';
-import { connect } from '../src/index.js';
+import { connect, type Connection, type StoragePool } from '../src/index.js';
 import { allocatedBytes, expectedAllocation, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
-import { startTestDaemon } from './helpers/daemon.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { virsh } from './helpers/libvirt.js';
 import { PACE_US } from '../src/daemon/transfer.js';
 
@@ -125,8 +125,9 @@ test('readFileRange refuses a range past the end of the file (it shrank): a clea
   }
 });
 
-test('daemon on tmpfs: our client and virsh download and upload a volume; same SHA-256 and sparseness, data by sendfile both ways', async () => {
-  const dir = await scratchDir('/dev/shm', 'sv-datapath-d-');
+/** A daemon on tmpfs with a dir pool `shm`, and our client connected to it, for `fn`. */
+async function withShmDaemon(prefix: string, fn: (ctx: { dir: string; poolDir: string; d: TestDaemon; conn: Connection; pool: StoragePool }) => Promise<void>): Promise<void> {
+  const dir = await scratchDir('/dev/shm', prefix);
   const d = await startTestDaemon({ dir });
   try {
     const poolDir = path.join(dir, 'pool');
@@ -135,43 +136,7 @@ test('daemon on tmpfs: our client and virsh download and upload a volume; same S
       const pool = await conn.storagePoolDefineDir('shm', poolDir);
       await pool.build();
       await pool.create();
-      const src = path.join(dir, 'src.img');
-      const size = await makeImage(src, LAYOUT, 7);
-      const srcSha = await sha256File(src);
-      const srcExtents = await extentMap(src);
-      const want = expectedAllocation(srcExtents, 0, 4096);
-      const sparseAsSource = async (file: string, what: string) => {
-        assert.equal(await sha256File(file), srcSha, `${what}: SHA-256`);
-        assert.equal(fs.statSync(file).size, size, `${what}: size`);
-        const got = await allocatedBytes(file);
-        assert.ok(Math.abs(got - want) <= 4096 * 16, `${what}: allocated ${got}, source-like ${want}`);
-      };
-
-      // upload by our client: file → socket by sendfile on the client side
-      const vol = await pool.createVol({ name: 'v.img', capacity: size, allocation: 0 });
-      const before = conn.peer.stats.directBytes;
-      await vol.uploadFile(src, { sparse: true });
-      assert.ok(conn.peer.stats.directBytes - before >= 1 * MiB, 'the client sent large extents by sendfile');
-      await sparseAsSource(path.join(poolDir, 'v.img'), 'uploaded volume');
-
-      // download by our client: volume → socket by sendfile in the daemon
-      const out = path.join(dir, 'out.img');
-      await vol.downloadFile(out, { sparse: true });
-      await sparseAsSource(out, 'downloaded file');
-      const line = d.logs.filter((l) => /"download ok"/.test(l)).at(-1);
-      assert.ok(line, 'the daemon logged the download');
-      const logged = JSON.parse(line!);
-      assert.ok(logged.sendfileBytes >= 1 * MiB && logged.sendfileBytes <= logged.dataBytes, `sendfileBytes ${logged.sendfileBytes} of ${logged.dataBytes}`);
-
-      // the real virsh, both ways
-      const vout = path.join(dir, 'virsh-out.img');
-      const r1 = await virsh(['vol-download', '--pool', 'shm', 'v.img', vout, '--sparse'], { uri: d.virshUri });
-      assert.equal(r1.code, 0, r1.stderr);
-      await sparseAsSource(vout, 'virsh download');
-      await pool.createVol({ name: 'w.img', capacity: size, allocation: 0 });
-      const r2 = await virsh(['vol-upload', '--pool', 'shm', 'w.img', src, '--sparse'], { uri: d.virshUri });
-      assert.equal(r2.code, 0, r2.stderr);
-      await sparseAsSource(path.join(poolDir, 'w.img'), 'virsh upload');
+      await fn({ dir, poolDir, d, conn, pool });
     } finally {
       await conn.close();
     }
@@ -179,68 +144,94 @@ test('daemon on tmpfs: our client and virsh download and upload a volume; same S
     await d.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/** An assertion that a file reads as `src` (SHA-256, size) and is allocated like it. */
+async function sameAs(src: string): Promise<(file: string, what: string) => Promise<void>> {
+  const srcSha = await sha256File(src);
+  const size = fs.statSync(src).size;
+  const want = expectedAllocation(await extentMap(src), 0, 4096);
+  return async (file, what) => {
+    assert.equal(await sha256File(file), srcSha, `${what}: SHA-256`);
+    assert.equal(fs.statSync(file).size, size, `${what}: size`);
+    const got = await allocatedBytes(file);
+    assert.ok(Math.abs(got - want) <= 4096 * 16, `${what}: allocated ${got}, source-like ${want}`);
+  };
+}
+
+/** The daemon's last "download ok" log line. */
+function lastDownload(d: TestDaemon): { ms: number; pacedWaits?: number; holeBytes: number; dataBytes: number; newBatches: number; sendfileBytes: number } {
+  const line = d.logs.filter((l) => /"download ok"/.test(l)).at(-1);
+  assert.ok(line, 'the daemon logged the download');
+  return JSON.parse(line!);
+}
+
+test('daemon on tmpfs: our client and virsh download and upload a volume; same SHA-256 and sparseness, data by sendfile both ways', async () => {
+  await withShmDaemon('sv-datapath-d-', async ({ dir, poolDir, d, conn, pool }) => {
+    const src = path.join(dir, 'src.img');
+    const size = await makeImage(src, LAYOUT, 7);
+    const sparseAsSource = await sameAs(src);
+
+    // upload by our client: file → socket by sendfile on the client side
+    const vol = await pool.createVol({ name: 'v.img', capacity: size, allocation: 0 });
+    const before = conn.peer.stats.directBytes;
+    await vol.uploadFile(src, { sparse: true });
+    assert.ok(conn.peer.stats.directBytes - before >= 1 * MiB, 'the client sent large extents by sendfile');
+    await sparseAsSource(path.join(poolDir, 'v.img'), 'uploaded volume');
+
+    // download by our client: volume → socket by sendfile in the daemon
+    const out = path.join(dir, 'out.img');
+    await vol.downloadFile(out, { sparse: true });
+    await sparseAsSource(out, 'downloaded file');
+    const logged = lastDownload(d);
+    assert.ok(logged.sendfileBytes >= 1 * MiB && logged.sendfileBytes <= logged.dataBytes, `sendfileBytes ${logged.sendfileBytes} of ${logged.dataBytes}`);
+
+    // the real virsh, both ways
+    const vout = path.join(dir, 'virsh-out.img');
+    const r1 = await virsh(['vol-download', '--pool', 'shm', 'v.img', vout, '--sparse'], { uri: d.virshUri });
+    assert.equal(r1.code, 0, r1.stderr);
+    await sparseAsSource(vout, 'virsh download');
+    await pool.createVol({ name: 'w.img', capacity: size, allocation: 0 });
+    const r2 = await virsh(['vol-upload', '--pool', 'shm', 'w.img', src, '--sparse'], { uri: d.virshUri });
+    assert.equal(r2.code, 0, r2.stderr);
+    await sparseAsSource(path.join(poolDir, 'w.img'), 'virsh upload');
+  });
 });
 
 test('small packets: our client says it takes a deep queue and is not paced; virsh is paced (its queue would run away); both copies identical and sparse', async () => {
-  const dir = await scratchDir('/dev/shm', 'sv-datapath-p-');
-  const d = await startTestDaemon({ dir });
-  try {
-    const poolDir = path.join(dir, 'pool');
-    const conn = await connect(d.uri);
-    try {
-      const pool = await conn.storagePoolDefineDir('shm', poolDir);
-      await pool.build();
-      await pool.create();
-      const EXTENTS = 3000;
-      const layout: Layout = [];
-      for (let i = 0; i < EXTENTS; i++) layout.push({ kind: 'data', length: 4 * KiB }, { kind: 'hole', length: 12 * KiB });
-      const src = path.join(poolDir, 'small.img');
-      const size = await makeImage(src, layout, 11);
-      await pool.refresh();
-      const srcSha = await sha256File(src);
-      const want = expectedAllocation(await extentMap(src), 0, 4096);
-      const check = async (file: string, what: string) => {
-        assert.equal(await sha256File(file), srcSha, `${what}: SHA-256`);
-        assert.equal(fs.statSync(file).size, size, `${what}: size`);
-        const got = await allocatedBytes(file);
-        assert.ok(Math.abs(got - want) <= 4096 * 16, `${what}: allocated ${got}, source-like ${want}`);
-      };
-      const lastDownload = () => {
-        const line = d.logs.filter((l) => /"download ok"/.test(l)).at(-1);
-        assert.ok(line, 'the daemon logged the download');
-        return JSON.parse(line!) as { ms: number; pacedWaits?: number; holeBytes: number; newBatches: number };
-      };
-      const packets = 2 * EXTENTS; // a data and a hole packet per extent
+  await withShmDaemon('sv-datapath-p-', async ({ dir, poolDir, d, conn, pool }) => {
+    const EXTENTS = 3000;
+    const layout: Layout = [];
+    for (let i = 0; i < EXTENTS; i++) layout.push({ kind: 'data', length: 4 * KiB }, { kind: 'hole', length: 12 * KiB });
+    const src = path.join(poolDir, 'small.img');
+    await makeImage(src, layout, 11);
+    await pool.refresh();
+    const check = await sameAs(src);
+    const packets = 2 * EXTENTS; // a data and a hole packet per extent
 
-      await new Promise((r) => setTimeout(r, 50)); // the feature's answer (not awaited by connect)
-      assert.equal(conn.sparsevirtDaemon, true, 'sparsevirtd took the deep-queue feature');
-      const vol = await pool.volLookupByName('small.img');
-      const out = path.join(dir, 'ours.img');
-      await vol.downloadFile(out, { sparse: true });
-      await check(out, 'our download');
-      const ours = lastDownload();
-      assert.equal(ours.pacedWaits, undefined, 'our client is not paced');
-      // ~48 batches of 256 KiB went out, from a daemon that never had to wait for the socket:
-      // their write callbacks never ran in between, yet the pool (8) was enough
-      assert.ok(ours.newBatches <= 8, `${ours.newBatches} output batches allocated`);
+    await new Promise((r) => setTimeout(r, 50)); // the feature's answer (not awaited by connect)
+    assert.equal(conn.sparsevirtDaemon, true, 'sparsevirtd took the deep-queue feature');
+    const vol = await pool.volLookupByName('small.img');
+    const out = path.join(dir, 'ours.img');
+    await vol.downloadFile(out, { sparse: true });
+    await check(out, 'our download');
+    const ours = lastDownload(d);
+    assert.equal(ours.pacedWaits, undefined, 'our client is not paced');
+    // ~48 batches of 256 KiB went out, from a daemon that never had to wait for the socket:
+    // their write callbacks never ran in between, yet the pool (8) was enough
+    assert.ok(ours.newBatches <= 8, `${ours.newBatches} output batches allocated`);
 
-      const vout = path.join(dir, 'virsh.img');
-      const r = await virsh(['vol-download', '--pool', 'shm', 'small.img', vout, '--sparse'], { uri: d.virshUri });
-      assert.equal(r.code, 0, r.stderr);
-      await check(vout, 'virsh download');
-      const logged = lastDownload();
-      assert.ok(logged.holeBytes > 0, 'holes went as holes');
-      assert.equal(typeof logged.pacedWaits, 'number', 'virsh is paced');
-      // every block of 64 small packets takes at least 64 × PACE_US
-      const floorMs = Math.floor(packets / 64) * 64 * PACE_US / 1000;
-      assert.ok(logged.ms >= floorMs * 0.95, `paced download took ${logged.ms} ms, at least ${floorMs} ms expected`);
-    } finally {
-      await conn.close();
-    }
-  } finally {
-    await d.stop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+    const vout = path.join(dir, 'virsh.img');
+    const r = await virsh(['vol-download', '--pool', 'shm', 'small.img', vout, '--sparse'], { uri: d.virshUri });
+    assert.equal(r.code, 0, r.stderr);
+    await check(vout, 'virsh download');
+    const logged = lastDownload(d);
+    assert.ok(logged.holeBytes > 0, 'holes went as holes');
+    assert.equal(typeof logged.pacedWaits, 'number', 'virsh is paced');
+    // every block of 64 small packets takes at least 64 × PACE_US
+    const floorMs = Math.floor(packets / 64) * 64 * PACE_US / 1000;
+    assert.ok(logged.ms >= floorMs * 0.95, `paced download took ${logged.ms} ms, at least ${floorMs} ms expected`);
+  });
 });
 
 test('writing into a sized but unallocated target (a new volume): holes are left alone, data lands, nothing else is allocated', async () => {
