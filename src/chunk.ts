@@ -33,7 +33,8 @@ export const LEGACY_PAYLOAD_MAX = 262120;
 /** Byte counts are `number`: exact up to 2^53. */
 export const MAX_SAFE_BYTES = Number.MAX_SAFE_INTEGER;
 
-export function chunkLength(c: Chunk): number {
+/** The bytes a chunk (or a file range) covers in the stream. */
+export function chunkLength(c: Chunk | FileRange): number {
   return c.kind === 'data' ? c.bytes.length : c.length;
 }
 

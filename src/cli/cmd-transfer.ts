@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { tapChunks, type Chunk, type FileRange } from '../chunk.js';
+import { chunkLength, tapChunks, type Chunk, type FileRange } from '../chunk.js';
 import type { StorageVol } from '../client/index.js';
 import type { Stream } from '../stream/index.js';
 import { errorText, type Ctl } from './ctl.js';
@@ -65,10 +65,8 @@ interface Meter {
 /** Counts chunks as they pass (data sent as zeros on a plain stream counts as data). */
 function metered<C extends Chunk | FileRange>(src: AsyncIterable<C>, m: Meter, holesAreData: boolean): AsyncIterable<C> {
   return tapChunks(src, (c) => {
-    if (c.kind === 'data') m.counts.dataBytes += c.bytes.length;
-    else if (c.kind === 'file') m.counts.dataBytes += c.length;
-    else if (holesAreData) m.counts.dataBytes += c.length;
-    else m.counts.holeBytes += c.length;
+    if (c.kind === 'hole' && !holesAreData) m.counts.holeBytes += c.length;
+    else m.counts.dataBytes += chunkLength(c);
     m.bar?.update(m.counts);
   });
 }

@@ -1,5 +1,5 @@
 /** StoragePool and StorageVol: libvirt's storage API over the wire, plus sparse file transfer. */
-import { tapChunks, type Chunk, type FileRange } from '../chunk.js';
+import { chunkLength, tapChunks, type Chunk, type FileRange } from '../chunk.js';
 import { checkByteCount, SparsevirtError } from '../errors.js';
 import { P, SPARSE_STREAM, type PoolRef, type VolRef } from '../protocol/remote.js';
 import { releaseFramePayloads } from '../rpc/peer.js';
@@ -224,9 +224,8 @@ export class StorageVol {
 function count<C extends Chunk | FileRange>(src: AsyncIterable<C>, onProgress?: (p: { dataBytes: number; holeBytes: number }) => void) {
   const totals = { dataBytes: 0, holeBytes: 0 };
   const chunks = tapChunks(src, (c) => {
-    if (c.kind === 'data') totals.dataBytes += c.bytes.length;
-    else if (c.kind === 'file') totals.dataBytes += c.length;
-    else totals.holeBytes += c.length;
+    if (c.kind === 'hole') totals.holeBytes += c.length;
+    else totals.dataBytes += chunkLength(c);
     onProgress?.(totals);
   });
   return { chunks, totals };

@@ -14,7 +14,7 @@
  * byte is written and the file closed; a failure there is reported instead of the OK.
  */
 import type { FileHandle } from 'node:fs/promises';
-import type { Chunk } from '../chunk.js';
+import { chunkLength, type Chunk } from '../chunk.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
 import { bufferStats, releaseFramePayloads, type WireStream } from '../rpc/peer.js';
 import { fileSendChunks, writeChunks } from '../sparse/index.js';
@@ -167,7 +167,7 @@ export class Transfer {
     this.pacer = pacer;
     try {
       for await (const chunk of chunks) {
-        if (pacer !== null && (chunk.kind === 'hole' || (chunk.kind === 'data' ? chunk.bytes.length : chunk.length) <= PACED_DATA_MAX)) {
+        if (pacer !== null && (chunk.kind === 'hole' || chunkLength(chunk) <= PACED_DATA_MAX)) {
           await pacer.next();
         }
         if (chunk.kind === 'file') {

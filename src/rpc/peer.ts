@@ -273,7 +273,7 @@ export class Peer extends EventEmitter {
     this.abortTimeout = opts.abortTimeout ?? 30000;
     this.sendWindow = opts.sendWindow ?? 1 << 20;
     const hook = (socket as { [kReadHook]?: ReadHook })[kReadHook];
-    if (hook) hook.attach((n) => this.readTarget(n), (n, buf) => this.onRead(n, buf));
+    if (hook) hook.attach(() => this.readTarget(), (n, buf) => this.onRead(n, buf));
     else socket.on('data', (buf: Buffer) => this.onData(buf));
     socket.on('drain', () => this.flushDrain());
     socket.on('error', (err) => this.destroy(new SparsevirtError('ERR_CONNECTION_CLOSED', `connection error: ${err.message}`, { cause: err })));
@@ -792,7 +792,7 @@ export class Peer extends EventEmitter {
   }
 
   /** The buffer the next socket read lands in (sockets opened with a ReadHook). */
-  private readTarget(_scratchSize: number): Buffer {
+  private readTarget(): Buffer {
     const t = this.parser.readTarget();
     this.hookTarget = t;
     if (t) return t;

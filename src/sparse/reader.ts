@@ -4,7 +4,7 @@
  * bounded by `readAhead × chunkSize` whatever the size of the file.
  */
 import fs from 'node:fs';
-import { LEGACY_PAYLOAD_MAX, type Chunk, type FileRange } from '../chunk.js';
+import { LEGACY_PAYLOAD_MAX, chunkLength, type Chunk, type FileRange } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
 import * as sys from './sys.js';
 import { ExtentWalker, zeroDetection, type Extent, type ZeroDetection } from './extents.js';
@@ -376,7 +376,7 @@ export async function readExtents(target: FileTarget, opts: WindowOptions = {}):
     const reader = await ChunkReader.open(target, { ...opts, chunkSize: ZERO_SCAN_READ });
     let pos = reader.offset;
     for await (const c of reader) {
-      const length = c.kind === 'data' ? c.bytes.length : c.length;
+      const length = chunkLength(c);
       add(c.kind, pos, length);
       pos += length;
     }

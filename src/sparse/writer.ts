@@ -4,7 +4,7 @@
  * and sets the final size.
  */
 import fs from 'node:fs';
-import type { Chunk } from '../chunk.js';
+import { chunkLength, type Chunk } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
 import { DEVICE_ALIGN, abortError, certainlyAllHole, ioError, openFile, zeroes, type FileTarget, type OpenFile } from './file.js';
 import * as sys from './sys.js';
@@ -137,7 +137,7 @@ export class SparseWriter {
     if (this.#closed) throw new SparsevirtError('ERR_STREAM_STATE', `${this.file.name}: write after close`);
     if (this.#failure) throw this.#failure;
     if (this.#signal?.aborted) throw abortError(this.#signal);
-    const length = checkByteCount('chunk length', chunk.kind === 'data' ? chunk.bytes.length : chunk.length);
+    const length = checkByteCount('chunk length', chunkLength(chunk));
     if (length === 0) return;
     const at = this.#position;
     checkByteCount('end of write', at + length);
