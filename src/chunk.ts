@@ -27,6 +27,22 @@ export interface FileRange {
   length: number;
 }
 
+/**
+ * The receiving side's counterpart: data a stream wrote into its consumer's file itself, where
+ * the consumer asked for it (`Stream.receiveInto`): `length` bytes at `offset` of the file now
+ * hold it. Large packets from a socket go there by `splice(2)`, never through a buffer. With
+ * `error`, writing them failed (the bytes are lost: the consumer reports the error as a failed
+ * write). Only consumers that called `receiveInto` see these; `fd` is the stream's own
+ * duplicate of the file's descriptor, valid until the consumer calls `receiveInto(null)`.
+ */
+export interface WrittenRange {
+  kind: 'written';
+  fd: number;
+  offset: number;
+  length: number;
+  error?: Error;
+}
+
 /** Largest stream data payload libvirt ever sends (256 KiB − 24-byte header). */
 export const LEGACY_PAYLOAD_MAX = 262120;
 
@@ -34,12 +50,12 @@ export const LEGACY_PAYLOAD_MAX = 262120;
 export const MAX_SAFE_BYTES = Number.MAX_SAFE_INTEGER;
 
 /** The bytes a chunk (or a file range) covers in the stream. */
-export function chunkLength(c: Chunk | FileRange): number {
+export function chunkLength(c: Chunk | FileRange | WrittenRange): number {
   return c.kind === 'data' ? c.bytes.length : c.length;
 }
 
-/** The bytes a `FileRange` stands for, read now (the file is in memory: this never waits on a disk). */
-export function readFileRange(r: FileRange): Buffer {
+/** The bytes a `FileRange` (or a `WrittenRange`) stands for, read now (the file is in memory: this never waits on a disk). */
+export function readFileRange(r: FileRange | WrittenRange): Buffer {
   const buf = Buffer.allocUnsafe(r.length);
   let have = 0;
   while (have < r.length) {

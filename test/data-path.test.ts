@@ -20,6 +20,7 @@ import { allocatedBytes, expectedAllocation, extentMap, makeImage, scratchDir, s
 import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { virsh } from './helpers/libvirt.js';
 import { PACE_US } from '../src/daemon/transfer.js';
+import { cliRaw, show } from './cli-support.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -166,7 +167,19 @@ function lastDownload(d: TestDaemon): { ms: number; pacedWaits?: number; holeByt
   return JSON.parse(line!);
 }
 
-test('daemon on tmpfs: our client and virsh download and upload a volume; same SHA-256 and sparseness, data by sendfile both ways', async () => {
+/** The daemon's last "upload ok" log line. */
+function lastUpload(d: TestDaemon): { holeBytes: number; dataBytes: number; splicedBytes: number } {
+  const line = d.logs.filter((l) => /"upload ok"/.test(l)).at(-1);
+  assert.ok(line, 'the daemon logged the upload');
+  return JSON.parse(line!);
+}
+
+/** Large packets went from the socket into the file by splice: at least 1 MiB, and no more than the data. */
+function splicedSome(spliced: number, data: number, what: string): void {
+  assert.ok(spliced >= 1 * MiB && spliced <= data, `${what}: ${spliced} of ${data} data bytes spliced`);
+}
+
+test('daemon on tmpfs: our client and virsh download and upload a volume; same SHA-256 and sparseness, data by sendfile both ways and into the file by splice', async () => {
   await withShmDaemon('sv-datapath-d-', async ({ dir, poolDir, d, conn, pool }) => {
     const src = path.join(dir, 'src.img');
     const size = await makeImage(src, LAYOUT, 7);
@@ -178,11 +191,15 @@ test('daemon on tmpfs: our client and virsh download and upload a volume; same S
     await vol.uploadFile(src, { sparse: true });
     assert.ok(conn.peer.stats.directBytes - before >= 1 * MiB, 'the client sent large extents by sendfile');
     await sparseAsSource(path.join(poolDir, 'v.img'), 'uploaded volume');
+    const up = lastUpload(d);
+    splicedSome(up.splicedBytes, up.dataBytes, 'daemon, upload');
 
-    // download by our client: volume → socket by sendfile in the daemon
+    // download by our client: volume → socket by sendfile in the daemon, socket → file by splice here
     const out = path.join(dir, 'out.img');
+    const splicedBefore = conn.peer.stats.splicedBytes;
     await vol.downloadFile(out, { sparse: true });
     await sparseAsSource(out, 'downloaded file');
+    splicedSome(conn.peer.stats.splicedBytes - splicedBefore, up.dataBytes, 'client, download');
     const logged = lastDownload(d);
     assert.ok(logged.sendfileBytes >= 1 * MiB && logged.sendfileBytes <= logged.dataBytes, `sendfileBytes ${logged.sendfileBytes} of ${logged.dataBytes}`);
 
@@ -195,6 +212,14 @@ test('daemon on tmpfs: our client and virsh download and upload a volume; same S
     const r2 = await virsh(['vol-upload', '--pool', 'shm', 'w.img', src, '--sparse'], { uri: d.virshUri });
     assert.equal(r2.code, 0, r2.stderr);
     await sparseAsSource(path.join(poolDir, 'w.img'), 'virsh upload');
+    const vup = lastUpload(d);
+    splicedSome(vup.splicedBytes, vup.dataBytes, 'daemon, virsh upload');
+
+    // the CLI's download (its own writer set-up) splices too
+    const cout = path.join(dir, 'cli-out.img');
+    const r3 = await cliRaw(['-c', d.uri, 'vol-download', '--pool', 'shm', 'w.img', cout, '--sparse']);
+    assert.equal(r3.code, 0, show(r3));
+    await sparseAsSource(cout, 'CLI download');
   });
 });
 
@@ -337,4 +362,52 @@ test('a peer that stops reading while a frame is stalled is still found out by k
     close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('daemon on tmpfs, upload limits with packets written in place: data past --length or the capacity fails the upload, what fits is stored, nothing past it', async () => {
+  await withShmDaemon('sv-datapath-lim-', async ({ poolDir, d, pool }) => {
+    const PACKET = 262120;
+    const data = Buffer.alloc(6 * PACKET);
+    for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
+    const send = async (vol: string, opts: { offset?: number; length?: number }): Promise<Error | null> => {
+      const v = await pool.volLookupByName(vol);
+      const s = await v.upload({ ...opts, sparse: true });
+      try {
+        for (let at = 0; at < data.length; at += PACKET) await s.send(data.subarray(at, at + PACKET));
+        await s.finish();
+        return null;
+      } catch (err) {
+        return err as Error;
+      }
+    };
+
+    // --length: 3.5 packets; packets 1–3 inside it (2 and 3 in place), the 4th crosses it
+    await pool.createVol({ name: 'len.img', capacity: 8 * PACKET, allocation: 0 });
+    const limit = Math.floor(3.5 * PACKET);
+    const e1 = await send('len.img', { offset: 0, length: limit });
+    assert.ok(e1 && /No space left on device/.test(e1.message), `length: ${e1?.message}`);
+    const got1 = fs.readFileSync(path.join(poolDir, 'len.img'));
+    assert.equal(got1.length, 8 * PACKET, 'the volume keeps its size');
+    assert.ok(got1.subarray(0, limit).equals(data.subarray(0, limit)), 'the bytes up to the limit');
+    assert.ok(got1.subarray(limit).equals(Buffer.alloc(got1.length - limit)), 'nothing past the limit');
+    const failed1 = d.logs.filter((l) => /"upload failed"/.test(l)).at(-1);
+    assert.ok(failed1, 'the daemon logged the failed upload');
+
+    // capacity: 2.5 packets at offset 0; the 3rd packet crosses the end of the volume
+    await pool.createVol({ name: 'cap.img', capacity: Math.floor(2.5 * PACKET), allocation: 0 });
+    const cap = Math.floor(2.5 * PACKET);
+    const e2 = await send('cap.img', {});
+    assert.ok(e2 && /runs past its capacity/.test(e2.message), `capacity: ${e2?.message}`);
+    const got2 = fs.readFileSync(path.join(poolDir, 'cap.img'));
+    assert.equal(got2.length, cap, 'the volume keeps its size');
+    assert.ok(got2.equals(data.subarray(0, cap)), 'the bytes up to the capacity');
+
+    // the same daemon goes on: a whole upload at an offset, packets in place
+    await pool.createVol({ name: 'ok.img', capacity: 8 * PACKET, allocation: 0 });
+    assert.equal(await send('ok.img', { offset: PACKET }), null);
+    const got3 = fs.readFileSync(path.join(poolDir, 'ok.img'));
+    assert.ok(got3.subarray(PACKET, 7 * PACKET).equals(data), 'the bytes at the offset');
+    const up = lastUpload(d);
+    assert.ok(up.splicedBytes >= 3 * PACKET, `spliced ${up.splicedBytes}`);
+  });
 });

@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { chunkLength, tapChunks, type Chunk, type FileRange } from '../chunk.js';
+import { chunkLength, tapChunks, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
 import type { StorageVol } from '../client/index.js';
 import type { Stream } from '../stream/index.js';
 import { errorText, type Ctl } from './ctl.js';
@@ -63,7 +63,7 @@ interface Meter {
 }
 
 /** Counts chunks as they pass (data sent as zeros on a plain stream counts as data). */
-function metered<C extends Chunk | FileRange>(src: AsyncIterable<C>, m: Meter, holesAreData: boolean): AsyncIterable<C> {
+function metered<C extends Chunk | FileRange | WrittenRange>(src: AsyncIterable<C>, m: Meter, holesAreData: boolean): AsyncIterable<C> {
   return tapChunks(src, (c) => {
     if (c.kind === 'hole' && !holesAreData) m.counts.holeBytes += c.length;
     else m.counts.dataBytes += chunkLength(c);
@@ -238,16 +238,16 @@ const volDownload: Handler = async (ctl, cmd) => {
       return ctl.fail(`cannot download from volume ${name}`, openStreamDetail(err, 'download'));
     }
     meter = await makeMeter(ctl, 'download', () => downloadTotal(vol, Number(offset), length));
-    const chunks = metered(stream, meter, false);
     try {
       if (st.isFile() || st.isBlockDevice()) {
         const { writeChunks } = await import('../sparse/index.js');
         // The file is empty (created or truncated): holes are simply skipped; a trailing one
-        // sets the size, as virsh's lseek + ftruncate.
+        // sets the size, as virsh's lseek + ftruncate. Large packets go into it in place.
         const { releaseFramePayloads } = await import('../rpc/peer.js');
-        await writeChunks({ fd: fh.fd }, chunks, { signal, release: releaseFramePayloads });
+        const chunks = metered(stream.chunksInPlace(), meter, false);
+        await writeChunks({ fd: fh.fd }, chunks, { signal, release: releaseFramePayloads, receiveInto: (t) => stream.receiveInto(t) });
       } else {
-        await writeSequential(fh, st, chunks);
+        await writeSequential(fh, st, metered(stream, meter, false));
       }
     } catch (err) {
       await stream.abort(err).catch(() => undefined);

@@ -1,5 +1,5 @@
 /** StoragePool and StorageVol: libvirt's storage API over the wire, plus sparse file transfer. */
-import { chunkLength, tapChunks, type Chunk, type FileRange } from '../chunk.js';
+import { chunkLength, tapChunks, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
 import { checkByteCount, SparsevirtError } from '../errors.js';
 import { P, SPARSE_STREAM, type PoolRef, type VolRef } from '../protocol/remote.js';
 import { releaseFramePayloads } from '../rpc/peer.js';
@@ -209,9 +209,9 @@ export class StorageVol {
    */
   async downloadFile(file: string, opts: FileTransferOptions = {}): Promise<TransferResult> {
     const stream = await this.download(opts);
-    const counted = count(stream, opts.onProgress);
+    const counted = count(stream.chunksInPlace(), opts.onProgress);
     try {
-      await writeChunks(file, counted.chunks, { truncate: true, signal: opts.signal, release: releaseFramePayloads });
+      await writeChunks(file, counted.chunks, { truncate: true, signal: opts.signal, release: releaseFramePayloads, receiveInto: (t) => stream.receiveInto(t) });
     } catch (err) {
       await stream.abort(err as Error).catch(() => {});
       throw err;
@@ -221,7 +221,7 @@ export class StorageVol {
 }
 
 /** Count bytes as chunks pass, without copying them. */
-function count<C extends Chunk | FileRange>(src: AsyncIterable<C>, onProgress?: (p: { dataBytes: number; holeBytes: number }) => void) {
+function count<C extends Chunk | FileRange | WrittenRange>(src: AsyncIterable<C>, onProgress?: (p: { dataBytes: number; holeBytes: number }) => void) {
   const totals = { dataBytes: 0, holeBytes: 0 };
   const chunks = tapChunks(src, (c) => {
     if (c.kind === 'hole') totals.holeBytes += c.length;

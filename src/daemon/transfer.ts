@@ -14,7 +14,7 @@
  * byte is written and the file closed; a failure there is reported instead of the OK.
  */
 import type { FileHandle } from 'node:fs/promises';
-import { chunkLength, type Chunk } from '../chunk.js';
+import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
 import { bufferStats, releaseFramePayloads, type WireStream } from '../rpc/peer.js';
 import { fileSendChunks, writeChunks } from '../sparse/index.js';
@@ -98,7 +98,7 @@ export class Transfer {
   holeBytes = 0;
   private pacer: Pacer | null = null;
   private readonly batchesAtStart: number;
-  /** The connection's sendfile counter when this transfer started (downloads: see the log line). */
+  /** The connection's sendfile (download) or splice (upload) counter when this transfer started (see the log line). */
   private readonly directAtStart: number;
 
   constructor(readonly spec: TransferSpec) {
@@ -108,7 +108,7 @@ export class Transfer {
       highWaterMark: UPLOAD_WINDOW,
     });
     spec.wire.attach(this.stream);
-    this.directAtStart = spec.wire.peer.stats.directBytes;
+    this.directAtStart = spec.kind === 'download' ? spec.wire.peer.stats.directBytes : spec.wire.peer.stats.splicedBytes;
     this.batchesAtStart = bufferStats.outputBatches;
   }
 
@@ -134,6 +134,8 @@ export class Transfer {
       dataBytes: this.dataBytes, holeBytes: this.holeBytes,
       // bytes the kernel passed from the file to the socket (sendfile): one stream at a time, these are its own
       ...(spec.kind === 'download' ? { sendfileBytes: spec.wire.peer.stats.directBytes - this.directAtStart } : {}),
+      // bytes that went from the socket into the volume by splice, never through a buffer (uploads)
+      ...(spec.kind === 'upload' ? { splicedBytes: spec.wire.peer.stats.splicedBytes - this.directAtStart } : {}),
       // times a download of small packets waited for a client without a deep queue (see Pacer)
       ...(this.pacer !== null ? { pacedWaits: this.pacer.waits } : {}),
       // output batch buffers the process had to allocate meanwhile (the rest came from its pool)
@@ -200,7 +202,10 @@ export class Transfer {
     const { spec, stream } = this;
     const source = this.received();
     try {
-      await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset, release: releaseFramePayloads });
+      // large packets go into the volume in place, up to where the upload's limits stop them
+      const limit = Math.min(spec.offset + (spec.length ?? Number.MAX_SAFE_INTEGER), spec.capacity ?? Number.MAX_SAFE_INTEGER);
+      const receiveInto = (t: { fd: number; base: number } | null): boolean => stream.receiveInto(t && { ...t, limit });
+      await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset, release: releaseFramePayloads, receiveInto });
     } catch (err) {
       if (stream.state !== 'open') return this.endedByPeer(err);
       const e = err instanceof RemoteError ? err : systemError('cannot write to stream', (err as { cause?: unknown }).cause ?? err, DOMAIN.STREAMS);
@@ -223,35 +228,27 @@ export class Transfer {
    * fails the upload, after what fits was passed on, and the volume keeps its size. One
    * generator for all of it: a layer per check costs a promise per packet.
    */
-  private async *received(): AsyncGenerator<Chunk> {
+  private async *received(): AsyncGenerator<Chunk | WrittenRange> {
     const { spec, stream } = this;
-    const stopAtHole = stream.sparse ? { stopAtHole: true } : undefined;
     let left = spec.length ?? Number.POSITIVE_INFINITY;
     const capacity = spec.capacity ?? Number.POSITIVE_INFINITY;
     let at = spec.offset;
     for (;;) {
-      const r = await stream.recv(Number.MAX_SAFE_INTEGER, stopAtHole);
-      if (r === null) return;
-      let chunk: Chunk;
-      let n: number;
-      if (Buffer.isBuffer(r)) {
-        this.dataBytes += r.length;
-        chunk = { kind: 'data', bytes: r };
-        n = r.length;
-      } else {
-        n = await stream.recvHole();
-        this.holeBytes += n;
-        chunk = { kind: 'hole', length: n };
-      }
+      let chunk = await stream.recvChunk();
+      if (chunk === null) return;
+      let n = chunkLength(chunk);
+      if (chunk.kind === 'hole') this.holeBytes += n;
+      else this.dataBytes += n;
+      // (a range written in place never passes the limits: the stream stops short of them)
       let overLimit = false;
       if (n > left) {
-        if (chunk.kind === 'data') overLimit = true;
+        if (chunk.kind !== 'hole') overLimit = true;
         n = left;
-        chunk = chunk.kind === 'data' ? { kind: 'data', bytes: chunk.bytes.subarray(0, n) } : { kind: 'hole', length: n };
+        chunk = cut(chunk, n);
       }
       left -= n;
       if (at + n > capacity) {
-        if (capacity > at) yield chunk.kind === 'data' ? { kind: 'data', bytes: chunk.bytes.subarray(0, capacity - at) } : { kind: 'hole', length: capacity - at };
+        if (capacity > at) yield cut(chunk, capacity - at);
         throw uploadPastCapacity(spec.vol.name, capacity, capacity);
       }
       at += n;
@@ -269,6 +266,12 @@ export class Transfer {
     if (this.stream.finishedByPeer) return 'finished early by the client';
     throw err;
   }
+}
+
+/** The first `n` bytes of a chunk. */
+function cut(chunk: Chunk | WrittenRange, n: number): Chunk | WrittenRange {
+  if (chunk.kind === 'data') return { kind: 'data', bytes: chunk.bytes.subarray(0, n) };
+  return { ...chunk, length: n };
 }
 
 /** The refusal for an upload that would write at or past the end of its volume. */

@@ -9,12 +9,12 @@ import fs, { readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
 import diagnostics from 'node:diagnostics_channel';
-import { readFileRange, type Chunk } from '../chunk.js';
+import { readFileRange, type Chunk, type WrittenRange } from '../chunk.js';
 import { RemoteError, SparsevirtError, remoteErrorFields, VIR_DOMAIN, VIR_ERR_CODE, type RemoteErrorFields } from '../errors.js';
-import type { StreamChannel, StreamInbound } from '../stream/channel.js';
+import type { DirectTarget, StreamChannel, StreamInbound } from '../stream/channel.js';
 import { XdrReader, XdrWriter, type Codec } from '../xdr/index.js';
 import {
-  buildFrameHead, describeHeader, FRAME_MAX, FRAME_OVERHEAD, writeFrameHead, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM,
+  buildFrameHead, describeHeader, FRAME_MAX, FRAME_OVERHEAD, readHeader, writeFrameHead, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM,
   KEEPALIVE_VERSION, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, STREAM_PAYLOAD_MAX,
   type Header, type Message,
 } from './message.js';
@@ -196,6 +196,38 @@ const STALL_PIECE = 16 * 1024;
 
 const readRange = (fd: number, offset: number, length: number): Buffer => readFileRange({ kind: 'file', fd, offset, length });
 
+/**
+ * Receiving in place (see `Peer.readTarget`): one pipe for the process, empty between two
+ * calls (both of its ends are used within one synchronous step), or null where there is none.
+ */
+let inPlacePipe: [number, number] | null | undefined;
+function splicePipe(): [number, number] | null {
+  if (inPlacePipe === undefined) {
+    const p = sys.makePipe(1 << 20);
+    inPlacePipe = typeof p === 'number' ? null : p;
+  }
+  return inPlacePipe;
+}
+/**
+ * The rest of an in-place packet that was not in the socket yet arrives by an ordinary read of
+ * at most this much (libuv tells us the socket is readable by reading it), is written at its
+ * place, and splicing goes on. Larger when the socket cannot splice, or the bytes are dropped.
+ */
+const TAIL_READ = 16 * 1024;
+const TAIL_MAX = 256 * 1024;
+let tailBuffer: Buffer | null = null;
+
+/** A data packet being written into its stream's file as it arrives (`Peer.beginInPlace`). */
+interface InPlace {
+  stream: WireStream;
+  fd: number;
+  offset: number;
+  length: number;
+  /** Payload bytes consumed from the socket so far (written, or dropped after `error`). */
+  done: number;
+  error: Error | null;
+}
+
 export class Peer extends EventEmitter {
   readonly role: 'client' | 'server';
   readonly socket: Duplex;
@@ -260,13 +292,25 @@ export class Peer extends EventEmitter {
    * says the socket has room again); and large file frames read into a buffer whole, because
    * another frame was held or the socket was not ours to write.
    */
-  readonly stats = { directBytes: 0, directStalls: 0, copiedBytes: 0, bufferedFrames: 0 };
+  readonly stats = { directBytes: 0, directStalls: 0, copiedBytes: 0, bufferedFrames: 0, splicedBytes: 0, splicedFrames: 0 };
+  private readonly maxFrame: number;
+  /** Receiving streams whose consumer takes data packets in place (`Stream.receiveInto`). */
+  private inPlaceReceivers = 0;
+  /** A frame's header read alone, to see whether its payload goes in place (`readTarget`). */
+  private readonly inHead = Buffer.allocUnsafe(FRAME_OVERHEAD);
+  private inHeadHave = 0;
+  private inHeadTarget: Buffer | null = null;
+  private inPlace: InPlace | null = null;
+  private tailTarget: Buffer | null = null;
+  /** splice(2) failed on this socket: no new packet goes in place. */
+  private spliceOff = false;
 
   constructor(socket: Duplex, opts: PeerOptions) {
     super();
     this.role = opts.role;
     this.socket = socket;
-    this.parser = new FrameParser({ maxFrame: opts.maxFrame ?? FRAME_MAX, alloc: allocFrame });
+    this.maxFrame = opts.maxFrame ?? FRAME_MAX;
+    this.parser = new FrameParser({ maxFrame: this.maxFrame, alloc: allocFrame });
     this.keepaliveInterval = opts.keepaliveInterval ?? 5;
     this.keepaliveCount = opts.keepaliveCount ?? 5;
     this.streamPacketMax = opts.streamPacketMax ?? STREAM_PAYLOAD_MAX;
@@ -793,6 +837,19 @@ export class Peer extends EventEmitter {
 
   /** The buffer the next socket read lands in (sockets opened with a ReadHook). */
   private readTarget(): Buffer {
+    if (this.inPlace !== null) {
+      const p = this.inPlace;
+      tailBuffer ??= Buffer.allocUnsafeSlow(TAIL_MAX);
+      const max = this.spliceOff || p.error !== null ? TAIL_MAX : TAIL_READ;
+      this.tailTarget = tailBuffer.subarray(0, Math.min(p.length - p.done, max));
+      return this.tailTarget;
+    }
+    if (this.inHeadHave > 0 || (this.inPlaceReceivers > 0 && this.bigFrames && !this.spliceOff && this.parser.idle && this.directFd() >= 0)) {
+      // Data packets flowing to a consumer that takes them in place: read the next header
+      // alone; a data packet's payload then goes from the socket to the file by splice.
+      this.inHeadTarget = this.inHead.subarray(this.inHeadHave);
+      return this.inHeadTarget;
+    }
     const t = this.parser.readTarget();
     this.hookTarget = t;
     if (t) return t;
@@ -811,6 +868,20 @@ export class Peer extends EventEmitter {
   }
 
   private onRead(n: number, buf: Buffer): void {
+    if (buf === this.tailTarget) {
+      this.tailTarget = null;
+      this.lastRecv = Date.now();
+      this.pingsOut = 0;
+      this.inPlaceTail(n, buf);
+      return;
+    }
+    if (buf === this.inHeadTarget) {
+      this.inHeadTarget = null;
+      this.lastRecv = Date.now();
+      this.pingsOut = 0;
+      this.onInHead(n);
+      return;
+    }
     // Three kinds of read target: a fresh frame-sized buffer while big packets flow (a frame
     // alone in it keeps it), the rest of a frame being assembled, and the rest of the read slab
     // for every other read. Frames read into the slab stay there (views, no copy: 100,000 4 KiB
@@ -872,6 +943,118 @@ export class Peer extends EventEmitter {
     } catch (err) {
       this.destroy(err as Error);
     }
+  }
+
+  // ---------------------------------------------------------------- receiving in place
+
+  /** @internal A receiving stream's consumer takes data packets in place from now on (+1), or no more (-1). */
+  inPlaceReceiver(delta: number): void {
+    this.inPlaceReceivers += delta;
+  }
+
+  /** A header read alone (see `readTarget`): a data packet for a stream that takes it in place, or anything else. */
+  private onInHead(n: number): void {
+    this.inHeadHave += n;
+    if (this.inHeadHave < FRAME_OVERHEAD) return;
+    this.inHeadHave = 0;
+    const head = this.inHead;
+    try {
+      const len = head.readUInt32BE(0);
+      const payload = len - FRAME_OVERHEAD;
+      if (payload >= BIG_FRAME && len <= this.maxFrame) {
+        const h = readHeader(head, 4);
+        if (h.type === MessageType.STREAM && h.status === Status.CONTINUE && h.prog === REMOTE_PROGRAM) {
+          const s = this.streams.get(streamKey(h.proc, h.serial));
+          const t = s?.directTarget(payload);
+          if (s && t) {
+            if (chFrame.hasSubscribers) chFrame.publish({ dir: 'in', header: h, length: payload });
+            this.smallRun = 0;
+            this.inPlace = { stream: s, fd: t.fd, offset: t.offset, length: payload, done: 0, error: null };
+            this.pumpInPlace();
+            return;
+          }
+        }
+      }
+      // anything else: the parser takes the header and assembles the rest as usual
+      this.parser.pushCopy(head, FRAME_OVERHEAD, this.onMessageBound);
+    } catch (err) {
+      this.destroy(err as Error);
+    }
+  }
+
+  /**
+   * Move the payload of the in-place packet from the socket to its file: socket → pipe (the
+   * kernel passes the received pages along) → file at its offset (one copy, in the kernel). Stops
+   * when the socket has nothing more for now: the next read brings the rest (`inPlaceTail`).
+   */
+  private pumpInPlace(): void {
+    const p = this.inPlace!;
+    const sock = this.directFd();
+    const pipe = splicePipe();
+    while (p.done < p.length && p.error === null && !this.spliceOff) {
+      if (pipe === null || sock < 0) {
+        this.spliceOff = true;
+        break;
+      }
+      if (!this.inPlaceLive(p)) break;
+      const r = sys.splice(sock, pipe[1], -1, p.length - p.done, sys.SPLICE_F_MOVE | sys.SPLICE_F_NONBLOCK);
+      if (r === -sys.EAGAIN || r === 0) return; // (0: the peer closed; the read that follows sees it)
+      if (r < 0) {
+        // this socket cannot splice: the rest of the packet comes by reads, later ones as usual
+        debug('splice from the socket failed (%s): packets are read', sys.errnoException(r, 'splice').code);
+        this.spliceOff = true;
+        break;
+      }
+      let left = r;
+      while (left > 0) {
+        const w = p.error === null ? sys.splice(pipe[0], p.fd, p.offset + p.done, left, sys.SPLICE_F_MOVE) : -1;
+        if (w > 0) {
+          left -= w;
+          p.done += w;
+          this.stats.splicedBytes += w;
+          continue;
+        }
+        // the file refused (ENOSPC, EIO…): these bytes are lost; the stream's consumer hears it
+        p.error ??= sys.errnoException(w === 0 ? -5 : w, 'splice');
+        drainPipe(pipe, left);
+        p.done += left;
+        left = 0;
+      }
+    }
+    if (p.done === p.length) this.endInPlace();
+  }
+
+  /** Payload bytes of the in-place packet that came by a read: written at their place, or dropped after an error. */
+  private inPlaceTail(n: number, buf: Buffer): void {
+    const p = this.inPlace!;
+    if (p.error === null && this.inPlaceLive(p)) {
+      try {
+        let have = 0;
+        while (have < n) have += fs.writeSync(p.fd, buf, have, n - have, p.offset + p.done + have);
+      } catch (err) {
+        p.error = err as Error;
+      }
+    }
+    p.done += n;
+    if (p.done === p.length) this.endInPlace();
+    else this.pumpInPlace();
+  }
+
+  /** Whether the consumer still takes this packet (it stops, or the stream ends, in between reads). */
+  private inPlaceLive(p: InPlace): boolean {
+    if (p.error !== null) return false;
+    if (p.stream.directTarget(0)?.fd === p.fd) return true;
+    p.error = new SparsevirtError('ERR_STREAM_STATE', 'the stream stopped taking data in place in the middle of a packet');
+    return false;
+  }
+
+  private endInPlace(): void {
+    const p = this.inPlace!;
+    this.inPlace = null;
+    this.stats.splicedFrames++;
+    const range: WrittenRange = { kind: 'written', fd: p.fd, offset: p.offset, length: p.length };
+    if (p.error !== null) range.error = p.error;
+    p.stream.onWritten(range);
   }
 
   private onMessage(m: Message): void {
@@ -983,6 +1166,7 @@ export class Peer extends EventEmitter {
     this.streams.clear();
     this.flushDrain();
     this.directAbort?.();
+    this.inPlace = null;
     this.outBuf = null;
     this.outState = null;
     this.socket.destroy();
@@ -1016,6 +1200,7 @@ export class WireStream implements StreamChannel {
   private gotEnd = false;
   private err: Error | null = null;
   pausing = false;
+  private inPlaceOn = false;
   private readonly head: Header;
   private readonly holeHead: Header;
 
@@ -1127,6 +1312,24 @@ export class WireStream implements StreamChannel {
     }, this.peer.abortTimeout);
     t.unref();
     return p.then(() => clearTimeout(t), () => clearTimeout(t));
+  }
+
+  receiveDirect(on: boolean): void {
+    if (on === this.inPlaceOn || (on && this.done)) return;
+    this.inPlaceOn = on;
+    this.peer.inPlaceReceiver(on ? 1 : -1);
+  }
+
+  /** @internal Where a data packet arriving now goes in place, if its consumer takes it so. */
+  directTarget(length: number): DirectTarget | null {
+    if (this.sending || this.confirm || this.done || this.inbound === null) return null;
+    return this.inbound.directTarget?.(length) ?? null;
+  }
+
+  /** @internal A data packet the Peer wrote in place. */
+  onWritten(range: WrittenRange): void {
+    if (this.done) return;
+    this.toInbound((i) => i.deliver(range));
   }
 
   pauseIncoming(): void {
@@ -1267,6 +1470,7 @@ export class WireStream implements StreamChannel {
   private close(): void {
     if (this.done) return;
     this.done = true;
+    this.receiveDirect(false);
     this.peer.streamClosed(this);
   }
 
@@ -1276,6 +1480,29 @@ export class WireStream implements StreamChannel {
 }
 
 /** The libvirt error record for a local error sent to the peer on a stream. */
+/**
+ * Empty the pipe of `n` bytes that could not be written. A pipe that cannot be emptied is
+ * closed and replaced: bytes left in it would land in the next packet's place.
+ */
+function drainPipe(pipe: [number, number], n: number): void {
+  tailBuffer ??= Buffer.allocUnsafeSlow(TAIL_MAX);
+  while (n > 0) {
+    let r = 0;
+    try {
+      r = fs.readSync(pipe[0], tailBuffer, 0, Math.min(n, tailBuffer.length), null);
+    } catch {
+      // (r stays 0)
+    }
+    if (r <= 0) {
+      inPlacePipe = undefined;
+      fs.close(pipe[0], () => undefined);
+      fs.close(pipe[1], () => undefined);
+      return;
+    }
+    n -= r;
+  }
+}
+
 export function toRemoteFields(err: Error): RemoteErrorFields {
   // a stream aborted because of a local failure carries that failure as its cause: report the cause.
   while ((err as SparsevirtError).code === 'ERR_ABORTED' && (err as { cause?: unknown }).cause instanceof Error) {

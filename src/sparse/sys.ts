@@ -1,8 +1,8 @@
 /**
  * The few Linux calls Node does not offer, bound once through koffi: `lseek` with
  * SEEK_DATA/SEEK_HOLE, `fallocate`, `ioctl(BLKGETSIZE64, SIOCOUTQ)`, `preadv2(RWF_NOWAIT)`,
- * `fstatfs`; for the data path `sendfile`, `write`, `setsockopt(SO_SNDBUF)`, `fcntl(F_DUPFD)`
- * and glibc's `mallopt`.
+ * `fstatfs`; for the data path `sendfile`, `splice`, `pipe2`, `write`, `setsockopt(SO_SNDBUF)`,
+ * `fcntl(F_DUPFD, F_SETPIPE_SZ)` and glibc's `mallopt`.
  *
  * Calls are synchronous: none of them waits for a disk (sendfile is used on files in memory
  * only; at most metadata, or the blocks a punch frees), and a call costs about a microsecond
@@ -59,6 +59,8 @@ interface Syscalls {
   setSendBuffer(fd: number, bytes: number): number;
   dup(fd: number): number;
   outq(fd: number): number;
+  splice(fdIn: number, fdOut: number, outOffset: number, length: number, flags: number): number;
+  pipe(size: number): [number, number] | number;
 }
 
 /** koffi hands back a BigInt for 64-bit results past 2^53; refuse those rather than round. */
@@ -86,6 +88,10 @@ function loadNative(): Syscalls | null {
     const dup = libc.func('int fcntl(int fd, int cmd, int arg)');
     const setsockopt = libc.func('int setsockopt(int fd, int level, int name, _In_ int *value, uint32_t len)');
     const offBox: [number | bigint] = [0];
+    const splice = libc.func('int64_t splice(int fd_in, void *off_in, int fd_out, _Inout_ int64_t *off_out, size_t len, unsigned int flags)');
+    const pipe2 = libc.func('int pipe2(_Out_ int *fds, int flags)');
+    const spliceOff: [number | bigint] = [0];
+    const pipeFds = new Int32Array(2);
     // struct statfs is 120 bytes on 64-bit Linux; f_type (a long) comes first.
     const statfsBuf = Buffer.alloc(256);
     // One reusable out-parameter box: koffi writes the u64 into out[0].
@@ -118,6 +124,22 @@ function loadNative(): Syscalls | null {
       },
       outq(fd) {
         return ioctlInt(fd, TIOCOUTQ, intBox) === 0 ? intBox[0] : -koffi.errno();
+      },
+      splice(fdIn, fdOut, outOffset, length, flags) {
+        let r: number;
+        if (outOffset < 0) {
+          r = splice(fdIn, null, fdOut, null, length, flags) as number;
+        } else {
+          spliceOff[0] = outOffset;
+          r = splice(fdIn, null, fdOut, spliceOff, length, flags) as number;
+        }
+        return r < 0 ? -koffi.errno() : r;
+      },
+      pipe(size) {
+        if (pipe2(pipeFds, O_NONBLOCK | O_CLOEXEC) !== 0) return -koffi.errno();
+        // F_SETPIPE_SZ may be refused (a limit below `size`): the default capacity still works
+        if (size > 0) dup(pipeFds[1]!, F_SETPIPE_SZ, size);
+        return [pipeFds[0]!, pipeFds[1]!];
       },
       dup(fd) {
         const r = dup(fd, F_DUPFD_CLOEXEC, 0) as number;
@@ -173,6 +195,8 @@ const fallback: Syscalls = {
   setSendBuffer: () => -ENOSYS,
   dup: () => -ENOSYS,
   outq: () => -ENOSYS,
+  splice: () => -ENOSYS,
+  pipe: () => -ENOSYS,
 };
 
 // koffi is loaded on the first syscall, not at import: a command that never maps or punches
@@ -249,6 +273,29 @@ export function writeRaw(fd: number, buf: Buffer): number {
 }
 
 const F_DUPFD_CLOEXEC = 1030;
+const F_SETPIPE_SZ = 1031;
+const O_NONBLOCK = 0o4000;
+const O_CLOEXEC = 0o2000000;
+
+/** splice(2) flags: move pages rather than copy them (a hint); do not block on the pipe. */
+export const SPLICE_F_MOVE = 1;
+export const SPLICE_F_NONBLOCK = 2;
+
+/**
+ * `splice(2)` of up to `length` bytes from `fdIn` (a socket or a pipe, at its current position)
+ * to `fdOut`: at `outOffset` of a file (its file position is not used), or with `outOffset` -1
+ * into a pipe. Bytes moved (0 at the end of the input), or `-errno` (EAGAIN: nothing to move
+ * now). From a socket into a pipe the kernel passes the received pages by reference; from the
+ * pipe into a file in memory it copies them once: the copy through user space is gone.
+ */
+export function splice(fdIn: number, fdOut: number, outOffset: number, length: number, flags: number): number {
+  return impl().splice(fdIn, fdOut, outOffset, length, flags);
+}
+
+/** `pipe2(O_NONBLOCK | O_CLOEXEC)` with a capacity of `size` bytes where allowed: `[read, write]`, or `-errno`. */
+export function makePipe(size: number): [number, number] | number {
+  return impl().pipe(size);
+}
 const TIOCOUTQ = 0x5411;
 
 /**

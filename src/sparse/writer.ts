@@ -4,7 +4,7 @@
  * and sets the final size.
  */
 import fs from 'node:fs';
-import { chunkLength, type Chunk } from '../chunk.js';
+import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
 import { DEVICE_ALIGN, abortError, certainlyAllHole, ioError, openFile, zeroes, type FileTarget, type OpenFile } from './file.js';
 import * as sys from './sys.js';
@@ -28,6 +28,13 @@ export interface SparseWriterOptions {
    */
   release?: (buffers: Buffer[]) => void;
   signal?: AbortSignal;
+  /**
+   * `writeChunks` only. A receiving stream's `receiveInto` (for a source that is that stream's
+   * `chunksInPlace()`, or taps it): called once the file is open, if it lives in memory (tmpfs,
+   * ramfs), with where the source's position 0 lands, so that large packets are written there
+   * as they arrive and come as `WrittenRange`s; called with null before the file is closed.
+   */
+  receiveInto?: (target: { fd: number; base: number } | null) => unknown;
 }
 
 export interface WriteResult {
@@ -133,7 +140,11 @@ export class SparseWriter {
     return this.#position;
   }
 
-  async write(chunk: Chunk): Promise<void> {
+  /**
+   * Write a chunk at the position. A `WrittenRange` is data the source already wrote in place
+   * (`writeChunks`' `receiveInto`): it must start at the position; its error is this writer's.
+   */
+  async write(chunk: Chunk | WrittenRange): Promise<void> {
     if (this.#closed) throw new SparsevirtError('ERR_STREAM_STATE', `${this.file.name}: write after close`);
     if (this.#failure) throw this.#failure;
     if (this.#signal?.aborted) throw abortError(this.#signal);
@@ -141,6 +152,20 @@ export class SparseWriter {
     if (length === 0) return;
     const at = this.#position;
     checkByteCount('end of write', at + length);
+    if (chunk.kind === 'written') {
+      if (chunk.error) {
+        this.#failure ??= ioError('cannot write', this.file.name, chunk.error);
+        throw this.#failure;
+      }
+      // coalesced data before it is written where it belongs (a batch ends at the position)
+      await this.#flush();
+      if (chunk.offset !== at) {
+        throw new SparsevirtError('ERR_STREAM_STATE', `${this.file.name}: data written in place at ${chunk.offset}, where the next write goes to ${at}`);
+      }
+      this.#position = at + length;
+      this.#dataBytes += length;
+      return;
+    }
     if (chunk.kind === 'data') {
       if (this.#batchBytes + length > MAX_BATCH_BYTES && this.#batch.length > 0) await this.#flush();
       this.#batch.push(chunk.bytes);
@@ -349,8 +374,16 @@ async function writevFully(fd: number, buffers: Buffer[], position: number): Pro
  * Writes `chunks` into `target` (see `SparseWriter`) and returns how many bytes came as data and
  * as holes. The source is always finished or returned (closed), also on error or abort.
  */
-export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chunk>, opts: SparseWriterOptions = {}): Promise<WriteResult> {
+export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chunk | WrittenRange>, opts: SparseWriterOptions = {}): Promise<WriteResult> {
   const writer = await SparseWriter.open(target, opts);
+  // large packets straight into the file, where it lives in memory (writes on the event loop)
+  let inPlace = opts.receiveInto && !writer.file.isBlockDevice && sys.isMemoryBacked(writer.file.fd) ? opts.receiveInto : undefined;
+  inPlace?.({ fd: writer.file.fd, base: writer.position });
+  const stopInPlace = (): void => {
+    const f = inPlace;
+    inPlace = undefined;
+    f?.(null);
+  };
   const it = chunks[Symbol.asyncIterator]();
   const signal = opts.signal;
   // A stalled source must not outlive an abort: the pull in progress is rejected on abort.
@@ -359,7 +392,7 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
   let rejectPull: ((err: Error) => void) | undefined;
   const onAbort = signal && ((): void => rejectPull?.(abortError(signal)));
   if (signal && onAbort) signal.addEventListener('abort', onAbort, { once: true });
-  const pull = (resolve: (r: IteratorResult<Chunk>) => void, reject: (err: Error) => void): void => {
+  const pull = (resolve: (r: IteratorResult<Chunk | WrittenRange>) => void, reject: (err: Error) => void): void => {
     rejectPull = reject;
     if (signal!.aborted) reject(abortError(signal!));
     else it.next().then(resolve, reject);
@@ -368,9 +401,9 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
   let sourceFailed = false;
   try {
     for (;;) {
-      let next: IteratorResult<Chunk>;
+      let next: IteratorResult<Chunk | WrittenRange>;
       try {
-        next = signal ? await new Promise<IteratorResult<Chunk>>(pull) : await it.next();
+        next = signal ? await new Promise<IteratorResult<Chunk | WrittenRange>>(pull) : await it.next();
       } catch (err) {
         sourceFailed = !signal?.aborted;
         throw err;
@@ -382,8 +415,10 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
       }
       await writer.write(next.value);
     }
+    stopInPlace();
     return await writer.close();
   } catch (err) {
+    stopInPlace();
     // The source failed (e.g. a limit it enforces): what it had handed over is written, as a
     // write(2) that stops at the limit would. A failing writer or an abort drops what is pending.
     if (sourceFailed) await writer.close().catch(() => writer.abort().catch(() => undefined));

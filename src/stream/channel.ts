@@ -1,4 +1,4 @@
-import type { Chunk } from '../chunk.js';
+import type { Chunk, WrittenRange } from '../chunk.js';
 
 /**
  * What a `Stream` needs from whatever carries it: the rpc `Peer` (one stream of a
@@ -28,12 +28,30 @@ export interface StreamChannel {
   abort(reason: Error): Promise<void>;
   pauseIncoming(): void;
   resumeIncoming(): void;
+  /**
+   * Optional: the receiving stream's consumer takes large data packets written in place (see
+   * `Stream.receiveInto`), from now on (`true`) or no more (`false`). A channel that can, asks
+   * `StreamInbound.directTarget` for each one and delivers a `WrittenRange`.
+   */
+  receiveDirect?(on: boolean): void;
+}
+
+/** Where a data packet goes when the stream's consumer takes it in place. */
+export interface DirectTarget {
+  fd: number;
+  offset: number;
 }
 
 /** The side of a stream the channel feeds. */
 export interface StreamInbound {
-  /** A data or hole chunk arrived from the peer. */
-  deliver(chunk: Chunk): void;
+  /** A data or hole chunk arrived from the peer, or data the channel wrote in place. */
+  deliver(chunk: Chunk | WrittenRange): void;
+  /**
+   * Where a data packet of `length` bytes that arrives now is to be written, or null: deliver it
+   * as data. Asked again mid-packet (with 0) before each write: the answer can turn null, or
+   * its fd change, when the consumer stops.
+   */
+  directTarget?(length: number): DirectTarget | null;
   /** The peer's end of data (download EOF / upload finish). */
   deliverEnd(): void;
   /** The stream failed (peer error, connection lost): pending and future calls reject with it. */

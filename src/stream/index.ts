@@ -21,6 +21,7 @@ export {
   type HoleQuery,
   type HoleQueryResult,
   type HoleSkip,
+  type ReceiveTarget,
 } from './stream.js';
 export type { ReadableOptions, WritableOptions } from './adapters.js';
 export { createStreamPair, copyChunks, type StreamPair, type StreamPairOptions, type CopyChunksOptions } from './pair.js';

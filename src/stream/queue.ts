@@ -1,4 +1,4 @@
-import type { Chunk } from '../chunk.js';
+import { readFileRange, type Chunk, type WrittenRange } from '../chunk.js';
 import { ZERO_CHUNK_SIZE, zeroBytes } from './zeros.js';
 
 /**
@@ -10,13 +10,14 @@ import { ZERO_CHUNK_SIZE, zeroBytes } from './zeros.js';
  * - Adjacent holes are merged (libvirt's client adds consecutive holes up as well), so a
  *   reader sees one hole per sparse section and a flood of holes costs one entry.
  * - `bytes` counts queued data bytes only: it is what the stream's window limits. Holes hold
- *   no memory.
+ *   no memory, nor do ranges the stream wrote into its consumer's file (`WrittenRange`): a
+ *   byte reader gets those read back from the file.
  *
  * An array with a moving head: O(1) push/shift without a linked list's per-node allocation;
  * compacted when the consumed prefix dominates.
  */
 export class ChunkQueue {
-  private items: Array<Chunk | undefined> = [];
+  private items: Array<Chunk | WrittenRange | undefined> = [];
   private head = 0;
   /** Bytes of `items[head]` already consumed (data bytes, or hole length read as zeros). */
   private offset = 0;
@@ -32,9 +33,9 @@ export class ChunkQueue {
   }
 
   /** Append a chunk (data non-empty, hole length > 0: the caller validated it). */
-  push(chunk: Chunk): void {
-    if (chunk.kind === 'data') {
-      this.dataBytes += chunk.bytes.length;
+  push(chunk: Chunk | WrittenRange): void {
+    if (chunk.kind !== 'hole') {
+      if (chunk.kind === 'data') this.dataBytes += chunk.bytes.length;
       this.items.push(chunk);
       return;
     }
@@ -58,13 +59,14 @@ export class ChunkQueue {
   }
 
   /** Remove and return the whole head (its unconsumed rest). The queue must not be empty. */
-  takeChunk(): Chunk {
+  takeChunk(): Chunk | WrittenRange {
     const c = this.items[this.head]!;
     let out = c;
-    if (this.offset !== 0) {
+    const o = this.offset;
+    if (o !== 0) {
       out = c.kind === 'data'
-        ? { kind: 'data', bytes: c.bytes.subarray(this.offset) }
-        : { kind: 'hole', length: c.length - this.offset };
+        ? { kind: 'data', bytes: c.bytes.subarray(o) }
+        : c.kind === 'hole' ? { kind: 'hole', length: c.length - o } : { ...c, offset: c.offset + o, length: c.length - o };
     }
     if (out.kind === 'data') this.dataBytes -= out.bytes.length;
     this.advance();
@@ -72,8 +74,9 @@ export class ChunkQueue {
   }
 
   /**
-   * Take up to `max` bytes from the head: a (sub)view of a data chunk, or zeros for a hole
-   * (at most ZERO_CHUNK_SIZE per call; the hole is consumed progressively). Never crosses a
+   * Take up to `max` bytes from the head: a (sub)view of a data chunk, zeros for a hole (at
+   * most ZERO_CHUNK_SIZE per call; the hole is consumed progressively), or the bytes of a
+   * written range read back from its file (its error thrown, if it has one). Never crosses a
    * chunk boundary. The queue must not be empty.
    */
   takeBytes(max: number): Buffer {
@@ -89,6 +92,14 @@ export class ChunkQueue {
       this.offset = start + max;
       this.dataBytes -= max;
       return c.bytes.subarray(start, start + max);
+    }
+    if (c.kind === 'written') {
+      if (c.error) throw c.error;
+      const n = Math.min(c.length - start, max, ZERO_CHUNK_SIZE);
+      const bytes = readFileRange({ kind: 'written', fd: c.fd, offset: c.offset + start, length: n });
+      if (start + n === c.length) this.advance();
+      else this.offset = start + n;
+      return bytes;
     }
     const left = c.length - start;
     const n = Math.min(left, max, ZERO_CHUNK_SIZE);

@@ -1,9 +1,11 @@
 import diagnostics_channel from 'node:diagnostics_channel';
 import type { Readable, Writable } from 'node:stream';
-import { type Chunk, type FileRange, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength, readFileRange } from '../chunk.js';
+import fs from 'node:fs';
+import { type Chunk, type FileRange, type WrittenRange, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength, readFileRange } from '../chunk.js';
 import { SparsevirtError } from '../errors.js';
 import { type ReadableOptions, type WritableOptions, streamToReadable, streamToWritable } from './adapters.js';
-import type { StreamChannel, StreamInbound } from './channel.js';
+import * as sys from '../sparse/sys.js';
+import type { DirectTarget, StreamChannel, StreamInbound } from './channel.js';
 import { ChunkQueue } from './queue.js';
 import { ZERO_CHUNK_SIZE, zeroBytes } from './zeros.js';
 
@@ -114,6 +116,16 @@ export type HoleQuery = () => Promise<HoleQueryResult>;
 /** libvirt's virStreamSourceSkipFunc: advance the source past a hole that was sent. */
 export type HoleSkip = (length: number) => Promise<void>;
 
+/** Where a receiving stream may write large data packets itself (`Stream.receiveInto`). */
+export interface ReceiveTarget {
+  /** The consumer's file (in memory: tmpfs, ramfs); the stream works on a duplicate of it. */
+  fd: number;
+  /** The file offset of stream position 0. */
+  base: number;
+  /** No packet is written in place past this file offset (default: none). */
+  limit?: number;
+}
+
 export const DEFAULT_HIGH_WATER_MARK = 2 * 1024 * 1024;
 
 /** Published when a stream reaches a final state: `{ stream, state, error }`. */
@@ -174,6 +186,8 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   private reader: string | undefined;
   private iterated = false;
   private iterDone = false;
+  /** Where large incoming packets go in place (`receiveInto`), on our own dup of the fd. */
+  private direct: { fd: number; base: number; limit: number } | null = null;
 
   // --- the one outstanding channel call (write/finish) and the one waiting reader.
   // Settled through fields and methods bound once, so the hot path allocates no closures;
@@ -342,18 +356,99 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   }
 
   /**
+   * The next incoming chunk whole: a data view, a merged hole, or (after `receiveInto`) a
+   * `WrittenRange`; `null` at EOF. Unlike the iterator it does not finish the stream at EOF: for
+   * a consumer that acknowledges only once everything is stored (the daemon's upload).
+   */
+  async recvChunk(): Promise<Chunk | WrittenRange | null> {
+    this.beginRead('recvChunk');
+    this.reader = 'recvChunk';
+    try {
+      if (this.queue.isEmpty && !(await this.waitReadable())) return null;
+      const chunk = this.queue.takeChunk();
+      this.pos += chunkLength(chunk);
+      this.afterConsume();
+      return chunk;
+    } finally {
+      this.reader = undefined;
+    }
+  }
+
+  /**
+   * Let the channel write large incoming data packets straight into the consumer's file: stream
+   * position p lands at file offset `base + p`, and a packet that would pass `limit` comes as
+   * data. Over a socket the rpc layer splices them (splice(2): socket → pipe → file), so their
+   * bytes never pass through a buffer of ours. They then come out as `WrittenRange`s, from
+   * `recvChunk()` and `chunksInPlace()`; byte reads (`recv`, the plain iterator) read them back.
+   *
+   * The file must live in memory (tmpfs, ramfs): the writes happen on the event loop. Pass
+   * `null` before closing the file, to stop. Returns whether the channel will do it (not on an
+   * in-memory pair, a stream that is not receiving, or without the native syscalls).
+   */
+  receiveInto(target: ReceiveTarget | null): boolean {
+    if (target === null) {
+      this.stopDirect();
+      return false;
+    }
+    if (this.direct !== null || this.st !== 'open' || this.dir === 'send' || this.channel.receiveDirect === undefined) return false;
+    const limit = target.limit ?? MAX_SAFE_BYTES;
+    if (!Number.isSafeInteger(target.base) || target.base < 0 || !Number.isSafeInteger(limit)) {
+      throw new SparsevirtError('ERR_INVALID_ARG', 'receiveInto(): base and limit must be byte offsets');
+    }
+    const fd = sys.dupFd(target.fd);
+    if (fd < 0) return false;
+    this.dir = 'recv';
+    this.direct = { fd, base: target.base, limit };
+    this.channel.receiveDirect(true);
+    return true;
+  }
+
+  private stopDirect(): void {
+    const d = this.direct;
+    if (d === null) return;
+    this.direct = null;
+    try {
+      this.channel.receiveDirect?.(false);
+    } finally {
+      fs.close(d.fd, noop);
+    }
+  }
+
+  /** @internal StreamInbound: where a data packet of `length` bytes arriving now goes. */
+  directTarget(length: number): DirectTarget | null {
+    const d = this.direct;
+    if (d === null || this.st !== 'open' || this.ended) return null;
+    const offset = d.base + this.delivered;
+    if (offset + length > d.limit) return null;
+    return { fd: d.fd, offset };
+  }
+
+  /**
+   * Like the iterator, but ranges the channel wrote in place (`receiveInto`) come as they are,
+   * not read back: for a consumer that writes everything else into that same file. Like the
+   * stream itself, it is iterated once, and the stream is claimed only when that starts.
+   */
+  chunksInPlace(): AsyncIterable<Chunk | WrittenRange> {
+    return { [Symbol.asyncIterator]: () => this.iterate(true) };
+  }
+
+  /**
    * The received chunks as they arrive: data views (whole incoming chunks where possible) and
    * merged holes. At EOF it calls `finish()` (acknowledges) and ends. Leaving the loop early
    * (`break`, `return`, an exception) aborts the stream — or finishes it if everything up to
    * EOF had already been read. Iterate once.
    */
   [Symbol.asyncIterator](): AsyncIterableIterator<Chunk> {
+    return this.iterate(false) as AsyncIterableIterator<Chunk>;
+  }
+
+  private iterate(inPlace: boolean): AsyncIterableIterator<Chunk | WrittenRange> {
     if (this.iterated) throw stateError('a Stream can be iterated only once');
     this.beginRead('iterate');
     this.iterated = true;
     this.reader = 'its iterator';
-    const iterator: AsyncIterableIterator<Chunk> = {
-      next: () => this.iterNext(),
+    const iterator: AsyncIterableIterator<Chunk | WrittenRange> = {
+      next: () => this.iterNext(inPlace),
       return: () => this.iterReturn(),
       [Symbol.asyncIterator]: () => iterator,
     };
@@ -567,7 +662,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
 
   // ------------------------------------------------------------------ StreamInbound (the channel calls these)
 
-  deliver(chunk: Chunk): void {
+  deliver(chunk: Chunk | WrittenRange): void {
     // Late packets after finish/abort/failure are dropped: the peer may have queued some
     // before it saw our finish or abort (libvirt: "must be discarded until the STREAM/OK").
     if (this.st !== 'open') return;
@@ -589,6 +684,11 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
         this.paused = true;
         this.channel.pauseIncoming();
       }
+    } else if (chunk.kind === 'written') {
+      // in the consumer's file already: no memory held, nothing for the window to count
+      if (!(chunk.length > 0)) return;
+      this.delivered += chunk.length;
+      this.queue.push(chunk);
     } else {
       if (!this.sparse) {
         this.protocolError(new SparsevirtError('ERR_STREAM_NOT_SPARSE', 'received a hole on a stream that was not opened sparse'));
@@ -815,7 +915,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     }
   }
 
-  private async iterNext(): Promise<IteratorResult<Chunk>> {
+  private async iterNext(inPlace: boolean): Promise<IteratorResult<Chunk | WrittenRange>> {
     if (this.iterDone) return DONE;
     if (this.readerResolve !== undefined) {
       throw stateError('next() called again before the previous next() settled');
@@ -830,9 +930,13 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
       this.endIteration();
       throw err;
     }
-    const chunk = this.queue.takeChunk();
+    let chunk = this.queue.takeChunk();
     this.pos += chunkLength(chunk);
     this.afterConsume();
+    if (chunk.kind === 'written' && !inPlace) {
+      if (chunk.error) throw chunk.error;
+      chunk = { kind: 'data', bytes: readFileRange(chunk) };
+    }
     return { done: false, value: chunk };
   }
 
@@ -920,6 +1024,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
 
   /** Final state reached: drop the signal listener and publish. */
   private closed(): void {
+    this.stopDirect();
     if (this.signal !== undefined) {
       this.signal.removeEventListener('abort', this.onSignalAbort);
       this.signal = undefined;
