@@ -17,7 +17,9 @@ import { setNativeSyscalls } from '../src/sparse/sys.js';
 import { readFileRange, type Chunk } from '../src/chunk.js';
 import { connect, type Connection, type StoragePool } from '../src/index.js';
 import { allocatedBytes, expectedAllocation, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
-import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { RawClient, errorOf, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { P } from '../src/protocol/remote.js';
+import { buildFrameHead, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status } from '../src/rpc/message.js';
 import { virsh } from './helpers/libvirt.js';
 import { PACE_US } from '../src/daemon/transfer.js';
 import { cliRaw, show } from './cli-support.js';
@@ -167,9 +169,15 @@ function lastDownload(d: TestDaemon): { ms: number; pacedWaits?: number; holeByt
   return JSON.parse(line!);
 }
 
-/** The daemon's last "upload ok" log line. */
-function lastUpload(d: TestDaemon): { holeBytes: number; dataBytes: number; splicedBytes: number } {
-  const line = d.logs.filter((l) => /"upload ok"/.test(l)).at(-1);
+const uploadsLogged = (d: TestDaemon): string[] => d.logs.filter((l) => /"upload ok"/.test(l));
+
+/**
+ * The daemon's "upload ok" log line for the upload that ended after `before` others: it is
+ * written once the volume is closed, which may come just after the client saw the confirmation.
+ */
+async function uploadLine(d: TestDaemon, before: number): Promise<{ holeBytes: number; dataBytes: number; splicedBytes: number }> {
+  for (let i = 0; i < 100 && uploadsLogged(d).length <= before; i++) await new Promise((resolve) => setTimeout(resolve, 20));
+  const line = uploadsLogged(d)[before];
   assert.ok(line, 'the daemon logged the upload');
   return JSON.parse(line!);
 }
@@ -188,10 +196,11 @@ test('daemon on tmpfs: our client and virsh download and upload a volume; same S
     // upload by our client: file → socket by sendfile on the client side
     const vol = await pool.createVol({ name: 'v.img', capacity: size, allocation: 0 });
     const before = conn.peer.stats.directBytes;
+    const uploads = uploadsLogged(d).length;
     await vol.uploadFile(src, { sparse: true });
     assert.ok(conn.peer.stats.directBytes - before >= 1 * MiB, 'the client sent large extents by sendfile');
     await sparseAsSource(path.join(poolDir, 'v.img'), 'uploaded volume');
-    const up = lastUpload(d);
+    const up = await uploadLine(d, uploads);
     splicedSome(up.splicedBytes, up.dataBytes, 'daemon, upload');
 
     // download by our client: volume → socket by sendfile in the daemon, socket → file by splice here
@@ -209,10 +218,11 @@ test('daemon on tmpfs: our client and virsh download and upload a volume; same S
     assert.equal(r1.code, 0, r1.stderr);
     await sparseAsSource(vout, 'virsh download');
     await pool.createVol({ name: 'w.img', capacity: size, allocation: 0 });
+    const virshUploads = uploadsLogged(d).length;
     const r2 = await virsh(['vol-upload', '--pool', 'shm', 'w.img', src, '--sparse'], { uri: d.virshUri });
     assert.equal(r2.code, 0, r2.stderr);
     await sparseAsSource(path.join(poolDir, 'w.img'), 'virsh upload');
-    const vup = lastUpload(d);
+    const vup = await uploadLine(d, virshUploads);
     splicedSome(vup.splicedBytes, vup.dataBytes, 'daemon, virsh upload');
 
     // the CLI's download (its own writer set-up) splices too
@@ -390,8 +400,8 @@ test('daemon on tmpfs, upload limits with packets written in place: data past --
     assert.equal(got1.length, 8 * PACKET, 'the volume keeps its size');
     assert.ok(got1.subarray(0, limit).equals(data.subarray(0, limit)), 'the bytes up to the limit');
     assert.ok(got1.subarray(limit).equals(Buffer.alloc(got1.length - limit)), 'nothing past the limit');
-    const failed1 = d.logs.filter((l) => /"upload failed"/.test(l)).at(-1);
-    assert.ok(failed1, 'the daemon logged the failed upload');
+    for (let i = 0; i < 100 && !d.logs.some((l) => /"upload failed"/.test(l)); i++) await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.ok(d.logs.some((l) => /"upload failed"/.test(l)), 'the daemon logged the failed upload');
 
     // capacity: 2.5 packets at offset 0; the 3rd packet crosses the end of the volume
     await pool.createVol({ name: 'cap.img', capacity: Math.floor(2.5 * PACKET), allocation: 0 });
@@ -404,10 +414,64 @@ test('daemon on tmpfs, upload limits with packets written in place: data past --
 
     // the same daemon goes on: a whole upload at an offset, packets in place
     await pool.createVol({ name: 'ok.img', capacity: 8 * PACKET, allocation: 0 });
+    const uploads = uploadsLogged(d).length;
     assert.equal(await send('ok.img', { offset: PACKET }), null);
     const got3 = fs.readFileSync(path.join(poolDir, 'ok.img'));
     assert.ok(got3.subarray(PACKET, 7 * PACKET).equals(data), 'the bytes at the offset');
-    const up = lastUpload(d);
+    const up = await uploadLine(d, uploads);
     assert.ok(up.splicedBytes >= 3 * PACKET, `spliced ${up.splicedBytes}`);
+  });
+});
+
+test('daemon on tmpfs: a client that disconnects in the middle of a packet going in place: the upload ends, the volume is closed, what came before is stored, the next upload works', async () => {
+  await withShmDaemon('sv-datapath-cut-', async ({ poolDir, d, pool }) => {
+    const PACKET = 262120;
+    const packet = (seed: number): Buffer => {
+      const b = Buffer.alloc(PACKET);
+      for (let i = 0; i < PACKET; i += 4) b.writeUInt32LE(((i + seed) * 2654435761) >>> 0, i);
+      return b;
+    };
+    const file = path.join(poolDir, 'cut.img');
+    await pool.createVol({ name: 'cut.img', capacity: 4 * PACKET, allocation: 0 });
+    const c = await RawClient.connect(d.socket);
+    await c.handshake();
+    const serial = c.nextSerial();
+    const r = await c.call(P.STORAGE_VOL_UPLOAD, { vol: { pool: 'shm', name: 'cut.img', key: file }, offset: 0n, length: 0n, flags: 1 }, serial);
+    assert.equal(r.status, Status.OK, r.status === Status.ERROR ? errorOf(r).message : '');
+    const head = { prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc: P.STORAGE_VOL_UPLOAD.num, type: MessageType.STREAM, serial, status: Status.CONTINUE };
+    const a = packet(1);
+    const b = packet(2);
+    const cut = packet(3);
+    c.write(Buffer.concat([buildFrameHead(head, PACKET), a, buildFrameHead(head, PACKET), b]));
+    c.write(Buffer.concat([buildFrameHead(head, PACKET), cut.subarray(0, 1000)]));
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    c.close();
+    const fdsOnVolume = (): number => fs.readdirSync('/proc/self/fd').filter((n) => {
+      try {
+        return fs.readlinkSync(`/proc/self/fd/${n}`) === file;
+      } catch {
+        return false;
+      }
+    }).length;
+    for (let i = 0; i < 100 && !(d.logs.some((l) => /"upload ended: connection closed"/.test(l)) && fdsOnVolume() === 0); i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    assert.ok(d.logs.some((l) => /"upload ended: connection closed"/.test(l)), 'the daemon logged the end of the upload');
+    assert.equal(fdsOnVolume(), 0, 'the volume is closed (the writer and the in-place duplicate)');
+    const got = fs.readFileSync(file);
+    assert.ok(got.subarray(0, 2 * PACKET).equals(Buffer.concat([a, b])), 'the whole packets are stored');
+    const tail = got.subarray(2 * PACKET);
+    // of the cut packet, at most what arrived (its own bytes, at their place); nothing else
+    assert.ok(tail.subarray(0, 1000).equals(cut.subarray(0, 1000)) || tail.subarray(0, 1000).equals(Buffer.alloc(1000)), 'the cut packet: its first bytes or nothing');
+    assert.ok(tail.subarray(1000).equals(Buffer.alloc(tail.length - 1000)), 'nothing past what arrived');
+
+    // the daemon goes on: a new upload of the same volume, packets in place
+    const uploads = uploadsLogged(d).length;
+    const v = await pool.volLookupByName('cut.img');
+    const s = await v.upload({ sparse: true });
+    for (const p of [a, b, cut]) await s.send(p);
+    await s.finish();
+    assert.ok(fs.readFileSync(file).subarray(0, 3 * PACKET).equals(Buffer.concat([a, b, cut])), 'the next upload is stored');
+    assert.ok((await uploadLine(d, uploads)).splicedBytes >= PACKET, 'in place');
   });
 });
