@@ -352,6 +352,37 @@ test('a frame stalled when its stream dies keeps reading its own file: the fd cl
   }
 });
 
+test('a file that shrinks under a stalled frame: the frame is completed with zeros, its stream fails with the reason, the connection and the next download go on', async () => {
+  const dir = await scratchDir('/dev/shm', 'sv-datapath-shrink-');
+  // 4 MiB packets, twice what the socket holds: the stall is mid-packet, with megabytes to go
+  const { client, server, close } = await peerPair(dir, { server: { streamPacketMax: 4 * MiB } });
+  try {
+    const a = path.join(dir, 'a.img');
+    fs.writeFileSync(a, Buffer.alloc(8 * MiB, 0x11));
+    fs.writeFileSync(path.join(dir, 'b.img'), Buffer.alloc(1 * MiB, 0x22));
+    serveFiles(server, dir);
+    client.socket.pause(); // the socket fills: a frame stalls mid-way
+    const { stream: s, called } = startDownload(client, 'a.img', true);
+    const deadline = Date.now() + 5000;
+    while (server.stats.directStalls === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+    assert.ok(server.stats.directStalls > 0, 'a frame stalled');
+    fs.truncateSync(a, 1 * MiB); // the file shrinks under the frame
+    client.socket.resume();
+    await called;
+    await assert.rejects((async () => {
+      for await (const c of s as AsyncIterable<Chunk>) void c;
+    })(), (err: Error) => /shrank/.test(err.message), 'the stream fails with the reason');
+    assert.equal(client.closed, false, 'the connection is still open');
+    assert.equal(server.closed, false);
+    // and it carries the next download
+    const b = await download(client, 'b.img', 1 * MiB);
+    assert.ok(b.bytes.equals(Buffer.alloc(1 * MiB, 0x22)), 'the next download is intact');
+  } finally {
+    close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('a peer that stops reading while a frame is stalled is still found out by keepalive (held PINGs are not progress)', async () => {
   const dir = await scratchDir('/dev/shm', 'sv-datapath-ka-');
   const { client, server, close } = await peerPair(dir, { server: { streamPacketMax: 4 * MiB, keepaliveInterval: 0.2, keepaliveCount: 2 } });
@@ -400,8 +431,10 @@ test('daemon on tmpfs, upload limits with packets written in place: data past --
     assert.equal(got1.length, 8 * PACKET, 'the volume keeps its size');
     assert.ok(got1.subarray(0, limit).equals(data.subarray(0, limit)), 'the bytes up to the limit');
     assert.ok(got1.subarray(limit).equals(Buffer.alloc(got1.length - limit)), 'nothing past the limit');
-    for (let i = 0; i < 100 && !d.logs.some((l) => /"upload failed"/.test(l)); i++) await new Promise((resolve) => setTimeout(resolve, 20));
-    assert.ok(d.logs.some((l) => /"upload failed"/.test(l)), 'the daemon logged the failed upload');
+    const failedLines = (): string[] => d.logs.filter((l) => /"upload failed"/.test(l));
+    for (let i = 0; i < 100 && failedLines().length < 1; i++) await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(failedLines().length, 1, 'the daemon logged the failed upload');
+    assert.ok(JSON.parse(failedLines()[0]!).splicedBytes >= 2 * PACKET, 'packets 2 and 3 went in place');
 
     // capacity: 2.5 packets at offset 0; the 3rd packet crosses the end of the volume
     await pool.createVol({ name: 'cap.img', capacity: Math.floor(2.5 * PACKET), allocation: 0 });
@@ -411,6 +444,8 @@ test('daemon on tmpfs, upload limits with packets written in place: data past --
     const got2 = fs.readFileSync(path.join(poolDir, 'cap.img'));
     assert.equal(got2.length, cap, 'the volume keeps its size');
     assert.ok(got2.equals(data.subarray(0, cap)), 'the bytes up to the capacity');
+    for (let i = 0; i < 100 && failedLines().length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.ok(JSON.parse(failedLines()[1]!).splicedBytes >= PACKET, 'packet 2 went in place');
 
     // the same daemon goes on: a whole upload at an offset, packets in place
     await pool.createVol({ name: 'ok.img', capacity: 8 * PACKET, allocation: 0 });
@@ -433,6 +468,7 @@ test('daemon on tmpfs: a client that disconnects in the middle of a packet going
     };
     const file = path.join(poolDir, 'cut.img');
     await pool.createVol({ name: 'cut.img', capacity: 4 * PACKET, allocation: 0 });
+    const real = fs.realpathSync(file); // what /proc/self/fd links to
     const c = await RawClient.connect(d.socket);
     await c.handshake();
     const serial = c.nextSerial();
@@ -445,14 +481,15 @@ test('daemon on tmpfs: a client that disconnects in the middle of a packet going
     c.write(Buffer.concat([buildFrameHead(head, PACKET), a, buildFrameHead(head, PACKET), b]));
     c.write(Buffer.concat([buildFrameHead(head, PACKET), cut.subarray(0, 1000)]));
     await new Promise((resolve) => setTimeout(resolve, 200));
-    c.close();
     const fdsOnVolume = (): number => fs.readdirSync('/proc/self/fd').filter((n) => {
       try {
-        return fs.readlinkSync(`/proc/self/fd/${n}`) === file;
+        return fs.readlinkSync(`/proc/self/fd/${n}`) === real;
       } catch {
         return false;
       }
     }).length;
+    assert.ok(fdsOnVolume() >= 2, `the volume is open meanwhile: the writer's fd and the in-place duplicate (${fdsOnVolume()})`);
+    c.close();
     for (let i = 0; i < 100 && !(d.logs.some((l) => /"upload ended: connection closed"/.test(l)) && fdsOnVolume() === 0); i++) {
       await new Promise((resolve) => setTimeout(resolve, 50));
     }

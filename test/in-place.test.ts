@@ -193,7 +193,7 @@ test('in place: a file that refuses the write fails only that packet (its error 
 
 test('in place: a consumer that stops in the middle of a packet gets that packet as an error, and nothing more is written', { skip: !native && 'needs the native syscalls' }, async () => {
   const dir = await scratchDir('/dev/shm', 'sv-inplace-');
-  const { raw, stream, close } = await rawPair(dir);
+  const { client, raw, stream, close } = await rawPair(dir);
   try {
     const file = path.join(dir, 'f.img');
     const fd = fs.openSync(file, 'w+');
@@ -204,7 +204,8 @@ test('in place: a consumer that stops in the middle of a packet gets that packet
     await sleep(30);
     const framed = dataFrame(b);
     raw.write(framed.subarray(0, 28 + 1000));
-    await sleep(30);
+    for (let i = 0; i < 200 && client.stats.splicedBytes < 1000; i++) await sleep(10);
+    assert.equal(client.stats.splicedBytes, 1000, 'the first part of the packet went in place');
     stream.receiveInto(null); // stop: the packet is half in
     raw.write(Buffer.concat([framed.subarray(28 + 1000), EOF]));
     assert.equal((await stream.recvChunk())?.kind, 'data');

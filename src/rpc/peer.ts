@@ -220,6 +220,8 @@ let tailBuffer: Buffer | null = null;
 /** A data packet being written into its stream's file as it arrives (`Peer.beginInPlace`). */
 interface InPlace {
   stream: WireStream;
+  /** The target's identity (`DirectTarget.key`): checked before every write. */
+  key: object;
   fd: number;
   offset: number;
   length: number;
@@ -472,20 +474,38 @@ export class Peer extends EventEmitter {
     // Mid-frame and the socket is full: hold every other write until this frame is out. The
     // caller may close its fd before the frame is out (the stream died meanwhile): the rest is
     // read through a duplicate of it, never through a number that may name another file by then.
+    // A file that shrinks under a frame already announced cannot take the frame back: the rest
+    // goes out as zeros (the length on the wire holds), and the stream fails with the reason
+    // right after it, so the receiver drops it; the connection and its other streams go on.
+    let shrunk: Error | null = null;
+    const readOrZeros = (at: number, n: number): Buffer => {
+      if (shrunk === null) {
+        try {
+          return readRange(fd, at, n);
+        } catch (err) {
+          shrunk = err as Error;
+        }
+      }
+      return Buffer.alloc(n);
+    };
     const own = sys.dupFd(fd);
     if (own < 0) {
       // no duplicate: finish the frame through Node's queue now, as a buffered frame would
       if (headRest !== null) this.socket.write(headRest);
-      this.socket.write(this.readOrDie(fd, offset + sent, length - sent));
+      this.socket.write(readOrZeros(offset + sent, length - sent));
       this.stats.copiedBytes += length - sent;
-      return null;
+      return shrunk === null ? null : Promise.reject(shrunk);
     }
     fd = own;
     this.held = [];
     this.stats.directStalls++;
     let resolve!: () => void;
-    const finished = new Promise<void>((r) => (resolve = r));
-    this.directDone = finished;
+    const frameOut = new Promise<void>((r) => (resolve = r));
+    this.directDone = frameOut;
+    // the frame is out (or the connection gone); its stream fails if the file shrank under it
+    const finished = frameOut.then(() => {
+      if (shrunk !== null) throw shrunk;
+    });
     let ended = false;
     const done = (): void => {
       // once only: destroy() ends it, and the socket's last write callback may try again
@@ -507,14 +527,9 @@ export class Peer extends EventEmitter {
     };
     const step = (): void => {
       if (this.closedErr || this.socket.destroyed) return done();
-      if (sent < length && this.socket.writableLength === 0) sent += this.pump(sfd, fd, offset + sent, length - sent);
+      if (sent < length && shrunk === null && this.socket.writableLength === 0) sent += this.pump(sfd, fd, offset + sent, length - sent);
       if (sent === length) return done();
-      let piece: Buffer;
-      try {
-        piece = this.readOrDie(fd, offset + sent, Math.min(STALL_PIECE, length - sent));
-      } catch {
-        return done();
-      }
+      const piece = readOrZeros(offset + sent, Math.min(STALL_PIECE, length - sent));
       sent += piece.length;
       this.stats.copiedBytes += piece.length;
       this.socket.write(piece, stepAfter);
@@ -540,16 +555,6 @@ export class Peer extends EventEmitter {
     }
     this.stats.directBytes += sent;
     return sent;
-  }
-
-  /** Read what a frame already on the wire still needs: failing here loses the framing for good. */
-  private readOrDie(fd: number, offset: number, length: number): Buffer {
-    try {
-      return readRange(fd, offset, length);
-    } catch (err) {
-      this.destroy(err as Error);
-      throw err;
-    }
   }
 
   /** A small frame whose payload is read from the file straight into the output batch. */
@@ -872,7 +877,11 @@ export class Peer extends EventEmitter {
       this.tailTarget = null;
       this.lastRecv = Date.now();
       this.pingsOut = 0;
-      this.inPlaceTail(n, buf);
+      try {
+        this.inPlaceTail(n, buf);
+      } catch (err) {
+        this.destroy(err as Error);
+      }
       return;
     }
     if (buf === this.inHeadTarget) {
@@ -969,7 +978,7 @@ export class Peer extends EventEmitter {
           if (s && t) {
             if (chFrame.hasSubscribers) chFrame.publish({ dir: 'in', header: h, length: payload });
             this.smallRun = 0;
-            this.inPlace = { stream: s, fd: t.fd, offset: t.offset, length: payload, done: 0, error: null };
+            this.inPlace = { stream: s, key: t.key, fd: t.fd, offset: t.offset, length: payload, done: 0, error: null };
             this.pumpInPlace();
             return;
           }
@@ -1043,7 +1052,7 @@ export class Peer extends EventEmitter {
   /** Whether the consumer still takes this packet (it stops, or the stream ends, in between reads). */
   private inPlaceLive(p: InPlace): boolean {
     if (p.error !== null) return false;
-    if (p.stream.directTarget(0)?.fd === p.fd) return true;
+    if (p.stream.directTarget(0)?.key === p.key) return true;
     p.error = new SparsevirtError('ERR_STREAM_STATE', 'the stream stopped taking data in place in the middle of a packet');
     return false;
   }
@@ -1266,12 +1275,29 @@ export class WireStream implements StreamChannel {
     const max = peer.streamPacketMax;
     for (let off = 0; off < length; off += max) {
       if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
-      const pending = peer.sendFileFrame(this.head, fd, offset + off, Math.min(max, length - off));
-      if (pending) await pending;
+      try {
+        const pending = peer.sendFileFrame(this.head, fd, offset + off, Math.min(max, length - off));
+        if (pending) await pending;
+      } catch (err) {
+        throw this.sourceFailed(err as Error);
+      }
       if (this.err) throw this.err;
     }
     if (peer.outgoingBytes > peer.sendWindow) await peer.drained();
     if (this.err) throw this.err;
+  }
+
+  /**
+   * The file failed under a frame (it shrank, EIO): not the connection. The peer is told here,
+   * since a stream whose channel rejected never calls it again: the daemon reports the error
+   * with STREAM/ERROR, the client aborts. The connection goes on.
+   */
+  private sourceFailed(err: Error): Error {
+    if (this.err) return this.err;
+    if (this.done || this.peer.closed) return err;
+    this.peer.sendFrame({ ...this.head, status: Status.ERROR }, this.isClient ? undefined : encodeRemoteError(toRemoteFields(err)));
+    this.fail(err);
+    return err;
   }
 
   finish(): Promise<void> {

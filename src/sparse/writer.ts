@@ -378,13 +378,20 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
   const writer = await SparseWriter.open(target, opts);
   // large packets straight into the file, where it lives in memory (writes on the event loop)
   let inPlace = opts.receiveInto && !writer.file.isBlockDevice && sys.isMemoryBacked(writer.file.fd) ? opts.receiveInto : undefined;
-  inPlace?.({ fd: writer.file.fd, base: writer.position });
   const stopInPlace = (): void => {
     const f = inPlace;
     inPlace = undefined;
     f?.(null);
   };
-  const it = chunks[Symbol.asyncIterator]();
+  let it: AsyncIterator<Chunk | WrittenRange>;
+  try {
+    inPlace?.({ fd: writer.file.fd, base: writer.position });
+    it = chunks[Symbol.asyncIterator]();
+  } catch (err) {
+    stopInPlace();
+    await writer.abort().catch(() => undefined);
+    throw err;
+  }
   const signal = opts.signal;
   // A stalled source must not outlive an abort: the pull in progress is rejected on abort.
   // (Not Promise.race against one long-lived promise: every race would stay subscribed to it

@@ -40,6 +40,8 @@ export interface StreamChannel {
 export interface DirectTarget {
   fd: number;
   offset: number;
+  /** The same object for as long as this target holds (an fd number may be reused after it). */
+  key: object;
 }
 
 /** The side of a stream the channel feeds. */
@@ -49,7 +51,7 @@ export interface StreamInbound {
   /**
    * Where a data packet of `length` bytes that arrives now is to be written, or null: deliver it
    * as data. Asked again mid-packet (with 0) before each write: the answer can turn null, or
-   * its fd change, when the consumer stops.
+   * its key change, when the consumer stops.
    */
   directTarget?(length: number): DirectTarget | null;
   /** The peer's end of data (download EOF / upload finish). */

@@ -188,6 +188,8 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   private iterDone = false;
   /** Where large incoming packets go in place (`receiveInto`), on our own dup of the fd. */
   private direct: { fd: number; base: number; limit: number } | null = null;
+  /** Dups of earlier targets: ranges still queued may be read back through them (closed at the end). */
+  private retiredFds: number[] = [];
 
   // --- the one outstanding channel call (write/finish) and the one waiting reader.
   // Settled through fields and methods bound once, so the hot path allocates no closures;
@@ -381,9 +383,11 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    * bytes never pass through a buffer of ours. They then come out as `WrittenRange`s, from
    * `recvChunk()` and `chunksInPlace()`; byte reads (`recv`, the plain iterator) read them back.
    *
-   * The file must live in memory (tmpfs, ramfs): the writes happen on the event loop. Pass
-   * `null` before closing the file, to stop. Returns whether the channel will do it (not on an
-   * in-memory pair, a stream that is not receiving, or without the native syscalls).
+   * The file must live in memory (tmpfs, ramfs): the writes happen on the event loop. Reading
+   * ranges back needs `fd` open for reading. Pass `null` before closing the file, to stop (the
+   * stream's duplicate stays open for ranges still queued, until the stream ends). Returns
+   * whether the channel will do it (not on an in-memory pair, a stream that is not receiving,
+   * or without the native syscalls).
    */
   receiveInto(target: ReceiveTarget | null): boolean {
     if (target === null) {
@@ -407,11 +411,8 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     const d = this.direct;
     if (d === null) return;
     this.direct = null;
-    try {
-      this.channel.receiveDirect?.(false);
-    } finally {
-      fs.close(d.fd, noop);
-    }
+    this.retiredFds.push(d.fd);
+    this.channel.receiveDirect?.(false);
   }
 
   /** @internal StreamInbound: where a data packet of `length` bytes arriving now goes. */
@@ -420,7 +421,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     if (d === null || this.st !== 'open' || this.ended) return null;
     const offset = d.base + this.delivered;
     if (offset + length > d.limit) return null;
-    return { fd: d.fd, offset };
+    return { fd: d.fd, offset, key: d };
   }
 
   /**
@@ -934,8 +935,15 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     this.pos += chunkLength(chunk);
     this.afterConsume();
     if (chunk.kind === 'written' && !inPlace) {
-      if (chunk.error) throw chunk.error;
-      chunk = { kind: 'data', bytes: readFileRange(chunk) };
+      try {
+        if (chunk.error) throw chunk.error;
+        chunk = { kind: 'data', bytes: readFileRange(chunk) };
+      } catch (err) {
+        // a failed next() ends a for-await without return(): stop the stream here
+        this.endIteration();
+        await this.abort(err);
+        throw err;
+      }
     }
     return { done: false, value: chunk };
   }
@@ -1025,6 +1033,8 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   /** Final state reached: drop the signal listener and publish. */
   private closed(): void {
     this.stopDirect();
+    for (const fd of this.retiredFds) fs.close(fd, noop);
+    this.retiredFds = [];
     if (this.signal !== undefined) {
       this.signal.removeEventListener('abort', this.onSignalAbort);
       this.signal = undefined;
