@@ -414,7 +414,11 @@ test('daemon on tmpfs, upload limits with packets written in place: data past --
       const v = await pool.volLookupByName(vol);
       const s = await v.upload({ ...opts, sparse: true });
       try {
-        for (let at = 0; at < data.length; at += PACKET) await s.send(data.subarray(at, at + PACKET));
+        for (let at = 0; at < data.length; at += PACKET) {
+          await s.send(data.subarray(at, at + PACKET));
+          // the daemon opens the volume meanwhile: the packets after this one can go in place
+          if (at === 0) await new Promise((resolve) => setTimeout(resolve, 200));
+        }
         await s.finish();
         return null;
       } catch (err) {
@@ -478,6 +482,7 @@ test('daemon on tmpfs: a client that disconnects in the middle of a packet going
     const a = packet(1);
     const b = packet(2);
     const cut = packet(3);
+    await new Promise((resolve) => setTimeout(resolve, 200)); // the daemon opens the volume for writing meanwhile
     c.write(Buffer.concat([buildFrameHead(head, PACKET), a, buildFrameHead(head, PACKET), b]));
     c.write(Buffer.concat([buildFrameHead(head, PACKET), cut.subarray(0, 1000)]));
     await new Promise((resolve) => setTimeout(resolve, 200));
@@ -506,7 +511,10 @@ test('daemon on tmpfs: a client that disconnects in the middle of a packet going
     const uploads = uploadsLogged(d).length;
     const v = await pool.volLookupByName('cut.img');
     const s = await v.upload({ sparse: true });
-    for (const p of [a, b, cut]) await s.send(p);
+    await s.send(a);
+    await new Promise((resolve) => setTimeout(resolve, 200)); // the volume is open by then: b and cut go in place
+    await s.send(b);
+    await s.send(cut);
     await s.finish();
     assert.ok(fs.readFileSync(file).subarray(0, 3 * PACKET).equals(Buffer.concat([a, b, cut])), 'the next upload is stored');
     assert.ok((await uploadLine(d, uploads)).splicedBytes >= PACKET, 'in place');

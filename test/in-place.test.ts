@@ -70,6 +70,18 @@ async function rawPair(dir: string): Promise<{ client: Peer; raw: net.Socket; st
   };
 }
 
+/** `rawPair` in a fresh directory on tmpfs, for `fn`; everything closed and removed after. */
+async function withRawPair(fn: (ctx: { dir: string; client: Peer; raw: net.Socket; stream: Stream }) => Promise<void>): Promise<void> {
+  const dir = await scratchDir('/dev/shm', 'sv-inplace-');
+  const { close, ...ctx } = await rawPair(dir);
+  try {
+    await fn({ dir, ...ctx });
+  } finally {
+    close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 /** Write `buf` to the raw socket in `pieces`, pausing between them so that each is read apart. */
 async function trickle(raw: net.Socket, buf: Buffer, cuts: number[]): Promise<void> {
   let at = 0;
@@ -83,9 +95,7 @@ async function trickle(raw: net.Socket, buf: Buffer, cuts: number[]): Promise<vo
 const native = nativeSyscallsAvailable();
 
 test('in place: large packets go from the socket into the file by splice, also one that arrives in pieces; holes, small data and EOF as usual; bytes identical, holes unallocated', { skip: !native && 'needs the native syscalls' }, async () => {
-  const dir = await scratchDir('/dev/shm', 'sv-inplace-');
-  const { client, raw, stream, close } = await rawPair(dir);
-  try {
+  await withRawPair(async ({ client, raw, stream, dir }) => {
     const a = randomBytes(PACKET);
     const b = randomBytes(PACKET);
     const c = randomBytes(PACKET);
@@ -125,16 +135,11 @@ test('in place: large packets go from the socket into the file by splice, also o
     assert.deepEqual(ranges.map((r) => [r.offset, r.length, r.error]), [[PACKET, PACKET, undefined], [2 * PACKET + (1 << 20), PACKET, undefined]]);
     assert.equal(client.stats.splicedFrames, 2);
     assert.ok(client.stats.splicedBytes > PACKET, `spliced ${client.stats.splicedBytes} bytes (the pieces read apart are written from a buffer)`);
-  } finally {
-    close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('in place: byte reads (recv, the plain iterator) get a written range read back from the file', { skip: !native && 'needs the native syscalls' }, async () => {
-  const dir = await scratchDir('/dev/shm', 'sv-inplace-');
-  const { raw, stream, close } = await rawPair(dir);
-  try {
+  await withRawPair(async ({ raw, stream, dir }) => {
     const fd = fs.openSync(path.join(dir, 'f.img'), 'w+');
     assert.equal(stream.receiveInto({ fd, base: 0 }), true, 'a Peer stream takes data in place');
     const a = randomBytes(PACKET);
@@ -151,16 +156,11 @@ test('in place: byte reads (recv, the plain iterator) get a written range read b
     // the second packet went into the file, at its stream position
     assert.ok(fs.readFileSync(path.join(dir, 'f.img')).subarray(PACKET).equals(b));
     fs.closeSync(fd);
-  } finally {
-    close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('in place: a file that refuses the write fails only that packet (its error reaches the consumer); the connection stays in step', { skip: !native && 'needs the native syscalls' }, async () => {
-  const dir = await scratchDir('/dev/shm', 'sv-inplace-');
-  const { client, raw, stream, close } = await rawPair(dir);
-  try {
+  await withRawPair(async ({ client, raw, stream, dir }) => {
     const file = path.join(dir, 'ro.img');
     fs.writeFileSync(file, '');
     const fd = fs.openSync(file, 'r'); // read-only: splice into it fails (EBADF)
@@ -182,19 +182,14 @@ test('in place: a file that refuses the write fails only that packet (its error 
     assert.ok(third?.kind === 'data' && third.bytes.equals(small), 'the next packet is intact');
     assert.equal(await stream.recvChunk(), null);
     assert.equal(fs.statSync(file).size, 0, 'nothing was written');
-    // and the connection still works: a writeChunks consumer turns such a range into its error
+    // and the connection is still open
     assert.equal(client.closed, false);
     fs.closeSync(fd);
-  } finally {
-    close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('in place: a consumer that stops in the middle of a packet gets that packet as an error, and nothing more is written', { skip: !native && 'needs the native syscalls' }, async () => {
-  const dir = await scratchDir('/dev/shm', 'sv-inplace-');
-  const { client, raw, stream, close } = await rawPair(dir);
-  try {
+  await withRawPair(async ({ client, raw, stream, dir }) => {
     const file = path.join(dir, 'f.img');
     const fd = fs.openSync(file, 'w+');
     assert.equal(stream.receiveInto({ fd, base: 0 }), true);
@@ -215,10 +210,7 @@ test('in place: a consumer that stops in the middle of a packet gets that packet
     assert.equal(await stream.recvChunk(), null);
     assert.equal(fs.statSync(file).size, PACKET + 1000, 'only the part before the stop was written');
     fs.closeSync(fd);
-  } finally {
-    close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('in place: not on an in-memory pair or a sending stream (receiveInto answers false), nor without the native syscalls', async () => {
@@ -234,17 +226,43 @@ test('in place: not on an in-memory pair or a sending stream (receiveInto answer
     await a.abort();
     await b.abort();
   }
-  const dir = await scratchDir('/dev/shm', 'sv-inplace-');
-  const { stream, close } = await rawPair(dir);
-  const was = nativeSyscallsAvailable();
+  await withRawPair(async ({ stream, dir }) => {
+    const was = nativeSyscallsAvailable();
+    try {
+      setNativeSyscalls(false);
+      const fd2 = fs.openSync(path.join(dir, 'f.img'), 'w');
+      assert.equal(stream.receiveInto({ fd: fd2, base: 0 }), false, 'without the native syscalls');
+      fs.closeSync(fd2);
+    } finally {
+      setNativeSyscalls(was);
+    }
+  });
+});
+
+test('SparseWriter and written ranges: one at the position counts as data written, one elsewhere is refused, one with an error fails the writer with it', async () => {
+  const { SparseWriter } = await import('../src/sparse/index.js');
+  const dir = await scratchDir('/dev/shm', 'sv-inplace-w-');
   try {
-    setNativeSyscalls(false);
-    const fd2 = fs.openSync(path.join(dir, 'f.img'), 'w');
-    assert.equal(stream.receiveInto({ fd: fd2, base: 0 }), false, 'without the native syscalls');
-    fs.closeSync(fd2);
+    const file = path.join(dir, 'w.img');
+    const w = await SparseWriter.open(file, { truncate: true });
+    await w.write({ kind: 'data', bytes: Buffer.alloc(1000, 1) });
+    // the range is in the file already (as a stream would have put it)
+    fs.writeFileSync(file, Buffer.alloc(5000, 2), { flag: 'r+' });
+    await w.write({ kind: 'written', fd: -1, offset: 1000, length: 4000 });
+    assert.equal(w.position, 5000);
+    await assert.rejects(w.write({ kind: 'written', fd: -1, offset: 9999, length: 10 }), (e: Error & { code?: string }) => e.code === 'ERR_STREAM_STATE');
+    const result = await w.close();
+    assert.deepEqual(result, { dataBytes: 5000, holeBytes: 0 });
+    const got = fs.readFileSync(file);
+    assert.ok(got.subarray(0, 1000).equals(Buffer.alloc(1000, 1)), 'the data written before the range landed at 0 (flushed before it)');
+    assert.ok(got.subarray(1000).equals(Buffer.alloc(4000, 2)));
+
+    const w2 = await SparseWriter.open(path.join(dir, 'w2.img'));
+    const cause = Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' });
+    await assert.rejects(w2.write({ kind: 'written', fd: -1, offset: 0, length: 10, error: cause }), (e: Error & { code?: string; cause?: unknown }) => e.code === 'ERR_IO' && /cannot write/.test(e.message));
+    await assert.rejects(w2.write({ kind: 'data', bytes: Buffer.alloc(1) }), (e: Error & { code?: string }) => e.code === 'ERR_IO', 'the writer stays failed');
+    await w2.abort();
   } finally {
-    setNativeSyscalls(was);
-    close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
