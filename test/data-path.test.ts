@@ -426,9 +426,10 @@ test('daemon on tmpfs, upload limits with packets written in place: data past --
       }
     };
 
-    // --length: 3.5 packets; packets 1–3 inside it (2 and 3 in place), the 4th crosses it
+    // --length: 4.5 packets; packets 1–4 inside it (3 and 4 in place: the daemon reads 2 into the
+    // buffer it picked while reading 1, before its writer saw large data), the 5th crosses it
     await pool.createVol({ name: 'len.img', capacity: 8 * PACKET, allocation: 0 });
-    const limit = Math.floor(3.5 * PACKET);
+    const limit = Math.floor(4.5 * PACKET);
     const e1 = await send('len.img', { offset: 0, length: limit });
     assert.ok(e1 && /No space left on device/.test(e1.message), `length: ${e1?.message}`);
     const got1 = fs.readFileSync(path.join(poolDir, 'len.img'));
@@ -438,18 +439,18 @@ test('daemon on tmpfs, upload limits with packets written in place: data past --
     const failedLines = (): string[] => d.logs.filter((l) => /"upload failed"/.test(l));
     for (let i = 0; i < 100 && failedLines().length < 1; i++) await new Promise((resolve) => setTimeout(resolve, 20));
     assert.equal(failedLines().length, 1, 'the daemon logged the failed upload');
-    assert.ok(JSON.parse(failedLines()[0]!).splicedBytes >= 2 * PACKET, 'packets 2 and 3 went in place');
+    assert.ok(JSON.parse(failedLines()[0]!).splicedBytes >= 2 * PACKET, 'packets 3 and 4 went in place');
 
-    // capacity: 2.5 packets at offset 0; the 3rd packet crosses the end of the volume
-    await pool.createVol({ name: 'cap.img', capacity: Math.floor(2.5 * PACKET), allocation: 0 });
-    const cap = Math.floor(2.5 * PACKET);
+    // capacity: 4.5 packets at offset 0; the 5th packet crosses the end of the volume
+    await pool.createVol({ name: 'cap.img', capacity: Math.floor(4.5 * PACKET), allocation: 0 });
+    const cap = Math.floor(4.5 * PACKET);
     const e2 = await send('cap.img', {});
     assert.ok(e2 && /runs past its capacity/.test(e2.message), `capacity: ${e2?.message}`);
     const got2 = fs.readFileSync(path.join(poolDir, 'cap.img'));
     assert.equal(got2.length, cap, 'the volume keeps its size');
     assert.ok(got2.equals(data.subarray(0, cap)), 'the bytes up to the capacity');
     for (let i = 0; i < 100 && failedLines().length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 20));
-    assert.ok(JSON.parse(failedLines()[1]!).splicedBytes >= PACKET, 'packet 2 went in place');
+    assert.ok(JSON.parse(failedLines()[1]!).splicedBytes >= 2 * PACKET, 'packets 3 and 4 went in place');
 
     // the same daemon goes on: a whole upload at an offset, packets in place
     await pool.createVol({ name: 'ok.img', capacity: 8 * PACKET, allocation: 0 });

@@ -97,6 +97,7 @@ const native = nativeSyscallsAvailable();
 test('in place: large packets go from the socket into the file by splice, also one that arrives in pieces; holes, small data and EOF as usual; bytes identical, holes unallocated', { skip: !native && 'needs the native syscalls' }, async () => {
   await withRawPair(async ({ client, raw, stream, dir }) => {
     const a = randomBytes(PACKET);
+    const a2 = randomBytes(PACKET);
     const b = randomBytes(PACKET);
     const c = randomBytes(PACKET);
     const small = randomBytes(1000);
@@ -118,21 +119,24 @@ test('in place: large packets go from the socket into the file by splice, also o
         return stream.receiveInto(t);
       },
     });
-    await inPlace;
-    // the first large packet is read as usual (it tells the Peer that data flows); the next one
-    // comes in three pieces: its header and a part, then the rest in two reads
+    // The first large packet is read as usual: it tells the Peer that data flows, and the writer
+    // that large data comes (it asks for in place then). The second is read as usual too: its
+    // buffer was picked when the first was read (Node asks for the next read's buffer at once).
+    // The third comes in three pieces: its header and a part, then the rest in two reads.
     raw.write(dataFrame(a));
+    await inPlace;
+    raw.write(dataFrame(a2));
     await sleep(30);
     await trickle(raw, dataFrame(b), [28 + 1000, 28 + 100 * KiB]);
     raw.write(Buffer.concat([holeFrame(1 << 20), dataFrame(c), dataFrame(small), EOF]));
     const result = await writing;
-    assert.equal(result.dataBytes, 3 * PACKET + 1000);
+    assert.equal(result.dataBytes, 4 * PACKET + 1000);
     assert.equal(result.holeBytes, 1 << 20);
-    const expected = Buffer.concat([a, b, Buffer.alloc(1 << 20), c, small]);
+    const expected = Buffer.concat([a, a2, b, Buffer.alloc(1 << 20), c, small]);
     assert.ok(fs.readFileSync(out).equals(expected), 'the file holds the stream');
-    assert.ok(await allocatedBytes(out) <= 3 * PACKET + 1000 + 8 * KiB + 8 * KiB, 'the hole is not allocated');
-    // b and c were written in place, at their offsets; a came as data (before data flowed)
-    assert.deepEqual(ranges.map((r) => [r.offset, r.length, r.error]), [[PACKET, PACKET, undefined], [2 * PACKET + (1 << 20), PACKET, undefined]]);
+    assert.ok(await allocatedBytes(out) <= 4 * PACKET + 1000 + 8 * KiB + 8 * KiB, 'the hole is not allocated');
+    // b and c were written in place, at their offsets; a and a2 came as data
+    assert.deepEqual(ranges.map((r) => [r.offset, r.length, r.error]), [[2 * PACKET, PACKET, undefined], [3 * PACKET + (1 << 20), PACKET, undefined]]);
     assert.equal(client.stats.splicedFrames, 2);
     assert.ok(client.stats.splicedBytes > PACKET, `spliced ${client.stats.splicedBytes} bytes (the pieces read apart are written from a buffer)`);
   });

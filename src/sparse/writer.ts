@@ -30,9 +30,11 @@ export interface SparseWriterOptions {
   signal?: AbortSignal;
   /**
    * `writeChunks` only. A receiving stream's `receiveInto` (for a source that is that stream's
-   * `chunksInPlace()`, or taps it): called once the file is open, if it lives in memory (tmpfs,
-   * ramfs), with where the source's position 0 lands, so that large packets are written there
-   * as they arrive and come as `WrittenRange`s; called with null before the file is closed.
+   * `chunksInPlace()`, or taps it): called once large data comes (a chunk of 64 KiB or more), if
+   * the file lives in memory (tmpfs, ramfs), with where the source's position 0 lands, so that
+   * the large packets after it are written there as they arrive and come as `WrittenRange`s;
+   * called with null before the file is closed. (Not at once: an all-hole or small transfer
+   * does not pay for loading the native syscalls, ~10 ms.)
    */
   receiveInto?: (target: { fd: number; base: number } | null) => unknown;
 }
@@ -46,6 +48,8 @@ export interface WriteResult {
 const MAX_BATCH_BYTES = 1 << 20;
 /** … or this many buffers (IOV_MAX). */
 const MAX_BATCH_BUFFERS = 1024;
+/** A data chunk this large starts receiving in place (`receiveInto`): packets of the rpc layer's size. */
+const IN_PLACE_MIN = 64 * 1024;
 /** Largest single write when zeroing by writes. */
 const ZERO_WRITE_MAX = 1 << 20;
 /**
@@ -376,19 +380,29 @@ async function writevFully(fd: number, buffers: Buffer[], position: number): Pro
  */
 export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chunk | WrittenRange>, opts: SparseWriterOptions = {}): Promise<WriteResult> {
   const writer = await SparseWriter.open(target, opts);
-  // large packets straight into the file, where it lives in memory (writes on the event loop)
-  let inPlace = opts.receiveInto && !writer.file.isBlockDevice && sys.isMemoryBacked(writer.file.fd) ? opts.receiveInto : undefined;
+  // Large packets straight into the file, where it lives in memory (writes on the event loop).
+  // Decided at the first large chunk: the native syscalls are loaded by then anyway.
+  const base = writer.position;
+  let arm = opts.receiveInto && !writer.file.isBlockDevice ? opts.receiveInto : undefined;
+  let inPlace: typeof arm;
+  const startInPlace = (): void => {
+    const f = arm;
+    arm = undefined;
+    if (f && sys.isMemoryBacked(writer.file.fd)) {
+      inPlace = f;
+      f({ fd: writer.file.fd, base });
+    }
+  };
   const stopInPlace = (): void => {
+    arm = undefined;
     const f = inPlace;
     inPlace = undefined;
     f?.(null);
   };
   let it: AsyncIterator<Chunk | WrittenRange>;
   try {
-    inPlace?.({ fd: writer.file.fd, base: writer.position });
     it = chunks[Symbol.asyncIterator]();
   } catch (err) {
-    stopInPlace();
     await writer.abort().catch(() => undefined);
     throw err;
   }
@@ -420,7 +434,9 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
         sourceDone = true;
         break;
       }
-      await writer.write(next.value);
+      const chunk = next.value;
+      if (arm !== undefined && chunk.kind === 'data' && chunk.bytes.length >= IN_PLACE_MIN) startInPlace();
+      await writer.write(chunk);
     }
     stopInPlace();
     return await writer.close();
