@@ -60,7 +60,7 @@ export function readFileRange(r: FileRange | WrittenRange): Buffer {
   let have = 0;
   while (have < r.length) {
     const n = fs.readSync(r.fd, buf, have, r.length - have, r.offset + have);
-    if (n === 0) throw new SparsevirtError('ERR_IO', `cannot read fd ${r.fd}: file shrank while reading (EOF at ${r.offset + have})`);
+    if (n === 0) throw new SparsevirtError('ERR_IO', `file shrank while reading (EOF at ${r.offset + have})`);
     have += n;
   }
   return buf;

@@ -270,3 +270,20 @@ test('SparseWriter and written ranges: one at the position counts as data writte
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('an error reply for a stream that already ended (libvirtd answering an abort late) is dropped: the connection lives on', async () => {
+  const { encodeRemoteError } = await import('../src/rpc/structs.js');
+  const { remoteErrorFields, VIR_DOMAIN, VIR_ERR_CODE } = await import('../src/errors.js');
+  await withRawPair(async ({ client, raw, stream }) => {
+    await stream.abort(new Error('stop')); // the raw end confirms it (rawPair)
+    assert.equal(stream.state, 'aborted');
+    const fields = remoteErrorFields(VIR_ERR_CODE.INTERNAL_ERROR, VIR_DOMAIN.STREAMS, 'too late');
+    raw.write(Buffer.concat([buildFrameHead({ ...HEAD, type: MessageType.REPLY, status: Status.ERROR }, encodeRemoteError(fields).length), encodeRemoteError(fields)]));
+    await sleep(100);
+    assert.equal(client.closed, false, 'not taken for a lost conversation');
+    // the same reply on a serial that never was a stream still ends the connection
+    const closed = new Promise<Error>((resolve) => client.once('close', resolve));
+    raw.write(Buffer.concat([buildFrameHead({ ...HEAD, serial: 999, type: MessageType.REPLY, status: Status.ERROR }, encodeRemoteError(fields).length), encodeRemoteError(fields)]));
+    assert.match((await closed).message, /reply without a pending call/);
+  });
+});

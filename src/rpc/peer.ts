@@ -48,6 +48,7 @@ interface PendingCall {
 }
 
 const ONE_HOLE = 12;
+const EIO = 5;
 /**
  * Sockets we open ourselves (net.connect) read through `onread`: the Peer picks where each read
  * lands, so the rest of a large frame is read straight into that frame's buffer instead of
@@ -574,7 +575,7 @@ export class Peer extends EventEmitter {
     const at = this.outEnd + FRAME_OVERHEAD;
     for (let have = 0; have < length; ) {
       const n = fs.readSync(fd, out, at + have, length - have, offset + have);
-      if (n === 0) throw new SparsevirtError('ERR_IO', `cannot read fd ${fd}: file shrank while reading (EOF at ${offset + have})`);
+      if (n === 0) throw new SparsevirtError('ERR_IO', `file shrank while reading (EOF at ${offset + have})`);
       have += n;
     }
     writeFrameHead(out, this.outEnd, total, h);
@@ -1126,7 +1127,11 @@ export class Peer extends EventEmitter {
       // libvirt 9.0 reports a failed STREAM_HOLE as a REPLY/ERROR on the stream's serial (B3).
       const s = this.streams.get(streamKey(m.proc, m.serial));
       if (s && m.status === Status.ERROR) s.onPacket({ ...m, type: MessageType.STREAM });
-      else if (this.abandoned.delete(m.serial)) {
+      else if (m.status === Status.ERROR && this.ended.has(streamKey(m.proc, m.serial))) {
+        // libvirtd may answer an abort (or a packet it failed to write) of a stream we already
+        // closed with a REPLY/ERROR: late news of a stream that is gone, not a lost conversation
+        debug('late error reply for an ended stream: %s', describeHeader(m));
+      } else if (this.abandoned.delete(m.serial)) {
         debug('late reply to an abandoned call: %s', describeHeader(m));
         // a stream the caller gave up while it was being opened: the server opened it anyway,
         // so abort it on the wire (its confirmation is dropped as a late packet).
@@ -1302,7 +1307,14 @@ export class WireStream implements StreamChannel {
   private sourceFailed(err: Error): Error {
     if (this.err) return this.err;
     if (this.done || this.peer.closed) return err;
-    this.peer.sendFrame({ ...this.head, status: Status.ERROR }, this.isClient ? undefined : encodeRemoteError(toRemoteFields(err)));
+    if (this.aborting) {
+      // our abort is already on the wire: nothing more to say
+      this.fail(err);
+      return err;
+    }
+    // as libvirtd reports a failed read of the volume: "cannot read from stream: <reason>"
+    const report = this.isClient ? undefined : encodeRemoteError(toRemoteFields(new SparsevirtError('ERR_IO', `cannot read from stream: ${err.message}`, { cause: err })));
+    this.peer.sendFrame({ ...this.head, status: Status.ERROR }, report);
     this.fail(err);
     return err;
   }
@@ -1543,7 +1555,10 @@ export function toRemoteFields(err: Error): RemoteErrorFields {
   }
   if (err instanceof RemoteError) return err.toFields();
   const cause = (err as { cause?: { errno?: number; code?: string } }).cause;
-  const errno = typeof cause?.errno === 'number' ? Math.abs(cause.errno) : -1;
+  // a system error carries its errno (Node's fs errors as a negative number); one of our own
+  // I/O errors without one (a file that shrank under a read) is reported as EIO
+  const errno = typeof cause?.errno === 'number' ? Math.abs(cause.errno)
+    : (cause as { code?: string } | undefined)?.code === 'ERR_IO' ? EIO : -1;
   if (errno > 0) return remoteErrorFields(VIR_ERR_CODE.SYSTEM_ERROR, VIR_DOMAIN.STREAMS, err.message, { int1: errno });
   return remoteErrorFields(VIR_ERR_CODE.RPC, VIR_DOMAIN.STREAMS, err.message);
 }
