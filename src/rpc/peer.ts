@@ -574,7 +574,8 @@ export class Peer extends EventEmitter {
     // the payload first: a failed read leaves nothing half-made in the batch
     const at = this.outEnd + FRAME_OVERHEAD;
     for (let have = 0; have < length; ) {
-      const n = fs.readSync(fd, out, at + have, length - have, offset + have);
+      const n = sys.pread(fd, out.subarray(at + have, at + length), offset + have);
+      if (n < 0) throw sys.errnoException(n, 'pread');
       if (n === 0) throw new SparsevirtError('ERR_IO', `file shrank while reading (EOF at ${offset + have})`);
       have += n;
     }

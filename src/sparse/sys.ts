@@ -49,6 +49,7 @@ const BLKGETSIZE64 = 0x80081272;
 interface Syscalls {
   lseek(fd: number, offset: number, whence: number): number;
   preadNoWait(fd: number, buf: Buffer, offset: number): number;
+  pread(fd: number, buf: Buffer, offset: number): number;
   isMemoryBacked(fd: number): boolean;
   fallocate(fd: number, mode: number, offset: number, length: number): number;
   blockDeviceSize(fd: number): number;
@@ -78,6 +79,7 @@ function loadNative(): Syscalls | null {
     const ioctl = libc.func('int ioctl(int fd, unsigned long request, _Out_ uint64_t *out)');
     koffi.struct('iovec', { base: 'void *', len: 'size_t' });
     const preadv2 = libc.func('int64_t preadv2(int fd, const iovec *iov, int iovcnt, int64_t offset, int flags)');
+    const pread = libc.func('int64_t pread(int fd, _Out_ void *buf, size_t count, int64_t offset)');
     const fstatfs = libc.func('int fstatfs(int fd, void *buf)');
     const sendfile = libc.func('int64_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)');
     const write = libc.func('int64_t write(int fd, const void *buf, size_t count)');
@@ -103,6 +105,10 @@ function loadNative(): Syscalls | null {
       },
       preadNoWait(fd, buf, offset) {
         const r = preadv2(fd, { base: buf, len: buf.length }, 1, offset, RWF_NOWAIT) as number;
+        return r < 0 ? -koffi.errno() : r;
+      },
+      pread(fd, buf, offset) {
+        const r = pread(fd, buf, buf.length, offset) as number;
         return r < 0 ? -koffi.errno() : r;
       },
       isMemoryBacked(fd) {
@@ -185,6 +191,14 @@ function sysfsBlockDeviceSize(fd: number): number {
 const fallback: Syscalls = {
   lseek: () => -ENOSYS,
   preadNoWait: () => -ENOSYS,
+  pread: (fd, buf, offset) => {
+    try {
+      return fs.readSync(fd, buf, 0, buf.length, offset);
+    } catch (err) {
+      const errno = (err as NodeJS.ErrnoException).errno;
+      return typeof errno === 'number' ? -Math.abs(errno) : -EINVAL;
+    }
+  },
   isMemoryBacked: () => false,
   fallocate: () => -ENOSYS,
   blockDeviceSize: sysfsBlockDeviceSize,
@@ -237,6 +251,14 @@ export function lseek(fd: number, offset: number, whence: number): number {
  */
 export function preadNoWait(fd: number, buf: Buffer, offset: number): number {
   return impl().preadNoWait(fd, buf, offset);
+}
+
+/**
+ * `pread(2)` into all of `buf`: bytes read (short at the end of the file), or `-errno`. Half the
+ * cost of `fs.readSync` for the 4 KiB reads of a file of small extents (100,000 per image).
+ */
+export function pread(fd: number, buf: Buffer, offset: number): number {
+  return impl().pread(fd, buf, offset);
 }
 
 /**
