@@ -32,8 +32,8 @@ export interface FileRange {
  * the consumer asked for it (`Stream.receiveInto`): `length` bytes at `offset` of the file now
  * hold it. Large packets from a socket go there by `splice(2)`, never through a buffer. With
  * `error`, writing them failed (the bytes are lost: the consumer reports the error as a failed
- * write). Only consumers that called `receiveInto` see these; `fd` is the stream's own
- * duplicate of the file's descriptor, valid until the consumer calls `receiveInto(null)`.
+ * write). Only consumers that called `receiveInto` see these; `fd` is the one the consumer
+ * gave (`receiveInto`).
  */
 export interface WrittenRange {
   kind: 'written';

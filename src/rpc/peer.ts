@@ -223,7 +223,10 @@ interface InPlace {
   stream: WireStream;
   /** The target's identity (`DirectTarget.key`): checked before every write. */
   key: object;
+  /** The stream's duplicate of the consumer's file (`WireStream.receiveDirect`): written through. */
   fd: number;
+  /** The consumer's own fd, for the range delivered. */
+  rangeFd: number;
   offset: number;
   length: number;
   /** Payload bytes consumed from the socket so far (written, or dropped after `error`). */
@@ -984,10 +987,10 @@ export class Peer extends EventEmitter {
         if (h.type === MessageType.STREAM && h.status === Status.CONTINUE && h.prog === REMOTE_PROGRAM) {
           const s = this.streams.get(streamKey(h.proc, h.serial));
           const t = s?.directTarget(payload);
-          if (s && t) {
+          if (s && t && s.inPlaceFd >= 0) {
             if (chFrame.hasSubscribers) chFrame.publish({ dir: 'in', header: h, length: payload });
             this.smallRun = 0;
-            this.inPlace = { stream: s, key: t.key, fd: t.fd, offset: t.offset, length: payload, done: 0, error: null };
+            this.inPlace = { stream: s, key: t.key, fd: s.inPlaceFd, rangeFd: t.fd, offset: t.offset, length: payload, done: 0, error: null };
             this.pumpInPlace();
             return;
           }
@@ -1070,7 +1073,7 @@ export class Peer extends EventEmitter {
     const p = this.inPlace!;
     this.inPlace = null;
     this.stats.splicedFrames++;
-    const range: WrittenRange = { kind: 'written', fd: p.fd, offset: p.offset, length: p.length };
+    const range: WrittenRange = { kind: 'written', fd: p.rangeFd, offset: p.offset, length: p.length };
     if (p.error !== null) range.error = p.error;
     p.stream.onWritten(range);
   }
@@ -1222,7 +1225,8 @@ export class WireStream implements StreamChannel {
   private gotEnd = false;
   private err: Error | null = null;
   pausing = false;
-  private inPlaceOn = false;
+  /** Our duplicate of the file the consumer takes packets in place into (`receiveDirect`), or -1. */
+  inPlaceFd = -1;
   private readonly head: Header;
   private readonly holeHead: Header;
 
@@ -1360,10 +1364,23 @@ export class WireStream implements StreamChannel {
     return p.then(() => clearTimeout(t), () => clearTimeout(t));
   }
 
-  receiveDirect(on: boolean): void {
-    if (on === this.inPlaceOn || (on && this.done)) return;
-    this.inPlaceOn = on;
-    this.peer.inPlaceReceiver(on ? 1 : -1);
+  receiveDirect(fd: number | null): boolean {
+    if (fd === null) {
+      const dup = this.inPlaceFd;
+      if (dup < 0) return false;
+      // The Peer checks the stream's target before every write (it is gone now): nothing is
+      // written through this fd again, also in the middle of a packet.
+      this.inPlaceFd = -1;
+      this.peer.inPlaceReceiver(-1);
+      fs.close(dup, () => undefined);
+      return false;
+    }
+    if (this.done || this.inPlaceFd >= 0) return false;
+    const dup = sys.dupFd(fd);
+    if (dup < 0) return false;
+    this.inPlaceFd = dup;
+    this.peer.inPlaceReceiver(1);
+    return true;
   }
 
   /** @internal Where a data packet arriving now goes in place, if its consumer takes it so. */
@@ -1516,7 +1533,7 @@ export class WireStream implements StreamChannel {
   private close(): void {
     if (this.done) return;
     this.done = true;
-    this.receiveDirect(false);
+    this.receiveDirect(null);
     this.peer.streamClosed(this);
   }
 

@@ -29,11 +29,13 @@ export interface StreamChannel {
   pauseIncoming(): void;
   resumeIncoming(): void;
   /**
-   * Optional: the receiving stream's consumer takes large data packets written in place (see
-   * `Stream.receiveInto`), from now on (`true`) or no more (`false`). A channel that can, asks
-   * `StreamInbound.directTarget` for each one and delivers a `WrittenRange`.
+   * Optional: the receiving stream's consumer takes large data packets written in place into
+   * the file `fd` (see `Stream.receiveInto`), from now on, or (`null`) no more; returns whether
+   * the channel will do it. A channel that can, asks `StreamInbound.directTarget` for each
+   * packet and delivers a `WrittenRange`. Its writes span I/O callbacks, so it writes through a
+   * duplicate of `fd` of its own, closed when this stops: the consumer may close `fd` then.
    */
-  receiveDirect?(on: boolean): void;
+  receiveDirect?(fd: number | null): boolean;
 }
 
 /** Where a data packet goes when the stream's consumer takes it in place. */

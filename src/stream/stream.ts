@@ -1,10 +1,8 @@
 import diagnostics_channel from 'node:diagnostics_channel';
 import type { Readable, Writable } from 'node:stream';
-import fs from 'node:fs';
 import { type Chunk, type FileRange, type WrittenRange, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength, readFileRange } from '../chunk.js';
 import { SparsevirtError } from '../errors.js';
 import { type ReadableOptions, type WritableOptions, streamToReadable, streamToWritable } from './adapters.js';
-import * as sys from '../sparse/sys.js';
 import type { DirectTarget, StreamChannel, StreamInbound } from './channel.js';
 import { ChunkQueue } from './queue.js';
 import { ZERO_CHUNK_SIZE, zeroBytes } from './zeros.js';
@@ -118,7 +116,7 @@ export type HoleSkip = (length: number) => Promise<void>;
 
 /** Where a receiving stream may write large data packets itself (`Stream.receiveInto`). */
 export interface ReceiveTarget {
-  /** The consumer's file (in memory: tmpfs, ramfs); the stream works on a duplicate of it. */
+  /** The consumer's file (in memory: tmpfs, ramfs); the channel writes through a duplicate of it. */
   fd: number;
   /** The file offset of stream position 0. */
   base: number;
@@ -186,10 +184,8 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   private reader: string | undefined;
   private iterated = false;
   private iterDone = false;
-  /** Where large incoming packets go in place (`receiveInto`), on our own dup of the fd. */
+  /** Where large incoming packets go in place (`receiveInto`). */
   private direct: { fd: number; base: number; limit: number } | null = null;
-  /** Dups of earlier targets: ranges still queued may be read back through them (closed at the end). */
-  private retiredFds: number[] = [];
 
   // --- the one outstanding channel call (write/finish) and the one waiting reader.
   // Settled through fields and methods bound once, so the hot path allocates no closures;
@@ -383,11 +379,10 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    * bytes never pass through a buffer of ours. They then come out as `WrittenRange`s, from
    * `recvChunk()` and `chunksInPlace()`; byte reads (`recv`, the plain iterator) read them back.
    *
-   * The file must live in memory (tmpfs, ramfs): the writes happen on the event loop. Reading
-   * ranges back needs `fd` open for reading. Pass `null` before closing the file, to stop (the
-   * stream's duplicate stays open for ranges still queued, until the stream ends). Returns
-   * whether the channel will do it (not on an in-memory pair, a stream that is not receiving,
-   * or without the native syscalls).
+   * The file must live in memory (tmpfs, ramfs): the writes happen on the event loop. Pass
+   * `null` before closing the file, to stop. Ranges name `fd`: reading them back needs it open
+   * for reading. Returns whether the channel will do it (not on an in-memory pair, a stream that
+   * is not receiving, or without the native syscalls).
    */
   receiveInto(target: ReceiveTarget | null): boolean {
     if (target === null) {
@@ -399,20 +394,16 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     if (!Number.isSafeInteger(target.base) || target.base < 0 || !Number.isSafeInteger(limit)) {
       throw new SparsevirtError('ERR_INVALID_ARG', 'receiveInto(): base and limit must be byte offsets');
     }
-    const fd = sys.dupFd(target.fd);
-    if (fd < 0) return false;
+    if (!this.channel.receiveDirect(target.fd)) return false;
     this.dir = 'recv';
-    this.direct = { fd, base: target.base, limit };
-    this.channel.receiveDirect(true);
+    this.direct = { fd: target.fd, base: target.base, limit };
     return true;
   }
 
   private stopDirect(): void {
-    const d = this.direct;
-    if (d === null) return;
+    if (this.direct === null) return;
     this.direct = null;
-    this.retiredFds.push(d.fd);
-    this.channel.receiveDirect?.(false);
+    this.channel.receiveDirect?.(null);
   }
 
   /** @internal StreamInbound: where a data packet of `length` bytes arriving now goes. */
@@ -1033,8 +1024,6 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   /** Final state reached: drop the signal listener and publish. */
   private closed(): void {
     this.stopDirect();
-    for (const fd of this.retiredFds) fs.close(fd, noop);
-    this.retiredFds = [];
     if (this.signal !== undefined) {
       this.signal.removeEventListener('abort', this.onSignalAbort);
       this.signal = undefined;
