@@ -1,5 +1,5 @@
-import fs from 'node:fs';
 import { SparsevirtError } from './errors.js';
+import * as sys from './sparse/sys.js';
 
 /**
  * The one currency of sparsevirt: everything that moves volume contents speaks `Chunk`,
@@ -57,13 +57,21 @@ export function chunkLength(c: Chunk | FileRange | WrittenRange): number {
 /** The bytes a `FileRange` (or a `WrittenRange`) stands for, read now (the file is in memory: this never waits on a disk). */
 export function readFileRange(r: FileRange | WrittenRange): Buffer {
   const buf = Buffer.allocUnsafe(r.length);
-  let have = 0;
-  while (have < r.length) {
-    const n = fs.readSync(r.fd, buf, have, r.length - have, r.offset + have);
-    if (n === 0) throw new SparsevirtError('ERR_IO', `file shrank while reading (EOF at ${r.offset + have})`);
+  readFileInto(r.fd, r.offset, buf);
+  return buf;
+}
+
+/**
+ * Fill all of `buf` with the bytes of `fd` at `offset` (`pread`; short reads continue). Throws a
+ * system error, or ERR_IO when the file ends first (it shrank since its extents were mapped).
+ */
+export function readFileInto(fd: number, offset: number, buf: Buffer): void {
+  for (let have = 0; have < buf.length; ) {
+    const n = sys.pread(fd, have === 0 ? buf : buf.subarray(have), offset + have);
+    if (n < 0) throw sys.errnoException(n, 'pread');
+    if (n === 0) throw new SparsevirtError('ERR_IO', `file shrank while reading (EOF at ${offset + have})`);
     have += n;
   }
-  return buf;
 }
 
 /**

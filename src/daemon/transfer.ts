@@ -99,7 +99,7 @@ export class Transfer {
   private pacer: Pacer | null = null;
   private readonly batchesAtStart: number;
   /** The connection's sendfile (download) or splice (upload) counter when this transfer started (see the log line). */
-  private readonly directAtStart: number;
+  private readonly counterAtStart: number;
 
   constructor(readonly spec: TransferSpec) {
     this.stream = new Stream(spec.wire, {
@@ -108,7 +108,7 @@ export class Transfer {
       highWaterMark: UPLOAD_WINDOW,
     });
     spec.wire.attach(this.stream);
-    this.directAtStart = spec.kind === 'download' ? spec.wire.peer.stats.directBytes : spec.wire.peer.stats.splicedBytes;
+    this.counterAtStart = spec.kind === 'download' ? spec.wire.peer.stats.directBytes : spec.wire.peer.stats.splicedBytes;
     this.batchesAtStart = bufferStats.outputBatches;
   }
 
@@ -133,9 +133,9 @@ export class Transfer {
       pool: spec.vol.pool.name, vol: spec.vol.name, sparse: spec.sparse, offset: spec.offset, length: spec.length,
       dataBytes: this.dataBytes, holeBytes: this.holeBytes,
       // bytes the kernel passed from the file to the socket (sendfile): one stream at a time, these are its own
-      ...(spec.kind === 'download' ? { sendfileBytes: spec.wire.peer.stats.directBytes - this.directAtStart } : {}),
+      ...(spec.kind === 'download' ? { sendfileBytes: spec.wire.peer.stats.directBytes - this.counterAtStart } : {}),
       // bytes that went from the socket into the volume by splice, never through a buffer (uploads)
-      ...(spec.kind === 'upload' ? { splicedBytes: spec.wire.peer.stats.splicedBytes - this.directAtStart } : {}),
+      ...(spec.kind === 'upload' ? { splicedBytes: spec.wire.peer.stats.splicedBytes - this.counterAtStart } : {}),
       // times a download of small packets waited for a client without a deep queue (see Pacer)
       ...(this.pacer !== null ? { pacedWaits: this.pacer.waits } : {}),
       // output batch buffers the process had to allocate meanwhile (the rest came from its pool)

@@ -9,7 +9,7 @@ import fs, { readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
 import diagnostics from 'node:diagnostics_channel';
-import { readFileRange, type Chunk, type WrittenRange } from '../chunk.js';
+import { readFileInto, readFileRange, type Chunk, type WrittenRange } from '../chunk.js';
 import { RemoteError, SparsevirtError, remoteErrorFields, VIR_DOMAIN, VIR_ERR_CODE, type RemoteErrorFields } from '../errors.js';
 import type { DirectTarget, StreamChannel, StreamInbound } from '../stream/channel.js';
 import { XdrReader, XdrWriter, type Codec } from '../xdr/index.js';
@@ -218,7 +218,7 @@ const TAIL_READ = 16 * 1024;
 const TAIL_MAX = 256 * 1024;
 let tailBuffer: Buffer | null = null;
 
-/** A data packet being written into its stream's file as it arrives (`Peer.beginInPlace`). */
+/** A data packet being written into its stream's file as it arrives (`Peer.onInHead`). */
 interface InPlace {
   stream: WireStream;
   /** The target's identity (`DirectTarget.key`): checked before every write. */
@@ -296,7 +296,8 @@ export class Peer extends EventEmitter {
    * frames that found the socket or Node's queue full (later frames held back meanwhile); payload
    * bytes of those that went through Node's queue instead (the 16 KiB pieces whose completion
    * says the socket has room again); and large file frames read into a buffer whole, because
-   * another frame was held or the socket was not ours to write.
+   * another frame was held or the socket was not ours to write. Received in place: payload bytes
+   * spliced from the socket into files, and the packets that went so (see `onInHead`).
    */
   readonly stats = { directBytes: 0, directStalls: 0, copiedBytes: 0, bufferedFrames: 0, splicedBytes: 0, splicedFrames: 0 };
   private readonly maxFrame: number;
@@ -576,12 +577,7 @@ export class Peer extends EventEmitter {
     const out = this.outBuf!;
     // the payload first: a failed read leaves nothing half-made in the batch
     const at = this.outEnd + FRAME_OVERHEAD;
-    for (let have = 0; have < length; ) {
-      const n = sys.pread(fd, out.subarray(at + have, at + length), offset + have);
-      if (n < 0) throw sys.errnoException(n, 'pread');
-      if (n === 0) throw new SparsevirtError('ERR_IO', `file shrank while reading (EOF at ${offset + have})`);
-      have += n;
-    }
+    readFileInto(fd, offset, out.subarray(at, at + length));
     writeFrameHead(out, this.outEnd, total, h);
     this.outEnd += total;
     if (!this.flushScheduled) {
