@@ -333,6 +333,8 @@ describe('sparsevirtd answers the libvirt 9.0 captures as libvirtd does', () => 
       const serial = r.expected.find((m) => m.proc === 209)!.serial;
       assert.deepEqual(streamShape(r.actual, serial), streamShape(r.expected, serial), `${name}: stream shape`);
       assert.ok(streamBytes(r.actual, serial).equals(streamBytes(r.expected, serial)), `${name}: stream bytes`);
+      const holeFrames = (frames: Message[]) => frames.filter((f) => f.serial === serial && f.type === MessageType.STREAM_HOLE).map(frameBytes);
+      assert.deepEqual(holeFrames(r.actual), holeFrames(r.expected), `${name}: hole frames, byte for byte`);
       for (const f of r.actual) if (f.type === MessageType.STREAM) assert.ok(f.payload.length <= 262120);
       assert.deepEqual(r.actual.filter((f) => f.proc !== 209).map(frameBytes), r.expected.filter((f) => f.proc !== 209).map(frameBytes), `${name}: the other frames`);
       r.client.close();

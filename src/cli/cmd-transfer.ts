@@ -63,12 +63,21 @@ interface Meter {
 }
 
 /** Counts chunks as they pass (data sent as zeros on a plain stream counts as data). */
-function metered<C extends Chunk | FileRange | WrittenRange>(src: AsyncIterable<C>, m: Meter, holesAreData: boolean): AsyncIterable<C> {
-  return tapChunks(src, (c) => {
+/** `src` counted into the meter as it passes: chunks, or batches of them (`sendBatch`). */
+function metered<T extends Chunk | FileRange | WrittenRange | ReadonlyArray<Chunk | FileRange | WrittenRange>>(src: AsyncIterable<T>, m: Meter, holesAreData: boolean): AsyncIterable<T> {
+  const add = (c: Chunk | FileRange | WrittenRange): void => {
     if (c.kind === 'hole' && !holesAreData) m.counts.holeBytes += c.length;
     else m.counts.dataBytes += chunkLength(c);
+  };
+  return tapChunks(src, (c) => {
+    if (isBatch(c)) for (const x of c) add(x);
+    else add(c);
     m.bar?.update(m.counts);
   });
+}
+
+function isBatch<C>(c: C | readonly C[]): c is readonly C[] {
+  return Array.isArray(c);
 }
 
 function makeMeter(ctl: Ctl, verb: string, total: () => Promise<number>): Promise<Meter> {
@@ -163,18 +172,19 @@ const volUpload: Handler = async (ctl, cmd) => {
     const seekable = st.isFile() || st.isBlockDevice();
     const size = st.isFile() ? st.size : 0;
     meter = await makeMeter(ctl, 'upload', async () => (length > 0 && (size === 0 || length < size) ? length : size));
-    let source: AsyncIterable<Chunk | FileRange>;
+    let source: AsyncIterable<Chunk | FileRange | ReadonlyArray<Chunk | FileRange>>;
     if (seekable) {
-      const { fileSendChunks } = await import('../sparse/index.js');
+      const { fileSendBatches } = await import('../sparse/index.js');
       // Holes are read as holes even for a plain stream: the stream sends them as zeros.
-      source = fileSendChunks({ fd: fh.fd }, { sparse: true, length: length || undefined, signal });
+      source = fileSendBatches({ fd: fh.fd }, { sparse: true, length: length || undefined, signal });
     } else {
       source = readSequential(fh, length);
     }
     try {
-      for await (const chunk of metered(source, meter, !stream.sparse)) {
-        if (chunk.kind === 'file') await stream.sendFileRange(chunk.fd, chunk.offset, chunk.length);
-        else await stream.sendChunk(chunk);
+      for await (const item of metered(source, meter, !stream.sparse)) {
+        if (isBatch(item)) await stream.sendBatch(item);
+        else if (item.kind === 'file') await stream.sendFileRange(item.fd, item.offset, item.length);
+        else await stream.sendChunk(item);
       }
     } catch (err) {
       await stream.abort(err).catch(() => undefined);
@@ -244,7 +254,7 @@ const volDownload: Handler = async (ctl, cmd) => {
         // The file is empty (created or truncated): holes are simply skipped; a trailing one
         // sets the size, as virsh's lseek + ftruncate. Large packets go into it in place.
         const { releaseFramePayloads } = await import('../rpc/peer.js');
-        const chunks = metered(stream.chunksInPlace(), meter, false);
+        const chunks = metered(stream.batchesInPlace(), meter, false);
         await writeChunks({ fd: fh.fd }, chunks, { signal, release: releaseFramePayloads, receiveInto: (t) => stream.receiveInto(t) });
       } else {
         await writeSequential(fh, st, metered(stream, meter, false));

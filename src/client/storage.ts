@@ -3,7 +3,7 @@ import { chunkLength, tapChunks, type Chunk, type FileRange, type WrittenRange }
 import { checkByteCount, SparsevirtError } from '../errors.js';
 import { P, SPARSE_STREAM, type PoolRef, type VolRef } from '../protocol/remote.js';
 import { releaseFramePayloads } from '../rpc/peer.js';
-import { fileSendChunks, writeChunks } from '../sparse/index.js';
+import { fileSendBatches, writeChunks } from '../sparse/index.js';
 import { Stream } from '../stream/index.js';
 import { escapeXml, isUnsupportedFlags, uuidToString, type Connection } from './connection.js';
 
@@ -198,7 +198,7 @@ export class StorageVol {
   async uploadFile(file: string, opts: FileTransferOptions = {}): Promise<TransferResult> {
     const stream = await this.upload(opts);
     const sparse = stream.sparse;
-    const counted = count(fileSendChunks(file, { length: opts.length || undefined, sparse, detectZeroes: opts.detectZeroes, signal: opts.signal }), opts.onProgress);
+    const counted = count(fileSendBatches(file, { length: opts.length || undefined, sparse, detectZeroes: opts.detectZeroes, signal: opts.signal }), opts.onProgress);
     await stream.sendChunks(counted.chunks);
     return { ...counted.totals, sparse };
   }
@@ -209,7 +209,7 @@ export class StorageVol {
    */
   async downloadFile(file: string, opts: FileTransferOptions = {}): Promise<TransferResult> {
     const stream = await this.download(opts);
-    const counted = count(stream.chunksInPlace(), opts.onProgress);
+    const counted = count(stream.batchesInPlace(), opts.onProgress);
     try {
       await writeChunks(file, counted.chunks, { truncate: true, signal: opts.signal, release: releaseFramePayloads, receiveInto: (t) => stream.receiveInto(t) });
     } catch (err) {
@@ -221,11 +221,13 @@ export class StorageVol {
 }
 
 /** Count bytes as chunks pass, without copying them. */
-function count<C extends Chunk | FileRange | WrittenRange>(src: AsyncIterable<C>, onProgress?: (p: { dataBytes: number; holeBytes: number }) => void) {
+function count<B extends ReadonlyArray<Chunk | FileRange | WrittenRange>>(src: AsyncIterable<B>, onProgress?: (p: { dataBytes: number; holeBytes: number }) => void) {
   const totals = { dataBytes: 0, holeBytes: 0 };
-  const chunks = tapChunks(src, (c) => {
-    if (c.kind === 'hole') totals.holeBytes += c.length;
-    else totals.dataBytes += chunkLength(c);
+  const chunks = tapChunks(src, (batch) => {
+    for (const c of batch) {
+      if (c.kind === 'hole') totals.holeBytes += c.length;
+      else totals.dataBytes += chunkLength(c);
+    }
     onProgress?.(totals);
   });
   return { chunks, totals };

@@ -1,12 +1,12 @@
 /**
  * vol-upload / vol-download on the daemon side.
  *
- * Download: `fileChunks` (SEEK_DATA/SEEK_HOLE, reads ≤ 262120 bytes ahead of the socket) →
- * `Stream` → `WireStream`: one hole packet per hole region (trailing hole included), data in
+ * Download: `fileSendBatches` (SEEK_DATA/SEEK_HOLE; from a file in memory, ranges that the socket
+ * takes by sendfile or reads into its batch) → `Stream.sendBatch` → `WireStream`: one hole packet per hole region (trailing hole included), data in
  * packets ≤ 262120 bytes, EOF as an empty STREAM/CONTINUE; an offset at or past the end is an
  * empty stream (libvirt 9.0 fails there, B2). Backpressure: each write waits for the socket.
  *
- * Upload: `Stream.recv` → `writeChunks` at `offset`: holes read back as zeros even over old data
+ * Upload: `Stream.recvBatch` → `writeChunks` at `offset`: holes read back as zeros even over old data
  * and the volume is never truncated (libvirt 9.0 does both wrong, B1). Bytes past `length`
  * fail the stream with libvirt's ENOSPC error. Nor is it ever grown: data or a hole that would
  * run past the volume's capacity fails the stream with a clear error, after what fits was
@@ -17,7 +17,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
 import { bufferStats, releaseFramePayloads, type WireStream } from '../rpc/peer.js';
-import { fileSendChunks, writeChunks } from '../sparse/index.js';
+import { fileSendBatches, writeChunks } from '../sparse/index.js';
 import { releaseFreeMemory } from '../sparse/sys.js';
 import { Stream } from '../stream/index.js';
 import { CODE, DOMAIN, streamNoSpace, systemError, virError } from './errors.js';
@@ -162,24 +162,26 @@ export class Transfer {
 
   private async download(): Promise<string> {
     const { spec, stream } = this;
-    const chunks = fileSendChunks({ fd: spec.fh.fd }, {
+    const batches = fileSendBatches({ fd: spec.fh.fd }, {
       offset: spec.offset, length: spec.length ?? undefined, sparse: spec.sparse,
     });
     const pacer = spec.wire.peer.deepQueue ? null : new Pacer();
     this.pacer = pacer;
     try {
-      for await (const chunk of chunks) {
-        if (pacer !== null && (chunk.kind === 'hole' || chunkLength(chunk) <= PACED_DATA_MAX)) {
-          await pacer.next();
+      for await (const batch of batches) {
+        for (const chunk of batch) {
+          if (chunk.kind === 'hole') this.holeBytes += chunk.length;
+          else this.dataBytes += chunkLength(chunk);
         }
-        if (chunk.kind === 'file') {
-          this.dataBytes += chunk.length;
-          await stream.sendFileRange(chunk.fd, chunk.offset, chunk.length);
+        if (pacer === null) {
+          await stream.sendBatch(batch);
           continue;
         }
-        if (chunk.kind === 'data') this.dataBytes += chunk.bytes.length;
-        else this.holeBytes += chunk.length;
-        await stream.sendChunk(chunk);
+        for (const chunk of batch) {
+          if (chunk.kind === 'hole' || chunkLength(chunk) <= PACED_DATA_MAX) await pacer.next();
+          if (chunk.kind === 'file') await stream.sendFileRange(chunk.fd, chunk.offset, chunk.length);
+          else await stream.sendChunk(chunk);
+        }
       }
     } catch (err) {
       if (stream.state === 'open') {
@@ -226,34 +228,43 @@ export class Transfer {
    * data past it fails with libvirt's ENOSPC error ("cannot write to stream: No space left on
    * device"). Nothing at or past the volume's capacity: the first byte past it (data or hole)
    * fails the upload, after what fits was passed on, and the volume keeps its size. One
-   * generator for all of it: a layer per check costs a promise per packet.
+   * generator for all of it, in batches (`recvBatch`): a layer per check, or a promise per
+   * packet, costs more than the checks.
    */
-  private async *received(): AsyncGenerator<Chunk | WrittenRange> {
+  private async *received(): AsyncGenerator<Array<Chunk | WrittenRange>> {
     const { spec, stream } = this;
     let left = spec.length ?? Number.POSITIVE_INFINITY;
     const capacity = spec.capacity ?? Number.POSITIVE_INFINITY;
     let at = spec.offset;
     for (;;) {
-      let chunk = await stream.recvChunk();
-      if (chunk === null) return;
-      let n = chunkLength(chunk);
-      if (chunk.kind === 'hole') this.holeBytes += n;
-      else this.dataBytes += n;
-      // (a range written in place never passes the limits: the stream stops short of them)
-      let overLimit = false;
-      if (n > left) {
-        if (chunk.kind !== 'hole') overLimit = true;
-        n = left;
-        chunk = cut(chunk, n);
+      const batch = await stream.recvBatch();
+      if (batch === null) return;
+      const out: Array<Chunk | WrittenRange> = [];
+      for (let chunk of batch) {
+        let n = chunkLength(chunk);
+        if (chunk.kind === 'hole') this.holeBytes += n;
+        else this.dataBytes += n;
+        // (a range written in place never passes the limits: the stream stops short of them)
+        let overLimit = false;
+        if (n > left) {
+          if (chunk.kind !== 'hole') overLimit = true;
+          n = left;
+          chunk = cut(chunk, n);
+        }
+        left -= n;
+        if (at + n > capacity) {
+          if (capacity > at) out.push(cut(chunk, capacity - at));
+          yield out;
+          throw uploadPastCapacity(spec.vol.name, capacity, capacity);
+        }
+        at += n;
+        if (n > 0) out.push(chunk);
+        if (overLimit) {
+          yield out;
+          throw streamNoSpace();
+        }
       }
-      left -= n;
-      if (at + n > capacity) {
-        if (capacity > at) yield cut(chunk, capacity - at);
-        throw uploadPastCapacity(spec.vol.name, capacity, capacity);
-      }
-      at += n;
-      if (n > 0) yield chunk;
-      if (overLimit) throw streamNoSpace();
+      yield out;
     }
   }
 

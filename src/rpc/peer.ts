@@ -9,7 +9,7 @@ import fs, { readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { debuglog } from 'node:util';
 import diagnostics from 'node:diagnostics_channel';
-import { readFileInto, readFileRange, type Chunk, type WrittenRange } from '../chunk.js';
+import { readFileInto, readFileRange, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
 import { RemoteError, SparsevirtError, remoteErrorFields, VIR_DOMAIN, VIR_ERR_CODE, type RemoteErrorFields } from '../errors.js';
 import type { DirectTarget, StreamChannel, StreamInbound } from '../stream/channel.js';
 import { XdrReader, XdrWriter, type Codec } from '../xdr/index.js';
@@ -374,10 +374,37 @@ export class Peer extends EventEmitter {
       }
       return;
     }
-    if (this.outBuf === null || this.outEnd + total > this.outBuf.length) this.newBatch();
-    const out = this.outBuf!;
+    const out = this.reserve(total);
     writeFrameHead(out, this.outEnd, total, h);
     if (payload) out.set(payload, this.outEnd + FRAME_OVERHEAD);
+    this.commit(total);
+  }
+
+  /**
+   * A STREAM_HOLE frame (virStreamSendHole's payload: the length as a hyper, flags 0), built in
+   * the output batch: one for each of 100,000 holes, without an encoder or a buffer each.
+   */
+  sendHoleFrame(h: Header, length: number): void {
+    if (this.closedErr) return;
+    if (chFrame.hasSubscribers) chFrame.publish({ dir: 'out', header: h, length: ONE_HOLE });
+    const total = FRAME_OVERHEAD + ONE_HOLE;
+    const out = this.reserve(total);
+    const at = this.outEnd;
+    writeFrameHead(out, at, total, h);
+    out.writeUInt32BE(Math.floor(length / 2 ** 32), at + FRAME_OVERHEAD);
+    out.writeUInt32BE(length >>> 0, at + FRAME_OVERHEAD + 4);
+    out.writeUInt32BE(0, at + FRAME_OVERHEAD + 8);
+    this.commit(total);
+  }
+
+  /** The output batch, with room for `total` more bytes at `outEnd`. */
+  private reserve(total: number): Buffer {
+    if (this.outBuf === null || this.outEnd + total > this.outBuf.length) this.newBatch();
+    return this.outBuf!;
+  }
+
+  /** The `total` bytes at `outEnd` are a frame: it leaves with the batch, flushed on the next tick. */
+  private commit(total: number): void {
     this.outEnd += total;
     if (!this.flushScheduled) {
       this.flushScheduled = true;
@@ -573,17 +600,12 @@ export class Peer extends EventEmitter {
   private sendSmallFromFile(h: Header, fd: number, offset: number, length: number): void {
     if (chFrame.hasSubscribers) chFrame.publish({ dir: 'out', header: h, length });
     const total = FRAME_OVERHEAD + length;
-    if (this.outBuf === null || this.outEnd + total > this.outBuf.length) this.newBatch();
-    const out = this.outBuf!;
+    const out = this.reserve(total);
     // the payload first: a failed read leaves nothing half-made in the batch
     const at = this.outEnd + FRAME_OVERHEAD;
     readFileInto(fd, offset, out.subarray(at, at + length));
     writeFrameHead(out, this.outEnd, total, h);
-    this.outEnd += total;
-    if (!this.flushScheduled) {
-      this.flushScheduled = true;
-      process.nextTick(this.flushOutTick);
-    }
+    this.commit(total);
   }
 
   private readonly flushOutTick = (): void => {
@@ -1258,47 +1280,80 @@ export class WireStream implements StreamChannel {
   // ---- StreamChannel: outgoing
 
   async write(chunk: Chunk): Promise<void> {
+    const p = this.send(chunk);
+    if (p !== null) await p;
+  }
+
+  /** Data from a file in memory, `length` bytes at `offset`: see `Peer.sendFileFrame`. */
+  async writeFile(fd: number, offset: number, length: number): Promise<void> {
+    const p = this.send({ kind: 'file', fd, offset, length });
+    if (p !== null) await p;
+  }
+
+  /**
+   * `write` and `writeFile` without a promise while the socket takes more (see
+   * `StreamChannel.send`): data and holes become frames in the Peer's output batch at once.
+   */
+  send(item: Chunk | FileRange): Promise<void> | null {
     if (this.err) throw this.err;
     if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
     const peer = this.peer;
-    if (chunk.kind === 'data') {
+    if (item.kind === 'file') return this.sendFile(item.fd, item.offset, item.length, 0);
+    if (item.kind === 'data') {
       // an upload with data: let the socket hold a few packets (see Peer.bigSendBuffer)
       if (peer.role === 'client' && !peer.sendBufferIsBig) peer.bigSendBuffer(true);
-      const b = chunk.bytes;
+      const b = item.bytes;
       const max = peer.streamPacketMax;
       if (b.length <= max) peer.sendFrame(this.head, b);
       else for (let off = 0; off < b.length; off += max) peer.sendFrame(this.head, b.subarray(off, Math.min(off + max, b.length)));
     } else {
       if (!this.sparse) throw new SparsevirtError('ERR_STREAM_NOT_SPARSE', 'cannot send a hole: the stream was not opened with the sparse flag');
-      if (!(chunk.length > 0) || !Number.isSafeInteger(chunk.length)) throw new SparsevirtError('ERR_INVALID_ARG', `hole length must be a positive integer, got ${chunk.length}`);
-      const w = new XdrWriter(ONE_HOLE);
-      w.hyper(chunk.length).uint(0);
-      peer.sendFrame(this.holeHead, w.view());
+      if (!(item.length > 0) || !Number.isSafeInteger(item.length)) throw new SparsevirtError('ERR_INVALID_ARG', `hole length must be a positive integer, got ${item.length}`);
+      peer.sendHoleFrame(this.holeHead, item.length);
     }
-    const ok = peer.outgoingBytes <= peer.sendWindow;
-    if (!ok) await peer.drained();
-    if (this.err) throw this.err;
+    return this.backpressure();
   }
 
-  /** Data from a file in memory, `length` bytes at `offset`: see `Peer.sendFileFrame`. */
-  async writeFile(fd: number, offset: number, length: number): Promise<void> {
-    if (this.err) throw this.err;
-    if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
+  /** The frames of a file range from packet offset `from` on (see `Peer.sendFileFrame`). */
+  private sendFile(fd: number, offset: number, length: number, from: number): Promise<void> | null {
     const peer = this.peer;
     const max = peer.streamPacketMax;
-    for (let off = 0; off < length; off += max) {
+    for (let off = from; off < length; off += max) {
       if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
+      let pending: Promise<void> | null;
       try {
-        const pending = peer.sendFileFrame(this.head, fd, offset + off, Math.min(max, length - off));
-        if (pending) await pending;
+        pending = peer.sendFileFrame(this.head, fd, offset + off, Math.min(max, length - off));
       } catch (err) {
         throw this.sourceFailed(err as Error);
       }
+      if (pending !== null) return this.afterStall(pending, fd, offset, length, off + max);
       if (this.err) throw this.err;
     }
-    if (peer.outgoingBytes > peer.sendWindow) await peer.drained();
-    if (this.err) throw this.err;
+    return this.backpressure();
   }
+
+  /** A frame stalled mid-payload: the rest of the range once it is out. */
+  private async afterStall(pending: Promise<void>, fd: number, offset: number, length: number, next: number): Promise<void> {
+    try {
+      await pending;
+    } catch (err) {
+      throw this.sourceFailed(err as Error);
+    }
+    if (this.err) throw this.err;
+    const p = this.sendFile(fd, offset, length, next);
+    if (p !== null) await p;
+  }
+
+  /** Null while the socket takes more, else a promise of room (rejecting if the stream failed meanwhile). */
+  private backpressure(): Promise<void> | null {
+    const peer = this.peer;
+    if (peer.outgoingBytes <= peer.sendWindow) return null;
+    return peer.drained().then(this.checkFailed);
+  }
+
+  private readonly checkFailed = (): void => {
+    if (this.err) throw this.err;
+  };
 
   /**
    * The file failed under a frame (it shrank, EIO): not the connection. The peer is told here,

@@ -10,6 +10,6 @@
  */
 export { DEFAULT_MIN_ZERO_RUN, type Extent } from './extents.js';
 export type { FileTarget } from './file.js';
-export { ChunkReader, fileChunks, fileSendChunks, readExtents, type ChunkReaderOptions, type WindowOptions } from './reader.js';
+export { ChunkReader, fileChunks, fileSendBatches, fileSendChunks, readExtents, type ChunkReaderOptions, type WindowOptions } from './reader.js';
 export { SparseWriter, writeChunks, type SparseWriterOptions, type WriteResult } from './writer.js';
 export { nativeSyscallsAvailable } from './sys.js';

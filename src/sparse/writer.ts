@@ -149,44 +149,80 @@ export class SparseWriter {
    * (`writeChunks`' `receiveInto`): it must start at the position; its error is this writer's.
    */
   async write(chunk: Chunk | WrittenRange): Promise<void> {
+    const p = this.#put(chunk);
+    if (p !== null) await p;
+  }
+
+  /**
+   * `write` for each chunk in turn, with one promise for them all: into a file in memory, small
+   * writes are done at once, and only what has to wait (a large write, room in flight) is awaited.
+   */
+  async writeBatch(chunks: ReadonlyArray<Chunk | WrittenRange>): Promise<void> {
+    for (const chunk of chunks) {
+      const p = this.#put(chunk);
+      if (p !== null) await p;
+    }
+  }
+
+  /** Takes a chunk: null when it is done, or a promise of it (await it before the next). */
+  #put(chunk: Chunk | WrittenRange): Promise<void> | null {
     if (this.#closed) throw new SparsevirtError('ERR_STREAM_STATE', `${this.file.name}: write after close`);
     if (this.#failure) throw this.#failure;
     if (this.#signal?.aborted) throw abortError(this.#signal);
     const length = checkByteCount('chunk length', chunkLength(chunk));
-    if (length === 0) return;
+    if (length === 0) return null;
     const at = this.#position;
     checkByteCount('end of write', at + length);
-    if (chunk.kind === 'written') {
-      if (chunk.error) {
-        this.#failure ??= ioError('cannot write', this.file.name, chunk.error);
-        throw this.#failure;
+    if (chunk.kind === 'data') {
+      // (a flush takes the batch at once: what is added after it goes into the next one)
+      const before = this.#batchBytes + length > MAX_BATCH_BYTES && this.#batch.length > 0 ? this.#flush() : null;
+      this.#batch.push(chunk.bytes);
+      this.#batchBytes += length;
+      this.#position = at + length;
+      this.#dataBytes += length;
+      let after: Promise<void> | null;
+      try {
+        after = this.#batchBytes >= MAX_BATCH_BYTES || this.#batch.length >= MAX_BATCH_BUFFERS ? this.#flush() : null;
+      } catch (err) {
+        before?.catch(noop);
+        throw err;
       }
-      // coalesced data before it is written where it belongs (a batch ends at the position)
-      await this.#flush();
+      if (before === null) return after;
+      return after === null ? before : Promise.all([before, after]).then(noop);
+    }
+    if (chunk.kind === 'written' && chunk.error) {
+      this.#failure ??= ioError('cannot write', this.file.name, chunk.error);
+      throw this.#failure;
+    }
+    // coalesced data first: a batch ends at the position
+    const flushing = this.#flush();
+    if (flushing !== null) return flushing.then(() => this.#placed(chunk, at, length)).then(noop);
+    return this.#placed(chunk, at, length);
+  }
+
+  /** A hole, or data written in place, at the position `at` (nothing pending before it). */
+  #placed(chunk: Extract<Chunk, { kind: 'hole' }> | WrittenRange, at: number, length: number): Promise<void> | null {
+    if (chunk.kind === 'written') {
       if (chunk.offset !== at) {
         throw new SparsevirtError('ERR_STREAM_STATE', `${this.file.name}: data written in place at ${chunk.offset}, where the next write goes to ${at}`);
       }
       this.#position = at + length;
       this.#dataBytes += length;
-      return;
+      return null;
     }
-    if (chunk.kind === 'data') {
-      if (this.#batchBytes + length > MAX_BATCH_BYTES && this.#batch.length > 0) await this.#flush();
-      this.#batch.push(chunk.bytes);
-      this.#batchBytes += length;
-      this.#position = at + length;
-      this.#dataBytes += length;
-      if (this.#batchBytes >= MAX_BATCH_BYTES || this.#batch.length >= MAX_BATCH_BUFFERS) await this.#flush();
-      return;
-    }
-    await this.#flush();
     if (this.file.isBlockDevice && at + length > this.file.size) {
       throw ioError('cannot write', this.file.name, `hole ends at ${at + length}, past the end of the device (${this.file.size})`);
     }
     const zeroEnd = Math.min(at + length, this.#originalSize);
-    if (at < zeroEnd) await this.#zeroRange(at, zeroEnd);
+    if (at < zeroEnd) {
+      return this.#zeroRange(at, zeroEnd).then(() => {
+        this.#position = at + length;
+        this.#holeBytes += length;
+      });
+    }
     this.#position = at + length;
     this.#holeBytes += length;
+    return null;
   }
 
   /**
@@ -240,14 +276,14 @@ export class SparseWriter {
     await this.file.close();
   }
 
-  /** Starts writing the coalesced data. */
-  async #flush(): Promise<void> {
-    if (this.#batch.length === 0) return;
+  /** Starts writing the coalesced data (taken from the batch at once): null when done, else a promise. */
+  #flush(): Promise<void> | null {
+    if (this.#batch.length === 0) return null;
     const buffers = this.#batch;
     const bytes = this.#batchBytes;
     this.#batch = [];
     this.#batchBytes = 0;
-    await this.#startWrite(buffers, bytes, this.#position - bytes, this.#release);
+    return this.#startWrite(buffers, bytes, this.#position - bytes, this.#release);
   }
 
   /**
@@ -258,7 +294,7 @@ export class SparseWriter {
    * keeps reading the socket meanwhile (inline 256 KiB writes left the sender waiting: a 2 GiB
    * download took 1.4 s instead of 1.1 s). Ranges never overlap: the two paths need no ordering.
    */
-  async #startWrite(buffers: Buffer[], bytes: number, at: number, release?: (buffers: Buffer[]) => void): Promise<void> {
+  #startWrite(buffers: Buffer[], bytes: number, at: number, release?: (buffers: Buffer[]) => void): Promise<void> | null {
     if (this.#failure) throw this.#failure;
     if (bytes <= INLINE_WRITE_MAX) {
       try {
@@ -268,8 +304,13 @@ export class SparseWriter {
         throw this.#failure;
       }
       release?.(buffers);
-      return;
+      return null;
     }
+    return this.#startWriteLater(buffers, bytes, at, release);
+  }
+
+  /** A large write: to the thread pool, once there is room in flight for it. */
+  async #startWriteLater(buffers: Buffer[], bytes: number, at: number, release?: (buffers: Buffer[]) => void): Promise<void> {
     await this.#settle(MAX_WRITES_IN_FLIGHT - 1, MAX_BYTES_IN_FLIGHT - bytes);
     if (this.#failure) throw this.#failure;
     this.#writesInFlight++;
@@ -335,6 +376,17 @@ export class SparseWriter {
   }
 }
 
+function noop(): void {}
+
+function isBatch(v: Chunk | WrittenRange | ReadonlyArray<Chunk | WrittenRange>): v is ReadonlyArray<Chunk | WrittenRange> {
+  return Array.isArray(v);
+}
+
+/** A data chunk worth receiving in place (see `writeChunks`' `receiveInto`). */
+function isLargeData(c: Chunk | WrittenRange): boolean {
+  return c.kind === 'data' && c.bytes.length >= IN_PLACE_MIN;
+}
+
 /** Callback-style fs call on a raw fd, as a promise. */
 function fdCall<T>(call: (cb: (err: Error | null, value?: T) => void) => void): Promise<T> {
   return new Promise((resolve, reject) => call((err, value) => (err ? reject(err) : resolve(value as T))));
@@ -376,9 +428,11 @@ async function writevFully(fd: number, buffers: Buffer[], position: number): Pro
 
 /**
  * Writes `chunks` into `target` (see `SparseWriter`) and returns how many bytes came as data and
- * as holes. The source is always finished or returned (closed), also on error or abort.
+ * as holes. The source may yield arrays of chunks (`Stream.batchesInPlace`, `recvBatch`): each is
+ * written with one promise (`writeBatch`). The source is always finished or returned (closed),
+ * also on error or abort.
  */
-export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chunk | WrittenRange>, opts: SparseWriterOptions = {}): Promise<WriteResult> {
+export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chunk | WrittenRange | ReadonlyArray<Chunk | WrittenRange>>, opts: SparseWriterOptions = {}): Promise<WriteResult> {
   const writer = await SparseWriter.open(target, opts);
   // Large packets straight into the file, where it lives in memory (writes on the event loop).
   // Decided at the first large chunk: the native syscalls are loaded by then anyway.
@@ -399,7 +453,7 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
     inPlace = undefined;
     f?.(null);
   };
-  let it: AsyncIterator<Chunk | WrittenRange>;
+  let it: AsyncIterator<Chunk | WrittenRange | ReadonlyArray<Chunk | WrittenRange>>;
   try {
     it = chunks[Symbol.asyncIterator]();
   } catch (err) {
@@ -413,7 +467,7 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
   let rejectPull: ((err: Error) => void) | undefined;
   const onAbort = signal && ((): void => rejectPull?.(abortError(signal)));
   if (signal && onAbort) signal.addEventListener('abort', onAbort, { once: true });
-  const pull = (resolve: (r: IteratorResult<Chunk | WrittenRange>) => void, reject: (err: Error) => void): void => {
+  const pull = (resolve: (r: IteratorResult<Chunk | WrittenRange | ReadonlyArray<Chunk | WrittenRange>>) => void, reject: (err: Error) => void): void => {
     rejectPull = reject;
     if (signal!.aborted) reject(abortError(signal!));
     else it.next().then(resolve, reject);
@@ -422,9 +476,9 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
   let sourceFailed = false;
   try {
     for (;;) {
-      let next: IteratorResult<Chunk | WrittenRange>;
+      let next: IteratorResult<Chunk | WrittenRange | ReadonlyArray<Chunk | WrittenRange>>;
       try {
-        next = signal ? await new Promise<IteratorResult<Chunk | WrittenRange>>(pull) : await it.next();
+        next = signal ? await new Promise<IteratorResult<Chunk | WrittenRange | ReadonlyArray<Chunk | WrittenRange>>>(pull) : await it.next();
       } catch (err) {
         sourceFailed = !signal?.aborted;
         throw err;
@@ -434,9 +488,14 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
         sourceDone = true;
         break;
       }
-      const chunk = next.value;
-      if (arm !== undefined && chunk.kind === 'data' && chunk.bytes.length >= IN_PLACE_MIN) startInPlace();
-      await writer.write(chunk);
+      const item = next.value;
+      if (isBatch(item)) {
+        if (arm !== undefined && item.some(isLargeData)) startInPlace();
+        await writer.writeBatch(item);
+      } else {
+        if (arm !== undefined && isLargeData(item)) startInPlace();
+        await writer.write(item);
+      }
     }
     stopInPlace();
     return await writer.close();

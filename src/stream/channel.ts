@@ -1,4 +1,4 @@
-import type { Chunk, WrittenRange } from '../chunk.js';
+import type { Chunk, FileRange, WrittenRange } from '../chunk.js';
 
 /**
  * What a `Stream` needs from whatever carries it: the rpc `Peer` (one stream of a
@@ -24,6 +24,12 @@ export interface StreamChannel {
    * returned promise settles. Channels without it get the bytes read into a buffer by the stream.
    */
   writeFile?(fd: number, offset: number, length: number): Promise<void>;
+  /**
+   * Optional fast path of `write` and `writeFile`, for streams that send many small chunks: the
+   * item is taken now. Returns null when the channel can take more at once, or a promise to await
+   * before the next call (backpressure). Throws what `write` would reject with.
+   */
+  send?(item: Chunk | FileRange): Promise<void> | null;
   finish(): Promise<void>;
   abort(reason: Error): Promise<void>;
   pauseIncoming(): void;

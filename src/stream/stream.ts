@@ -152,6 +152,16 @@ function isChunk(v: unknown): v is Chunk {
   return (c.kind === 'data' && Buffer.isBuffer(c.bytes)) || (c.kind === 'hole' && typeof c.length === 'number');
 }
 
+/** What the iterator yields: chunks (ranges written in place read back), chunks and ranges, or arrays of those. */
+type IterMode = 'bytes' | 'in-place' | 'batches';
+
+/** Most chunks a batch of received chunks holds (`recvBatch`, `batchesInPlace`). */
+const BATCH_MAX = 1024;
+
+function isBatch(v: unknown): v is ReadonlyArray<Chunk | FileRange> {
+  return Array.isArray(v);
+}
+
 type DataChunk = Extract<Chunk, { kind: 'data' }>;
 
 export class Stream implements StreamInbound, AsyncIterable<Chunk> {
@@ -373,6 +383,33 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   }
 
   /**
+   * `recvChunk` for everything queued (at least one chunk, at most `max`), with one promise for
+   * them all: 100,000 small packets arrive many per socket read. Null at EOF (not acknowledged).
+   */
+  async recvBatch(max = BATCH_MAX): Promise<Array<Chunk | WrittenRange> | null> {
+    if (!Number.isSafeInteger(max) || max < 1) throw new SparsevirtError('ERR_INVALID_ARG', `recvBatch(): max must be a positive integer, got ${max}`);
+    this.beginRead('recvBatch');
+    this.reader = 'recvBatch';
+    try {
+      if (this.queue.isEmpty && !(await this.waitReadable())) return null;
+      return this.takeBatch(max);
+    } finally {
+      this.reader = undefined;
+    }
+  }
+
+  private takeBatch(max: number): Array<Chunk | WrittenRange> {
+    const batch: Array<Chunk | WrittenRange> = [];
+    while (!this.queue.isEmpty && batch.length < max) {
+      const chunk = this.queue.takeChunk();
+      this.pos += chunkLength(chunk);
+      batch.push(chunk);
+    }
+    this.afterConsume();
+    return batch;
+  }
+
+  /**
    * Let the channel write large incoming data packets straight into the consumer's file: stream
    * position p lands at file offset `base + p`, and a packet that would pass `limit` comes as
    * data. Over a socket the rpc layer splices them (splice(2): socket → pipe → file), so their
@@ -421,7 +458,15 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    * stream itself, it is iterated once, and the stream is claimed only when that starts.
    */
   chunksInPlace(): AsyncIterable<Chunk | WrittenRange> {
-    return { [Symbol.asyncIterator]: () => this.iterate(true) };
+    return { [Symbol.asyncIterator]: () => this.iterate('in-place') as AsyncIterableIterator<Chunk | WrittenRange> };
+  }
+
+  /**
+   * `chunksInPlace()` in arrays: everything queued when the consumer asks (up to 1,024 chunks),
+   * one promise for them all (see `writeChunks`, `SparseWriter.writeBatch`). Same ending.
+   */
+  batchesInPlace(): AsyncIterable<Array<Chunk | WrittenRange>> {
+    return { [Symbol.asyncIterator]: () => this.iterate('batches') as AsyncIterableIterator<Array<Chunk | WrittenRange>> };
   }
 
   /**
@@ -431,16 +476,16 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    * EOF had already been read. Iterate once.
    */
   [Symbol.asyncIterator](): AsyncIterableIterator<Chunk> {
-    return this.iterate(false) as AsyncIterableIterator<Chunk>;
+    return this.iterate('bytes') as AsyncIterableIterator<Chunk>;
   }
 
-  private iterate(inPlace: boolean): AsyncIterableIterator<Chunk | WrittenRange> {
+  private iterate(mode: IterMode): AsyncIterableIterator<Chunk | WrittenRange | Array<Chunk | WrittenRange>> {
     if (this.iterated) throw stateError('a Stream can be iterated only once');
     this.beginRead('iterate');
     this.iterated = true;
     this.reader = 'its iterator';
-    const iterator: AsyncIterableIterator<Chunk | WrittenRange> = {
-      next: () => this.iterNext(inPlace),
+    const iterator: AsyncIterableIterator<Chunk | WrittenRange | Array<Chunk | WrittenRange>> = {
+      next: () => this.iterNext(mode),
       return: () => this.iterReturn(),
       [Symbol.asyncIterator]: () => iterator,
     };
@@ -568,13 +613,14 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
 
   /**
    * Send every chunk of `source` (see `sendChunk`: holes merged, or zeros on a non-sparse
-   * stream), then finish. The chunk-level upload everyone uses. On failure the stream is
+   * stream; arrays of them as `sendBatch`), then finish. The chunk-level upload everyone uses. On failure the stream is
    * aborted and the original error rethrown; if the receiver finished early it resolves.
    */
-  async sendChunks(source: AsyncIterable<Chunk | FileRange>): Promise<void> {
+  async sendChunks(source: AsyncIterable<Chunk | FileRange | ReadonlyArray<Chunk | FileRange>>): Promise<void> {
     try {
       for await (const chunk of source) {
-        if (chunk.kind === 'file') await this.sendFileRange(chunk.fd, chunk.offset, chunk.length);
+        if (isBatch(chunk)) await this.sendBatch(chunk);
+        else if (chunk.kind === 'file') await this.sendFileRange(chunk.fd, chunk.offset, chunk.length);
         else await this.sendChunk(chunk);
       }
       await this.finish();
@@ -770,11 +816,77 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
         this.ensureLive();
       }
       this.pos += length;
-      const ch = this.channel;
-      await this.track(ch.writeFile ? ch.writeFile(fd, offset, length) : ch.write({ kind: 'data', bytes: readFileRange({ kind: 'file', fd, offset, length }) }));
+      const p = this.toChannel({ kind: 'file', fd, offset, length });
+      if (p !== null) await this.track(p);
     } finally {
       this.sending = false;
     }
+  }
+
+  /**
+   * Send several chunks and file ranges (as `sendChunk` and `sendFileRange` would, in order) with
+   * one promise for all of them: a channel that can take them at once (the rpc layer, until the
+   * socket is full) is called synchronously, and only backpressure is awaited. For 100,000 small
+   * extents, one promise per chunk was a third of the sender's CPU. Resolves when all are
+   * handed over (ranges read or given to the kernel: the caller may move on).
+   */
+  async sendBatch(items: ReadonlyArray<Chunk | FileRange>): Promise<void> {
+    if (!isBatch(items)) throw new SparsevirtError('ERR_INVALID_ARG', 'sendBatch() takes an array of chunks and file ranges');
+    this.beginSend('sendBatch');
+    try {
+      for (let i = 0; i < items.length; i++) {
+        const c = items[i]!;
+        let n: number;
+        if (c?.kind === 'hole') {
+          if (!isChunk(c) || !Number.isSafeInteger(c.length) || c.length <= 0) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a valid hole chunk`);
+          if (this.sparse) this.addHole(c.length);
+          else await this.sendZeros(c.length);
+          continue;
+        } else if (c?.kind === 'file') {
+          if (![c.fd, c.offset, c.length].every((v) => Number.isSafeInteger(v) && v >= 0)) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a valid file range`);
+          n = c.length;
+        } else {
+          if (!isChunk(c)) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a chunk or a file range`);
+          n = c.bytes.length;
+        }
+        if (n === 0) continue;
+        if (this.pos + n > MAX_SAFE_BYTES) throw new SparsevirtError('ERR_INVALID_ARG', 'stream position would pass 2^53 bytes');
+        if (this.pendingHole !== 0) {
+          const length = this.pendingHole;
+          this.pendingHole = 0;
+          const h = this.toChannel({ kind: 'hole', length });
+          if (h !== null) await this.track(h);
+          this.ensureLive();
+        }
+        this.pos += n;
+        const p = this.toChannel(c);
+        if (p !== null) {
+          await this.track(p);
+          this.ensureLive();
+        }
+      }
+    } finally {
+      this.sending = false;
+    }
+  }
+
+  /**
+   * Hand one item to the channel: by its synchronous `send` when it has one (null: it can take
+   * more at once; a promise: await it first), else by `write`/`writeFile`. A channel that fails
+   * the item fails the stream, as a rejected write does.
+   */
+  private toChannel(c: Chunk | FileRange): Promise<void> | null {
+    const ch = this.channel;
+    if (ch.send) {
+      try {
+        return ch.send(c);
+      } catch (err) {
+        if (this.st === 'open' || this.st === 'finishing') this.terminate('failed', toError(err));
+        throw err;
+      }
+    }
+    if (c.kind !== 'file') return ch.write(c);
+    return ch.writeFile ? ch.writeFile(c.fd, c.offset, c.length) : ch.write({ kind: 'data', bytes: readFileRange(c) });
   }
 
   private async sendData(chunk: DataChunk): Promise<void> {
@@ -787,7 +899,8 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
       this.ensureLive(); // the stream may have died between the write and this continuation
     }
     this.pos += n;
-    await this.track(this.channel.write(chunk));
+    const p = this.toChannel(chunk);
+    if (p !== null) await this.track(p);
   }
 
   /** Holes on a non-sparse stream travel as zeros (views of the shared zero buffer). */
@@ -801,10 +914,11 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     }
   }
 
-  private flushHole(): Promise<void> {
+  private async flushHole(): Promise<void> {
     const length = this.pendingHole;
     this.pendingHole = 0;
-    return this.track(this.channel.write({ kind: 'hole', length }));
+    const p = this.toChannel({ kind: 'hole', length });
+    if (p !== null) await this.track(p);
   }
 
   /**
@@ -907,7 +1021,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     }
   }
 
-  private async iterNext(inPlace: boolean): Promise<IteratorResult<Chunk | WrittenRange>> {
+  private async iterNext(mode: IterMode): Promise<IteratorResult<Chunk | WrittenRange | Array<Chunk | WrittenRange>>> {
     if (this.iterDone) return DONE;
     if (this.readerResolve !== undefined) {
       throw stateError('next() called again before the previous next() settled');
@@ -922,10 +1036,11 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
       this.endIteration();
       throw err;
     }
+    if (mode === 'batches') return { done: false, value: this.takeBatch(BATCH_MAX) };
     let chunk = this.queue.takeChunk();
     this.pos += chunkLength(chunk);
     this.afterConsume();
-    if (chunk.kind === 'written' && !inPlace) {
+    if (chunk.kind === 'written' && mode === 'bytes') {
       try {
         if (chunk.error) throw chunk.error;
         chunk = { kind: 'data', bytes: readFileRange(chunk) };
