@@ -86,6 +86,16 @@ for (const base of ['/tmp', '/dev/shm']) {
       assert.equal(sha256(content), await sha256File(file));
     });
 
+    it('an empty window gives no batch, also of a file without one block', async () => {
+      const file = path.join(dir, 'empty-window.img');
+      await makeImage(file, [{ kind: 'hole', length: 1 }], 7);
+      for (const opts of [{ length: 0 }, { offset: 1 }]) {
+        const got: Item[][] = [];
+        for await (const b of fileSendBatches(file, opts)) got.push(b);
+        assert.deepEqual(got, [], JSON.stringify(opts));
+      }
+    });
+
     it('holds about readAheadBytes of read data per batch, whatever the file', async () => {
       const file = path.join(dir, 'dense.img');
       await makeFilledFile(file, 8 * MiB, 4);

@@ -159,7 +159,7 @@ export class ChunkReader implements AsyncIterable<Chunk> {
       // Not one block allocated: one hole, without an extent walk (or loading the native library).
       try {
         if (signal?.aborted) throw abortError(signal);
-        for (const c of holeChunks(this.end - this.offset, sparse, chunkSize)) {
+        for (const c of this.end > this.offset ? holeChunks(this.end - this.offset, sparse, chunkSize) : []) {
           out.push(c);
           if (out.length === BATCH_ITEMS) {
             yield out;

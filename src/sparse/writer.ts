@@ -398,7 +398,7 @@ function writevFullySync(fd: number, buffers: Buffer[], position: number): void 
   let at = position;
   for (;;) {
     const total = bufs.reduce((n, b) => n + b.length, 0);
-    const n = bufs.length === 1 ? fs.writeSync(fd, bufs[0]!, 0, bufs[0]!.length, at) : fs.writevSync(fd, bufs, at);
+    const n = bufs.length === 1 ? pwriteSync(fd, bufs[0]!, at) : fs.writevSync(fd, bufs, at);
     if (n === total) return;
     if (n === 0) throw new Error(`writev wrote nothing at ${at}`);
     at += n;
@@ -406,6 +406,12 @@ function writevFullySync(fd: number, buffers: Buffer[], position: number): void 
     while (skip >= bufs[0]!.length) skip -= bufs.shift()!.length;
     bufs = [bufs[0]!.subarray(skip), ...bufs.slice(1)];
   }
+}
+
+function pwriteSync(fd: number, buf: Buffer, at: number): number {
+  const n = sys.pwrite(fd, buf, at);
+  if (n < 0) throw sys.errnoException(n, 'write');
+  return n;
 }
 
 /** `writev` at `position` until every byte is written (a short write continues where it stopped). */
