@@ -2,6 +2,7 @@
 // fileSendBatches → Stream.sendBatch → WireStream.send on one side, Stream.recvBatch /
 // batchesInPlace → SparseWriter.writeBatch on the other; each checked against the per-chunk path.
 import assert from 'node:assert/strict';
+import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -108,6 +109,34 @@ for (const base of ['/tmp', '/dev/shm']) {
         total += bytes;
       }
       assert.equal(total, 8 * MiB);
+    });
+
+    it('a batch of file ranges stands for about readAheadBytes too', async () => {
+      const file = path.join(dir, 'dense2.img');
+      await makeFilledFile(file, 8 * MiB, 14);
+      let total = 0;
+      for await (const b of fileSendBatches(file, { readAheadBytes: MiB })) {
+        const bytes = b.reduce((n, c) => n + chunkLength(c), 0);
+        assert.ok(bytes <= MiB + 262120, `a batch of ${bytes} bytes`);
+        total += bytes;
+      }
+      assert.equal(total, 8 * MiB);
+    });
+
+    it('answers overlapping next() calls in order', async () => {
+      const file = path.join(dir, 'frag3.img');
+      await makeImage(file, fragmented(1500), 15);
+      // (ranges are compared by place: their fd is closed once the iteration ended)
+      const key = (c: Item): string => (c.kind === 'file' ? `file ${c.offset}+${c.length}` : c.kind === 'hole' ? `hole ${c.length}` : `data ${sha256(c.bytes)}`);
+      const seq: string[] = [];
+      for await (const c of fileSendChunks(file)) seq.push(key(c));
+      const it = fileSendChunks(file)[Symbol.asyncIterator]();
+      // all asked for at once: each answer must be the next chunk, none skipped or repeated
+      const results = await Promise.all(Array.from({ length: seq.length + 2 }, () => it.next()));
+      const got = results.filter((r) => !r.done).map((r) => key(r.value as Item));
+      assert.equal(got.length, seq.length);
+      assert.equal(results.slice(seq.length).every((r) => r.done), true);
+      assert.deepEqual(got, seq);
     });
 
     it('a hole sent as zeros (sparse: false) fills batches of at most 1,024 chunks', async () => {
@@ -258,6 +287,14 @@ describe('Stream.sendBatch', () => {
     await assert.rejects(s.finish(), (e) => e === lost);
   });
 
+  it('a file range that cannot be read fails the stream (channel without send or writeFile)', async () => {
+    const ch = new Recorder(false);
+    const s = new Stream(ch, { sparse: true, direction: 'send' });
+    await assert.rejects(s.sendBatch([{ kind: 'file', fd: 2 ** 30, offset: 0, length: 10 }]), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
+    assert.equal(s.state, 'failed');
+    await assert.rejects(s.sendBatch([{ kind: 'data', bytes: Buffer.from('a') }]), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
+  });
+
   it('refuses what is not an array of chunks and ranges', async () => {
     const s = new Stream(new Recorder(true), { sparse: true, direction: 'send' });
     await assert.rejects(s.sendBatch({ kind: 'hole', length: 1 } as unknown as Chunk[]), code('ERR_INVALID_ARG'));
@@ -289,6 +326,21 @@ describe('Stream.recvBatch and batchesInPlace', () => {
     assert.equal(await s.recvBatch(), null);
     assert.equal(s.position, 3 + 10 + 3 + 3 + 1);
     await assert.rejects(s.recvBatch(0), code('ERR_INVALID_ARG'));
+  });
+
+  it('batchesInPlace: a consumer that fails on the last batch aborts the stream, not acknowledges it', async () => {
+    const ch = new Recorder(true);
+    const s = new Stream(ch, { sparse: true, direction: 'recv' });
+    s.deliver({ kind: 'data', bytes: Buffer.from('abc') });
+    s.deliverEnd();
+    await assert.rejects((async () => {
+      for await (const b of s.batchesInPlace()) {
+        assert.equal(b.length, 1);
+        throw new Error('disk full');
+      }
+    })(), /disk full/);
+    assert.deepEqual(ch.calls, ['abort']);
+    assert.equal(s.state, 'aborted');
   });
 
   it('batchesInPlace yields arrays and acknowledges EOF', async () => {
@@ -336,6 +388,34 @@ for (const base of ['/tmp', '/dev/shm']) {
       const allocated = await allocatedBytes(file);
       const expected = 8 * MiB - 3 * MiB;
       assert.ok(Math.abs(allocated - expected) <= 3 * K, `allocated ${allocated}, expected about ${expected}`);
+    });
+
+    it('keeps at most 2 MiB in flight (or one larger write alone), also when a flush and a large chunk meet', async () => {
+      const file = target();
+      const pending = randomBytes(16, 600 * 1024);
+      const big = randomBytes(17, 4 * MiB);
+      let inFlight = 0;
+      let most = 0;
+      const writev = fsSync.writev;
+      (fsSync as { writev: unknown }).writev = (fd: number, bufs: Buffer[], pos: number, cb: (err: Error | null, n: number) => void) => {
+        const n = bufs.reduce((a, b) => a + b.length, 0);
+        inFlight += n;
+        most = Math.max(most, inFlight);
+        writev(fd, bufs, pos, (err, w) => setTimeout(() => {
+          inFlight -= n;
+          cb(err, w);
+        }, 5));
+      };
+      try {
+        const w = await SparseWriter.open(file);
+        await w.writeBatch([{ kind: 'data', bytes: pending }, { kind: 'data', bytes: big }, { kind: 'data', bytes: pending }]);
+        await w.close();
+      } finally {
+        (fsSync as { writev: unknown }).writev = writev;
+      }
+      assert.equal(await sha256File(file), sha256(pending, big, pending));
+      assert.ok(most > 0, 'large writes went to the thread pool');
+      assert.ok(most <= 4 * MiB, `at most ${most} bytes in flight`);
     });
 
     it('writeChunks takes batches, mixed with single chunks', async () => {

@@ -1323,7 +1323,8 @@ export class WireStream implements StreamChannel {
     const peer = this.peer;
     const max = peer.streamPacketMax;
     for (let off = from; off < length; off += max) {
-      if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
+      // (after our abort the rest of a range that waited is not sent: its fd may be closed by now)
+      if (this.done || this.aborting) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
       let pending: Promise<void> | null;
       try {
         pending = peer.sendFileFrame(this.head, fd, offset + off, Math.min(max, length - off));

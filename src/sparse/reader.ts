@@ -28,7 +28,10 @@ export interface ChunkReaderOptions extends WindowOptions {
   sparse?: boolean;
   /** Largest data chunk (default 262120, libvirt's stream payload). */
   chunkSize?: number;
-  /** Bytes read ahead of the consumer, in flight or ready (default 1 MiB; at least one read). */
+  /**
+   * Bytes read ahead of the consumer, in flight or ready (default 1 MiB; at least one read). A
+   * batch (`batches`, `fileSendBatches`) stands for about as many bytes again, read or not.
+   */
   readAheadBytes?: number;
   signal?: AbortSignal;
 }
@@ -125,7 +128,8 @@ export class ChunkReader implements AsyncIterable<Chunk> {
 
   /**
    * The chunks in arrays of those ready at once (up to 1,024 chunks, or about `readAheadBytes`
-   * of data): one promise per batch instead of one per chunk (see `Stream.sendBatch`).
+   * of data): one promise per batch instead of one per chunk (see `Stream.sendBatch`). The
+   * signal is checked between batches.
    */
   batches(): AsyncIterator<Chunk[]> {
     return this.#iterate() as AsyncIterator<Chunk[]>;
@@ -301,6 +305,7 @@ export class ChunkReader implements AsyncIterable<Chunk> {
         if (item.kind === 'file') {
           queuedReads--;
           out.push(item);
+          outBytes += item.length; // (a batch stands for a bounded part of the file: aborts, progress)
           continue;
         }
         let n = item.buf.length;
@@ -408,32 +413,51 @@ function lazyIterable<T>(openIt: () => Promise<AsyncIterator<T>>): AsyncIterable
 
 /**
  * The items of batches one by one; the batch iterator moves on once a batch is used up. An abort
- * of `signal` stops it before the next item, as it stops the batches.
+ * of `signal` stops it before the next item, as it stops the batches. Calls that overlap are
+ * answered in order, as an async generator does.
  */
 function flatten<T>(batches: AsyncIterator<T[]>, signal: AbortSignal | undefined): AsyncIterator<T> {
   const end: IteratorReturnResult<undefined> = { done: true, value: undefined };
   let batch: T[] = [];
   let i = 0;
+  let closed = false;
+  /** The next batch being fetched: calls meanwhile wait for it. */
+  let fetching: Promise<unknown> | null = null;
   const first = (r: IteratorResult<T[]>): IteratorResult<T> | Promise<IteratorResult<T>> => {
-    if (r.done) return end;
+    fetching = null;
+    if (r.done || closed) {
+      closed = true;
+      return end;
+    }
     batch = r.value;
     i = 0;
-    return batch.length === 0 ? batches.next().then(first) : { done: false, value: batch[i++]! };
+    return batch.length === 0 ? fetch() : { done: false, value: batch[i++]! };
+  };
+  const fetch = (): Promise<IteratorResult<T>> => {
+    const p = batches.next().then(first, (err: unknown) => {
+      fetching = null;
+      closed = true;
+      throw err;
+    });
+    fetching = p;
+    return p;
   };
   const stop = async (): Promise<IteratorReturnResult<undefined>> => {
+    if (closed) return end;
+    closed = true;
     batch = [];
     i = 0;
     await batches.return?.();
     return end;
   };
-  return {
-    next: () => {
-      if (i >= batch.length) return batches.next().then(first);
-      if (signal?.aborted) return stop().then(() => Promise.reject(abortError(signal)));
-      return Promise.resolve({ done: false, value: batch[i++]! });
-    },
-    return: stop,
+  const next = (): Promise<IteratorResult<T>> => {
+    if (fetching !== null) return fetching.then(next, next);
+    if (closed) return Promise.resolve(end);
+    if (i >= batch.length) return fetch();
+    if (signal?.aborted) return stop().then(() => Promise.reject(abortError(signal)));
+    return Promise.resolve({ done: false, value: batch[i++]! });
   };
+  return { next, return: stop };
 }
 
 /**

@@ -154,8 +154,10 @@ export class SparseWriter {
   }
 
   /**
-   * `write` for each chunk in turn, with one promise for them all: into a file in memory, small
-   * writes are done at once, and only what has to wait (a large write, room in flight) is awaited.
+   * `write` for each chunk in turn, without a promise per chunk: data is coalesced and written
+   * at once up to 128 KiB (into the page cache, inline), and only what has to wait (a large write
+   * going to the thread pool, room in flight, zeroing a range) is awaited. On a failure, the
+   * chunks before it are written or under way.
    */
   async writeBatch(chunks: ReadonlyArray<Chunk | WrittenRange>): Promise<void> {
     for (const chunk of chunks) {
@@ -174,21 +176,16 @@ export class SparseWriter {
     const at = this.#position;
     checkByteCount('end of write', at + length);
     if (chunk.kind === 'data') {
-      // (a flush takes the batch at once: what is added after it goes into the next one)
-      const before = this.#batchBytes + length > MAX_BATCH_BYTES && this.#batch.length > 0 ? this.#flush() : null;
+      if (this.#batchBytes + length > MAX_BATCH_BYTES && this.#batch.length > 0) {
+        // the pending data first; a write that has to wait for room is awaited before this chunk
+        const flushing = this.#flush();
+        if (flushing !== null) return flushing.then(() => this.#put(chunk)).then(noop);
+      }
       this.#batch.push(chunk.bytes);
       this.#batchBytes += length;
       this.#position = at + length;
       this.#dataBytes += length;
-      let after: Promise<void> | null;
-      try {
-        after = this.#batchBytes >= MAX_BATCH_BYTES || this.#batch.length >= MAX_BATCH_BUFFERS ? this.#flush() : null;
-      } catch (err) {
-        before?.catch(noop);
-        throw err;
-      }
-      if (before === null) return after;
-      return after === null ? before : Promise.all([before, after]).then(noop);
+      return this.#batchBytes >= MAX_BATCH_BYTES || this.#batch.length >= MAX_BATCH_BUFFERS ? this.#flush() : null;
     }
     if (chunk.kind === 'written' && chunk.error) {
       this.#failure ??= ioError('cannot write', this.file.name, chunk.error);

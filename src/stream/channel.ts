@@ -25,9 +25,11 @@ export interface StreamChannel {
    */
   writeFile?(fd: number, offset: number, length: number): Promise<void>;
   /**
-   * Optional fast path of `write` and `writeFile`, for streams that send many small chunks: the
-   * item is taken now. Returns null when the channel can take more at once, or a promise to await
-   * before the next call (backpressure). Throws what `write` would reject with.
+   * Optional fast path of `write` and `writeFile`, for streams that send many small chunks.
+   * Returns null when the item was taken and the channel can take more at once, or a promise to
+   * await before the next call: backpressure, or the rest of a file range that had to wait for
+   * the socket (its fd must stay open until the promise settles). Throws what `write` would
+   * reject with.
    */
   send?(item: Chunk | FileRange): Promise<void> | null;
   finish(): Promise<void>;

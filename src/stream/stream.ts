@@ -463,7 +463,9 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
 
   /**
    * `chunksInPlace()` in arrays: everything queued when the consumer asks (up to 1,024 chunks),
-   * one promise for them all (see `writeChunks`, `SparseWriter.writeBatch`). Same ending.
+   * one promise for them all (see `writeChunks`, `SparseWriter.writeBatch`). The end is
+   * acknowledged when the iteration ends (`done`); leaving the loop early aborts the stream, also
+   * after the last batch: a batch counts as processed only once the next one is asked for.
    */
   batchesInPlace(): AsyncIterable<Array<Chunk | WrittenRange>> {
     return { [Symbol.asyncIterator]: () => this.iterate('batches') as AsyncIterableIterator<Array<Chunk | WrittenRange>> };
@@ -486,7 +488,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     this.reader = 'its iterator';
     const iterator: AsyncIterableIterator<Chunk | WrittenRange | Array<Chunk | WrittenRange>> = {
       next: () => this.iterNext(mode),
-      return: () => this.iterReturn(),
+      return: () => this.iterReturn(mode),
       [Symbol.asyncIterator]: () => iterator,
     };
     return iterator;
@@ -828,7 +830,9 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    * one promise for all of them: a channel that can take them at once (the rpc layer, until the
    * socket is full) is called synchronously, and only backpressure is awaited. For 100,000 small
    * extents, one promise per chunk was a third of the sender's CPU. Resolves when all are
-   * handed over (ranges read or given to the kernel: the caller may move on).
+   * handed over (ranges read or given to the kernel: the caller may move on). Ranges are of files
+   * in memory, as for `sendFileRange`. Items are checked one by one: an invalid one rejects with
+   * ERR_INVALID_ARG after those before it were sent.
    */
   async sendBatch(items: ReadonlyArray<Chunk | FileRange>): Promise<void> {
     if (!isBatch(items)) throw new SparsevirtError('ERR_INVALID_ARG', 'sendBatch() takes an array of chunks and file ranges');
@@ -877,16 +881,15 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    */
   private toChannel(c: Chunk | FileRange): Promise<void> | null {
     const ch = this.channel;
-    if (ch.send) {
-      try {
-        return ch.send(c);
-      } catch (err) {
-        if (this.st === 'open' || this.st === 'finishing') this.terminate('failed', toError(err));
-        throw err;
-      }
+    try {
+      if (ch.send) return ch.send(c);
+      if (c.kind !== 'file') return ch.write(c);
+      return ch.writeFile ? ch.writeFile(c.fd, c.offset, c.length) : ch.write({ kind: 'data', bytes: readFileRange(c) });
+    } catch (err) {
+      // (a file range that cannot be read, a channel that throws: the stream is out of step)
+      if (this.st === 'open' || this.st === 'finishing') this.terminate('failed', toError(err));
+      throw err;
     }
-    if (c.kind !== 'file') return ch.write(c);
-    return ch.writeFile ? ch.writeFile(c.fd, c.offset, c.length) : ch.write({ kind: 'data', bytes: readFileRange(c) });
   }
 
   private async sendData(chunk: DataChunk): Promise<void> {
@@ -1054,11 +1057,13 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     return { done: false, value: chunk };
   }
 
-  private async iterReturn(): Promise<IteratorResult<Chunk>> {
+  private async iterReturn(mode: IterMode): Promise<IteratorResult<Chunk>> {
     if (this.iterDone) return DONE;
     this.endIteration();
     if (this.st === 'open') {
-      if (this.ended && this.queue.isEmpty) await this.finish(); // everything was read: acknowledge
+      // Everything was read: acknowledge. Not for batches: the last one, which takes all that is
+      // left, may be what the consumer failed on (it is processed once the next one is asked for).
+      if (this.ended && this.queue.isEmpty && mode !== 'batches') await this.finish();
       else await this.abort(new SparsevirtError('ERR_ABORTED', 'the consumer stopped reading before the end of the stream'));
     }
     return DONE;
