@@ -109,7 +109,7 @@ export interface TransferOptions {
 export interface FileTransferOptions extends TransferOptions {
   /** Turn allocated zero runs of the local file into holes (uploads; costs CPU). */
   detectZeroes?: boolean;
-  /** Called as chunks pass: bytes of data and of holes so far. */
+  /** Called as chunks pass (once per batch of them): bytes of data and of holes so far. */
   onProgress?: (p: { dataBytes: number; holeBytes: number }) => void;
 }
 
