@@ -11,7 +11,7 @@ import { SparsevirtError } from '../src/errors.js';
 import { ChunkReader, SparseWriter, fileSendBatches, fileSendChunks, writeChunks } from '../src/sparse/index.js';
 import { Stream, type StreamChannel } from '../src/stream/index.js';
 import { code, hasSettled } from './helpers/asserts.js';
-import { allocatedBytes, extentMap, makeFilledFile, makeImage, randomBytes, scratchDir, sha256, sha256File, type Layout } from './helpers/images.js';
+import { allocatedBytes, extentMap, makeFilledFile, makeImage, randomBytes, scratchDir, scratchFiles, sha256, sha256File, type Layout } from './helpers/images.js';
 import { peerPair, serveDownloads, startDownload } from './helpers/peers.js';
 
 const K = 4096;
@@ -363,13 +363,7 @@ describe('Stream.recvBatch and batchesInPlace', () => {
 
 for (const base of ['/tmp', '/dev/shm']) {
   describe(`SparseWriter.writeBatch on ${base}`, () => {
-    let dir = '';
-    let n = 0;
-    const target = (): string => path.join(dir, `t${n++}`);
-    before(async () => {
-      dir = await scratchDir(base);
-    });
-    after(() => fs.rm(dir, { recursive: true, force: true }));
+    const { target } = scratchFiles(base);
 
     it('writes data and punches holes over old data, as write() does', async () => {
       const file = target();

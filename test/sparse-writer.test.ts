@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import type { Chunk } from '../src/chunk.js';
 import { SparseWriter, writeChunks } from '../src/sparse/index.js';
-import { allocatedBytes, makeFilledFile, randomBytes, scratchDir, sha256, sha256File } from './helpers/images.js';
+import { allocatedBytes, makeFilledFile, randomBytes, scratchFiles, sha256, sha256File } from './helpers/images.js';
 
 const K = 4096;
 const MiB = 1 << 20;
@@ -17,13 +17,7 @@ const hole = (length: number): Chunk => ({ kind: 'hole', length });
 
 for (const base of ['/tmp', '/dev/shm']) {
   describe(`writeChunks on ${base}`, () => {
-    let dir = '';
-    let n = 0;
-    const target = (): string => path.join(dir, `t${n++}`);
-    before(async () => {
-      dir = await scratchDir(base);
-    });
-    after(() => fs.rm(dir, { recursive: true, force: true }));
+    const { dir, target } = scratchFiles(base);
 
     it('creates the target and writes data and holes, holes unallocated', async () => {
       const file = target();
@@ -108,9 +102,9 @@ for (const base of ['/tmp', '/dev/shm']) {
     });
 
     it('wraps I/O errors as ERR_IO with the path', async () => {
-      await assert.rejects(writeChunks(path.join(dir, 'no', 'such', 'dir'), chunksOf()), (err: { code?: string; message: string }) =>
+      await assert.rejects(writeChunks(path.join(dir(), 'no', 'such', 'dir'), chunksOf()), (err: { code?: string; message: string }) =>
         err.code === 'ERR_IO' && err.message.includes('no/such/dir'));
-      await assert.rejects(writeChunks(dir, chunksOf()), { code: 'ERR_IO' });
+      await assert.rejects(writeChunks(dir(), chunksOf()), { code: 'ERR_IO' });
       await assert.rejects(writeChunks(target(), chunksOf(hole(-1))), { code: 'ERR_INVALID_ARG' });
     });
 

@@ -194,25 +194,21 @@ function sysfsBlockDeviceSize(fd: number): number {
   }
 }
 
+/** An fs call's result, or the error it throws as `-errno` (this module's convention). */
+function asResult(call: () => number): number {
+  try {
+    return call();
+  } catch (err) {
+    const errno = (err as NodeJS.ErrnoException).errno;
+    return typeof errno === 'number' ? -Math.abs(errno) : -EINVAL;
+  }
+}
+
 const fallback: Syscalls = {
   lseek: () => -ENOSYS,
   preadNoWait: () => -ENOSYS,
-  pread: (fd, buf, offset) => {
-    try {
-      return fs.readSync(fd, buf, 0, buf.length, offset);
-    } catch (err) {
-      const errno = (err as NodeJS.ErrnoException).errno;
-      return typeof errno === 'number' ? -Math.abs(errno) : -EINVAL;
-    }
-  },
-  pwrite: (fd, buf, offset) => {
-    try {
-      return fs.writeSync(fd, buf, 0, buf.length, offset);
-    } catch (err) {
-      const errno = (err as NodeJS.ErrnoException).errno;
-      return typeof errno === 'number' ? -Math.abs(errno) : -EINVAL;
-    }
-  },
+  pread: (fd, buf, offset) => asResult(() => fs.readSync(fd, buf, 0, buf.length, offset)),
+  pwrite: (fd, buf, offset) => asResult(() => fs.writeSync(fd, buf, 0, buf.length, offset)),
   isMemoryBacked: () => false,
   fallocate: () => -ENOSYS,
   blockDeviceSize: sysfsBlockDeviceSize,

@@ -615,8 +615,9 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
 
   /**
    * Send every chunk of `source` (see `sendChunk`: holes merged, or zeros on a non-sparse
-   * stream; arrays of them as `sendBatch`), then finish. The chunk-level upload everyone uses. On failure the stream is
-   * aborted and the original error rethrown; if the receiver finished early it resolves.
+   * stream; arrays of them as `sendBatch`), then finish. The chunk-level upload everyone uses.
+   * On failure the stream is aborted and the original error rethrown; if the receiver finished
+   * early it resolves.
    */
   async sendChunks(source: AsyncIterable<Chunk | FileRange | ReadonlyArray<Chunk | FileRange>>): Promise<void> {
     try {

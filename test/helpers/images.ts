@@ -18,6 +18,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import { mkdtemp } from 'node:fs/promises';
 import path from 'node:path';
+import { after, before } from 'node:test';
 import fc from 'fast-check';
 import type { Chunk } from '../../src/chunk.js';
 import { readExtents, type Extent } from '../../src/sparse/index.js';
@@ -42,6 +43,20 @@ export function scratchDir(base: string, prefix = 'sparsevirt-'): Promise<string
  * Removes everything inside `dir`. Use as a property's `afterEach`, so runs that fail (and
  * fast-check's shrinking after them) do not pile up images: on tmpfs they are RAM.
  */
+/**
+ * For the enclosing `describe`: a scratch directory under `base`, made before its tests and
+ * removed after them, and fresh file names in it (`t0`, `t1`, …).
+ */
+export function scratchFiles(base: string): { dir: () => string; target: () => string } {
+  let dir = '';
+  let n = 0;
+  before(async () => {
+    dir = await scratchDir(base);
+  });
+  after(() => fs.promises.rm(dir, { recursive: true, force: true }));
+  return { dir: () => dir, target: () => path.join(dir, `t${n++}`) };
+}
+
 export async function emptyDir(dir: string): Promise<void> {
   for (const name of await fs.promises.readdir(dir)) await fs.promises.rm(path.join(dir, name), { recursive: true, force: true });
 }
