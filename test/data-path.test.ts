@@ -18,7 +18,7 @@ import { readFileRange, type Chunk } from '../src/chunk.js';
 import { connect, type Connection, type StoragePool } from '../src/index.js';
 import { allocatedBytes, expectedAllocation, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 import { RawClient, errorOf, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
-import { P } from '../src/protocol/remote.js';
+import { P, SPARSE_STREAM } from '../src/protocol/remote.js';
 import { buildFrameHead, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status } from '../src/rpc/message.js';
 import { virsh } from './helpers/libvirt.js';
 import { PACE_US } from '../src/daemon/transfer.js';
@@ -343,6 +343,62 @@ test('a frame stalled when its stream dies keeps reading its own file: the fd cl
       assert.ok(wireBytes.length > 2 * MiB, `the frames sent before the abort arrived (${wireBytes.length} bytes)`);
       assert.equal(wireBytes.indexOf(Buffer.alloc(64, 0x55)), -1, 'not one byte of the other file went out');
       assert.ok(Buffer.concat(got).every((x) => x === 0x11));
+    } finally {
+      fs.closeSync(bFd);
+    }
+  } finally {
+    close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a client that aborts while a frame of its range is stalled sends nothing more of that range: its fd may be closed and reused', async () => {
+  const dir = await scratchDir('/dev/shm', 'sv-datapath-abort-');
+  // 4 MiB packets, twice what the socket holds: the stall is mid-packet, with a packet to go
+  const { client, server, close } = await peerPair(dir, { client: { streamPacketMax: 4 * MiB } });
+  try {
+    const a = path.join(dir, 'a.img');
+    const b = path.join(dir, 'b.img');
+    fs.writeFileSync(a, Buffer.alloc(8 * MiB, 0x11));
+    fs.writeFileSync(b, Buffer.alloc(8 * MiB, 0x55));
+    // the server takes the upload, then stops reading: the client's frame stalls
+    const raw: Buffer[] = [];
+    server.socket.on('data', (d: Buffer) => raw.push(Buffer.from(d)));
+    server.on('call', (m) => {
+      if (m.proc !== P.STORAGE_VOL_UPLOAD.num) return;
+      const wire = server.openStream(m.proc, m.serial, { sparse: true, sending: false });
+      const received = new Stream(wire, { sparse: true });
+      wire.attach(received);
+      server.reply(m, P.STORAGE_VOL_UPLOAD.ret, undefined);
+      server.socket.pause();
+      // (what arrives is taken as it comes: the server never holds the client back itself)
+      void (async () => {
+        for await (const c of received) void c;
+      })().catch(() => undefined);
+    });
+    const serial = client.nextSerial();
+    const wire = client.openStream(P.STORAGE_VOL_UPLOAD.num, serial, { sparse: true, sending: true });
+    const s = new Stream(wire, { sparse: true });
+    wire.attach(s);
+    await client.call(P.STORAGE_VOL_UPLOAD, { vol: { pool: 'p', name: 'v', key: '/p/v' }, offset: 0n, length: 0n, flags: SPARSE_STREAM }, { serial });
+    const aFd = fs.openSync(a, 'r');
+    const sending = s.sendFileRange(aFd, 0, 8 * MiB).catch(() => undefined);
+    const deadline = Date.now() + 5000;
+    while (client.stats.directStalls === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+    assert.ok(client.stats.directStalls > 0, 'a frame stalled');
+    // Ctrl-C: the stream is aborted, the caller closes its file; another file takes the fd number
+    const aborted = s.abort(new Error('interrupted'));
+    await sending;
+    fs.closeSync(aFd);
+    const bFd = fs.openSync(b, 'r');
+    try {
+      server.socket.resume();
+      await aborted;
+      await new Promise((r) => setTimeout(r, 200));
+      const wireBytes = Buffer.concat(raw);
+      assert.ok(wireBytes.length > 2 * MiB, `the stalled frame arrived (${wireBytes.length} bytes)`);
+      assert.ok(wireBytes.length < 5 * MiB, `nothing of the range after it (${wireBytes.length} bytes)`);
+      assert.equal(wireBytes.indexOf(Buffer.alloc(64, 0x55)), -1, 'not one byte of the other file went out');
     } finally {
       fs.closeSync(bFd);
     }
