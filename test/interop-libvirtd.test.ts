@@ -62,9 +62,9 @@ test('a 2.5 GiB image with 1 GiB of data: sparse upload and download through lib
         const spliced0 = conn.peer.stats.splicedBytes;
         const down = await vol.downloadFile(out, { sparse: true });
         assert.equal(down.dataBytes, dataBytes);
-        // from libvirtd packets are read whole, not received in place (Peer.receiveInPlace)
-        assert.equal(conn.peer.receiveInPlace, false);
-        assert.equal(conn.peer.stats.splicedBytes - spliced0, 0, 'nothing received in place from libvirtd');
+        // from libvirtd too, large packets go into the file in place (socket → pipe → file)
+        const spliced = conn.peer.stats.splicedBytes - spliced0;
+        assert.ok(spliced >= dataBytes / 2 && spliced <= dataBytes, `${spliced} of ${dataBytes} bytes received in place from libvirtd`);
         assert.equal(await sha256File(out), srcHash, 'download content = source');
         assert.deepEqual(await extentMap(out), srcMap, 'download extent map = source');
         const [a, b] = [await allocatedBytes(out), await allocatedBytes(volPath)];

@@ -67,13 +67,9 @@ export class Connection {
     await this.peer.call(P.CONNECT_OPEN, { name: this.uri.name, flags: opts.readonly ? CONNECT_RO : 0 }, o);
     if (ka.supported === 1) this.peer.startKeepalive();
     // Not awaited: the answer changes nothing here, and the daemon reads it before any later call.
-    // Downloads are received in place only from a sparsevirtd (see `Peer.receiveInPlace`); the
-    // answer comes before the reply to any later call.
-    this.peer.receiveInPlace = false;
     this.peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.SPARSEVIRT_DEEP_QUEUE }, o).then(
       (r) => {
         this.sparsevirtDaemon = r.supported === 1;
-        this.peer.receiveInPlace = this.sparsevirtDaemon;
       },
       () => {},
     );
