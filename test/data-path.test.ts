@@ -300,15 +300,28 @@ async function* fileSendChunksAsData(file: string): AsyncGenerator<Chunk> {
   for await (const c of fileSendChunks(file)) yield c.kind === 'file' ? { kind: 'data', bytes: readFileRange(c) } : c;
 }
 
-test('a frame stalled when its stream dies keeps reading its own file: the fd closed and reused meanwhile leaks nothing', async () => {
-  const dir = await scratchDir('/dev/shm', 'sv-datapath-fd-');
-  // 4 MiB packets, twice what the socket holds: the stall is mid-packet, with megabytes to go
-  const { client, server, close } = await peerPair(dir, { server: { streamPacketMax: 4 * MiB } });
+/**
+ * Two peers whose `side` sends 4 MiB packets, twice what the socket holds (a stall is mid-packet,
+ * with megabytes to go), and two 8 MiB files: `a` of 0x11 bytes and `b` of 0x55, whose bytes
+ * must never go out.
+ */
+async function withStallFiles(prefix: string, side: 'client' | 'server', fn: (t: { client: Peer; server: Peer; a: string; b: string }) => Promise<void>): Promise<void> {
+  const dir = await scratchDir('/dev/shm', prefix);
+  const { client, server, close } = await peerPair(dir, { [side]: { streamPacketMax: 4 * MiB } });
   try {
     const a = path.join(dir, 'a.img');
     const b = path.join(dir, 'b.img');
     fs.writeFileSync(a, Buffer.alloc(8 * MiB, 0x11));
     fs.writeFileSync(b, Buffer.alloc(8 * MiB, 0x55));
+    await fn({ client, server, a, b });
+  } finally {
+    close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test('a frame stalled when its stream dies keeps reading its own file: the fd closed and reused meanwhile leaks nothing', async () => {
+  await withStallFiles('sv-datapath-fd-', 'server', async ({ client, server, a, b }) => {
     let serverStream!: Stream;
     let sending!: Promise<void>;
     let aFd = -1;
@@ -346,21 +359,11 @@ test('a frame stalled when its stream dies keeps reading its own file: the fd cl
     } finally {
       fs.closeSync(bFd);
     }
-  } finally {
-    close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('a client that aborts while a frame of its range is stalled sends nothing more of that range: its fd may be closed and reused', async () => {
-  const dir = await scratchDir('/dev/shm', 'sv-datapath-abort-');
-  // 4 MiB packets, twice what the socket holds: the stall is mid-packet, with a packet to go
-  const { client, server, close } = await peerPair(dir, { client: { streamPacketMax: 4 * MiB } });
-  try {
-    const a = path.join(dir, 'a.img');
-    const b = path.join(dir, 'b.img');
-    fs.writeFileSync(a, Buffer.alloc(8 * MiB, 0x11));
-    fs.writeFileSync(b, Buffer.alloc(8 * MiB, 0x55));
+  await withStallFiles('sv-datapath-abort-', 'client', async ({ client, server, a, b }) => {
     // the server takes the upload, then stops reading: the client's frame stalls
     const raw: Buffer[] = [];
     server.socket.on('data', (d: Buffer) => raw.push(Buffer.from(d)));
@@ -402,10 +405,7 @@ test('a client that aborts while a frame of its range is stalled sends nothing m
     } finally {
       fs.closeSync(bFd);
     }
-  } finally {
-    close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('a file that shrinks under a stalled frame: the frame is completed with zeros, its stream fails with the reason, the connection and the next download go on', async () => {
