@@ -157,21 +157,36 @@ export class ChunkReader implements AsyncIterable<Chunk> {
     const sparse = this.#sparse;
     const chunkSize = this.#chunkSize;
     const signal = this.#signal;
+    const readAheadBytes = this.#readAheadBytes;
     let out: Array<Chunk | FileRange> = [];
     let outBytes = 0;
+    /** Hole bytes seen but not yet emitted: adjacent holes leave as one chunk. */
+    let hole = 0;
+    const full = (): boolean => out.length >= BATCH_ITEMS || outBytes >= readAheadBytes;
+    const take = (): Array<Chunk | FileRange> => {
+      const batch = out;
+      out = [];
+      outBytes = 0;
+      return batch;
+    };
+    // The pending hole: one chunk, or (not sparse) zeros, which may fill several batches.
+    const holeOut = function* (): Generator<Array<Chunk | FileRange>> {
+      for (const c of holeChunks(hole, sparse, chunkSize)) {
+        out.push(c);
+        if (full()) {
+          yield take();
+          if (signal?.aborted) throw abortError(signal);
+        }
+      }
+      hole = 0;
+    };
     if (certainlyAllHole(this.file)) {
       // Not one block allocated: one hole, without an extent walk (or loading the native library).
       try {
         if (signal?.aborted) throw abortError(signal);
-        for (const c of this.end > this.offset ? holeChunks(this.end - this.offset, sparse, chunkSize) : []) {
-          out.push(c);
-          if (out.length === BATCH_ITEMS) {
-            yield out;
-            out = [];
-            if (signal?.aborted) throw abortError(signal);
-          }
-        }
-        if (out.length > 0) yield out;
+        hole = this.end - this.offset;
+        if (hole > 0) yield* holeOut();
+        if (out.length > 0) yield take();
       } finally {
         await this.file.close();
       }
@@ -181,7 +196,6 @@ export class ChunkReader implements AsyncIterable<Chunk> {
     const walker = new ExtentWalker(fd, name, this.offset, this.end, !isBlockDevice);
     const queue: Array<PendingRead | PendingHole | FileRange> = [];
     const zd = this.#zeroes;
-    const readAheadBytes = this.#readAheadBytes;
     // With zero detection, reads end on multiples of the scan size so that every minRun piece
     // but those at extent edges is read whole: what is a hole depends on the file, not on reads.
     const readUnit = zd ? Math.max(zd.minRun, Math.floor(chunkSize / zd.minRun) * zd.minRun) : chunkSize;
@@ -253,28 +267,10 @@ export class ChunkReader implements AsyncIterable<Chunk> {
       }
     };
 
-    /** Hole bytes seen but not yet emitted: adjacent holes leave as one chunk. */
-    let hole = 0;
-    const full = (): boolean => out.length >= BATCH_ITEMS || outBytes >= readAheadBytes;
-    const take = (): Array<Chunk | FileRange> => {
-      const batch = out;
-      out = [];
-      outBytes = 0;
-      return batch;
-    };
     const addData = (bytes: Buffer): void => {
       out.push({ kind: 'data', bytes });
       outBytes += bytes.length;
     };
-    // The pending hole: one chunk, or (not sparse) zeros, which may fill several batches.
-    const holeOut = function* (): Generator<Array<Chunk | FileRange>> {
-      for (const c of holeChunks(hole, sparse, chunkSize)) {
-        out.push(c);
-        if (full()) yield take();
-      }
-      hole = 0;
-    };
-
     try {
       for (;;) {
         if (full()) yield take();
