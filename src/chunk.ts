@@ -43,6 +43,15 @@ export interface WrittenRange {
   error?: Error;
 }
 
+/**
+ * A batch: an array of chunks (or ranges) moved with one promise (`fileSendBatches`,
+ * `Stream.sendBatch`, `Stream.recvBatch`, `SparseWriter.writeBatch`), where a source may also give
+ * single chunks.
+ */
+export function isBatch<C>(v: C | readonly C[]): v is readonly C[] {
+  return Array.isArray(v);
+}
+
 /** Largest stream data payload libvirt ever sends (256 KiB − 24-byte header). */
 export const LEGACY_PAYLOAD_MAX = 262120;
 

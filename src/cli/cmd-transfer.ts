@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { chunkLength, tapChunks, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
+import { chunkLength, isBatch, tapChunks, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
 import type { StorageVol } from '../client/index.js';
 import type { Stream } from '../stream/index.js';
 import { errorText, type Ctl } from './ctl.js';
@@ -74,10 +74,6 @@ function metered<T extends Chunk | FileRange | WrittenRange | ReadonlyArray<Chun
     else add(c);
     m.bar?.update(m.counts);
   });
-}
-
-function isBatch<C>(c: C | readonly C[]): c is readonly C[] {
-  return Array.isArray(c);
 }
 
 function makeMeter(ctl: Ctl, verb: string, total: () => Promise<number>): Promise<Meter> {

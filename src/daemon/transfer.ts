@@ -2,12 +2,13 @@
  * vol-upload / vol-download on the daemon side.
  *
  * Download: `fileSendBatches` (SEEK_DATA/SEEK_HOLE; from a file in memory, ranges that the socket
- * takes by sendfile or reads into its batch) → `Stream.sendBatch` → `WireStream`: one hole packet per hole region (trailing hole included), data in
- * packets ≤ 262120 bytes, EOF as an empty STREAM/CONTINUE; an offset at or past the end is an
- * empty stream (libvirt 9.0 fails there, B2). Backpressure: each write waits for the socket.
+ * takes by sendfile or reads into its batch) → `Stream.sendBatch` → `WireStream`: one hole packet
+ * per hole region (trailing hole included), data in packets ≤ 262120 bytes, EOF as an empty
+ * STREAM/CONTINUE; an offset at or past the end is an empty stream (libvirt 9.0 fails there, B2).
+ * Backpressure: each batch waits for the socket.
  *
- * Upload: `Stream.recvBatch` → `writeChunks` at `offset`: holes read back as zeros even over old data
- * and the volume is never truncated (libvirt 9.0 does both wrong, B1). Bytes past `length`
+ * Upload: `Stream.recvBatch` → `writeChunks` at `offset`: holes read back as zeros even over old
+ * data and the volume is never truncated (libvirt 9.0 does both wrong, B1). Bytes past `length`
  * fail the stream with libvirt's ENOSPC error. Nor is it ever grown: data or a hole that would
  * run past the volume's capacity fails the stream with a clear error, after what fits was
  * written (libvirt grows the file instead). The client's finish is confirmed only once every

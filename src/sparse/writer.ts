@@ -4,7 +4,7 @@
  * and sets the final size.
  */
 import fs from 'node:fs';
-import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
+import { chunkLength, isBatch, type Chunk, type WrittenRange } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
 import { DEVICE_ALIGN, abortError, certainlyAllHole, ioError, openFile, zeroes, type FileTarget, type OpenFile } from './file.js';
 import * as sys from './sys.js';
@@ -374,10 +374,6 @@ export class SparseWriter {
 }
 
 function noop(): void {}
-
-function isBatch(v: Chunk | WrittenRange | ReadonlyArray<Chunk | WrittenRange>): v is ReadonlyArray<Chunk | WrittenRange> {
-  return Array.isArray(v);
-}
 
 /** A data chunk worth receiving in place (see `writeChunks`' `receiveInto`). */
 function isLargeData(c: Chunk | WrittenRange): boolean {

@@ -1,6 +1,6 @@
 import diagnostics_channel from 'node:diagnostics_channel';
 import type { Readable, Writable } from 'node:stream';
-import { type Chunk, type FileRange, type WrittenRange, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength, readFileRange } from '../chunk.js';
+import { type Chunk, type FileRange, type WrittenRange, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength, isBatch, readFileRange } from '../chunk.js';
 import { SparsevirtError } from '../errors.js';
 import { type ReadableOptions, type WritableOptions, streamToReadable, streamToWritable } from './adapters.js';
 import type { DirectTarget, StreamChannel, StreamInbound } from './channel.js';
@@ -157,10 +157,6 @@ type IterMode = 'bytes' | 'in-place' | 'batches';
 
 /** Most chunks a batch of received chunks holds (`recvBatch`, `batchesInPlace`). */
 const BATCH_MAX = 1024;
-
-function isBatch(v: unknown): v is ReadonlyArray<Chunk | FileRange> {
-  return Array.isArray(v);
-}
 
 type DataChunk = Extract<Chunk, { kind: 'data' }>;
 
