@@ -295,6 +295,14 @@ describe('Stream.sendBatch', () => {
     await assert.rejects(s.sendBatch([{ kind: 'data', bytes: Buffer.from('a') }]), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
   });
 
+  it('sendFileRange refuses a bad fd, offset or length, and names it', async () => {
+    const s = new Stream(new Recorder(true), { sparse: true, direction: 'send' });
+    await assert.rejects(s.sendFileRange(-1, 0, 1), /fd must be a non-negative integer, got -1/);
+    await assert.rejects(s.sendFileRange(3, 1.5, 1), /offset must be a non-negative integer, got 1.5/);
+    await assert.rejects(s.sendFileRange(3, 0, 2 ** 53), /length must be a non-negative integer/);
+    assert.equal(s.state, 'open');
+  });
+
   it('refuses what is not an array of chunks and ranges', async () => {
     const s = new Stream(new Recorder(true), { sparse: true, direction: 'send' });
     await assert.rejects(s.sendBatch({ kind: 'hole', length: 1 } as unknown as Chunk[]), code('ERR_INVALID_ARG'));

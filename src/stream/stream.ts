@@ -152,6 +152,11 @@ function isChunk(v: unknown): v is Chunk {
   return (c.kind === 'data' && Buffer.isBuffer(c.bytes)) || (c.kind === 'hole' && typeof c.length === 'number');
 }
 
+/** A non-negative integer below 2^53 (an fd, an offset or a length). */
+function isByteCount(v: number): boolean {
+  return Number.isSafeInteger(v) && v >= 0;
+}
+
 /** What the iterator yields: chunks (ranges written in place read back), chunks and ranges, or arrays of those. */
 type IterMode = 'bytes' | 'in-place' | 'batches';
 
@@ -801,8 +806,9 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    * them: do not rewrite that part of the file meanwhile (up to the socket's 2 MiB).
    */
   async sendFileRange(fd: number, offset: number, length: number): Promise<void> {
-    for (const [name, v] of [['fd', fd], ['offset', offset], ['length', length]] as const) {
-      if (!Number.isSafeInteger(v) || v < 0) throw new SparsevirtError('ERR_INVALID_ARG', `${name} must be a non-negative integer, got ${v}`);
+    if (!isByteCount(fd) || !isByteCount(offset) || !isByteCount(length)) {
+      const [name, v] = !isByteCount(fd) ? ['fd', fd] : !isByteCount(offset) ? ['offset', offset] : ['length', length];
+      throw new SparsevirtError('ERR_INVALID_ARG', `${name} must be a non-negative integer, got ${v}`);
     }
     this.beginSend('sendFileRange');
     try {
@@ -844,7 +850,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
           else await this.sendZeros(c.length);
           continue;
         } else if (c?.kind === 'file') {
-          if (![c.fd, c.offset, c.length].every((v) => Number.isSafeInteger(v) && v >= 0)) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a valid file range`);
+          if (!isByteCount(c.fd) || !isByteCount(c.offset) || !isByteCount(c.length)) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a valid file range`);
           n = c.length;
         } else {
           if (!isChunk(c)) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a chunk or a file range`);
