@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import type { Peer } from '../src/rpc/peer.js';
+import { busyPollState, type Peer } from '../src/rpc/peer.js';
 import { peerPair, serveDownloads, startDownload } from './helpers/peers.js';
 import { Stream } from '../src/stream/index.js';
 import { fileSendChunks } from '../src/sparse/index.js';
@@ -246,9 +246,12 @@ test('small packets: our client says it takes a deep queue and is not paced; vir
 
     await new Promise((r) => setTimeout(r, 50)); // the feature's answer (not awaited by connect)
     assert.equal(conn.sparsevirtDaemon, true, 'sparsevirtd took the deep-queue feature');
+    assert.equal(conn.peer.busyPoll, 0, 'no busy polling with a sparsevirtd (it sends in batches)');
     const vol = await pool.volLookupByName('small.img');
     const out = path.join(dir, 'ours.img');
+    const turns = busyPollState().turns;
     await vol.downloadFile(out, { sparse: true });
+    assert.equal(busyPollState().turns, turns);
     await check(out, 'our download');
     const ours = lastDownload(d);
     assert.equal(ours.pacedWaits, undefined, 'our client is not paced');

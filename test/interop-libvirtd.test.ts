@@ -9,6 +9,7 @@ import path from 'node:path';
 import { rm } from 'node:fs/promises';
 import { connect, RemoteError, SparsevirtError } from '../src/index.js';
 import { Feature, P } from '../src/protocol/remote.js';
+import { busyPollState } from '../src/rpc/peer.js';
 import { LIBVIRTD_URI, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, createVolume, requireLibvirt, requireLibvirtListeners, withScratchPool } from './helpers/libvirt.js';
 import { allocatedBytes, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 
@@ -72,6 +73,48 @@ test('a 2.5 GiB image with 1 GiB of data: sparse upload and download through lib
         await rm(out);
       } finally {
         await conn.close();
+      }
+    });
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('3,000 small extents from libvirtd: busy polling while its packets come (and not without it), both copies identical and sparse', { timeout: 120_000 }, async (t) => {
+  if (!(await requireLibvirt(t))) return;
+  const dir = await scratchDir('/dev/shm', 'sv-interop-');
+  try {
+    await withScratchPool('interop-small', async (pool) => {
+      const layout: Layout = [];
+      for (let i = 0; i < 3000; i++) layout.push({ kind: 'data', length: 4096 }, { kind: 'hole', length: 12288 + (i % 3) * 4096 });
+      const src = path.join(dir, 'small.img');
+      const size = await makeImage(src, layout, 5);
+      const volPath = await createVolume(pool, 'small.img', size);
+      const [srcHash, srcMap] = [await sha256File(src), await extentMap(src)];
+      for (const busyPoll of [undefined, 0]) {
+        const conn = await connect(LIBVIRTD_URI, { busyPoll });
+        try {
+          await new Promise((r) => setTimeout(r, 50)); // the feature's answer (not awaited by connect)
+          assert.equal(conn.peer.busyPoll, busyPoll ?? 1, 'on by default with libvirtd (1 ms)');
+          const vol = await (await conn.storagePoolLookupByName(pool.name)).volLookupByName('small.img');
+          if (busyPoll === undefined) {
+            await vol.uploadFile(src, { sparse: true });
+            assert.equal(await sha256File(volPath), srcHash);
+          }
+          const out = path.join(dir, `out-${busyPoll ?? 'default'}.img`);
+          const before = busyPollState().turns;
+          const down = await vol.downloadFile(out, { sparse: true });
+          const turns = busyPollState().turns - before;
+          if (busyPoll === undefined) assert.ok(turns > 0, `the loop turned ${turns} times during the download`);
+          else assert.equal(turns, 0, 'busyPoll: 0 turns it off');
+          assert.equal(down.dataBytes, 3000 * 4096);
+          assert.equal(await sha256File(out), srcHash, 'download content = source');
+          assert.deepEqual(await extentMap(out), srcMap, 'download extent map = source');
+          await new Promise((r) => setTimeout(r, 20));
+          assert.equal(busyPollState().polling, false, 'polling stopped with the stream');
+        } finally {
+          await conn.close();
+        }
       }
     });
   } finally {

@@ -8,7 +8,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { mkdtempSync, rmSync } from 'node:fs';
-import type { Peer } from '../src/rpc/peer.js';
+import { busyPollState, type Peer } from '../src/rpc/peer.js';
 import { peerPair, serveDownloads, startDownload } from './helpers/peers.js';
 import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Message } from '../src/rpc/message.js';
 import { encodeRemoteError } from '../src/rpc/structs.js';
@@ -19,10 +19,10 @@ import type { Chunk } from '../src/chunk.js';
 
 interface Pair { client: Peer; server: Peer; cleanup: () => void }
 
-async function pair(opts: { keepalive?: number; count?: number } = {}): Promise<Pair> {
+async function pair(opts: { keepalive?: number; count?: number; busyPoll?: number } = {}): Promise<Pair> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'sv-peer-'));
   const ka = { keepaliveInterval: opts.keepalive, keepaliveCount: opts.count };
-  const { client, server, close } = await peerPair(dir, { server: ka, client: ka });
+  const { client, server, close } = await peerPair(dir, { server: ka, client: { ...ka, busyPoll: opts.busyPoll } });
   return {
     client, server,
     cleanup: () => {
@@ -282,6 +282,77 @@ test('an abort the server never confirms still resolves, after the abort timeout
     const took = Date.now() - t0;
     assert.ok(took >= 1500 && took < 5000, `abort settled after ${took} ms (timeout 2000 ms)`);
     assert.equal(client.openStreams, 0);
+  } finally {
+    cleanup();
+  }
+});
+
+test('busy polling: the loop keeps turning while packets of an open stream come, never for calls alone, and stops by itself', async () => {
+  const { client, server, cleanup } = await pair({ busyPoll: 5 });
+  try {
+    server.on('call', (m: Message) => {
+      if (m.proc === P.CONNECT_GET_TYPE.num) server.reply(m, P.CONNECT_GET_TYPE.ret, { type: 'T' });
+    });
+    const idle = busyPollState();
+    for (let i = 0; i < 20; i++) assert.equal((await client.call(P.CONNECT_GET_TYPE, undefined)).type, 'T');
+    assert.equal(busyPollState().turns, idle.turns, 'replies to calls, with no stream open, do not start it');
+
+    // 400 small packets, a few at a time with pauses shorter than the window, then a long pause
+    const chunks: Chunk[] = [];
+    for (let i = 0; i < 200; i++) chunks.push({ kind: 'data', bytes: data(4096, i & 0xff) }, { kind: 'hole', length: 12288 });
+    let pause: { polling: boolean; turns: number } | null = null;
+    serveDownloads(server, (s) => {
+      (async () => {
+        for (let i = 0; i < chunks.length; i++) {
+          await s.sendChunk(chunks[i]!);
+          if (i % 40 === 39) await new Promise((r) => setTimeout(r, 1));
+          if (i === 199) {
+            await new Promise((r) => setTimeout(r, 60));
+            pause = busyPollState();
+          }
+        }
+        await s.finish();
+      })().catch(() => {});
+    });
+    const before = busyPollState().turns;
+    const s = await openDownload(client, true);
+    let during = -1;
+    let resumed = -1;
+    const got: Chunk[] = [];
+    for await (const c of s) {
+      got.push(c.kind === 'data' ? { kind: 'data', bytes: Buffer.from(c.bytes) } : c);
+      if (got.length === 150) during = busyPollState().turns;
+      if (got.length === 300) resumed = busyPollState().turns;
+    }
+    assert.deepEqual(got, chunks, 'every packet, in order');
+    assert.ok(during > before, `the loop turned while packets came (${during - before} turns)`);
+    // 60 ms without a packet (the stream still open): it had stopped within its 5 ms window
+    assert.ok(pause !== null);
+    const p = pause as { polling: boolean; turns: number };
+    assert.equal(p.polling, false, 'stopped during the pause');
+    assert.ok(resumed > p.turns, 'and started again with the next packets');
+    await new Promise((r) => setTimeout(r, 30));
+    const end = busyPollState();
+    assert.equal(end.polling, false, 'it stops once no read comes for the window');
+    // turns are bounded by the time spent (immediates: far below 1 per µs), not by a runaway loop
+    await new Promise((r) => setTimeout(r, 30));
+    assert.equal(busyPollState().turns, end.turns, 'no turn after it stopped');
+  } finally {
+    cleanup();
+  }
+});
+
+test('busy polling is off by default: a Peer without the option never turns the loop', async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    const chunks: Chunk[] = [];
+    for (let i = 0; i < 100; i++) chunks.push({ kind: 'data', bytes: data(4096, i) }, { kind: 'hole', length: 4096 });
+    serveDownload(server, chunks);
+    const before = busyPollState().turns;
+    const got = await collect(await openDownload(client, true));
+    assert.equal(got.length, chunks.length);
+    assert.equal(busyPollState().turns, before);
+    assert.equal(client.busyPoll, 0);
   } finally {
     cleanup();
   }

@@ -21,7 +21,16 @@ export interface ConnectOptions {
   keepaliveCount?: number;
   /** Timeout in ms for opening the socket and for each handshake call (default 30 s). */
   timeout?: number;
+  /**
+   * While a stream from libvirtd is open, keep the event loop polling for this many ms after each
+   * read instead of sleeping (default 1; 0 disables). It costs up to one CPU for the length of a
+   * download, as virsh's own loop does, and it made 100,000 small extents come 2.5x faster (see
+   * `keepPolling` in rpc/peer.ts). Never with a sparsevirtd, which sends in batches.
+   */
+  busyPoll?: number;
 }
+
+const BUSY_POLL_MS = 1;
 
 export class Connection {
   readonly uri: ParsedUri;
@@ -44,7 +53,7 @@ export class Connection {
   static async open(uriString: string | undefined, opts: ConnectOptions = {}): Promise<Connection> {
     const uri = parseUri(uriString || defaultUri());
     const sock = await openTransport(uri, { signal: opts.signal, timeout: opts.timeout });
-    const peer = new Peer(sock, { role: 'client', keepaliveInterval: opts.keepaliveInterval ?? 5, keepaliveCount: opts.keepaliveCount ?? 6 });
+    const peer = new Peer(sock, { role: 'client', keepaliveInterval: opts.keepaliveInterval ?? 5, keepaliveCount: opts.keepaliveCount ?? 6, busyPoll: opts.busyPoll ?? BUSY_POLL_MS });
     const conn = new Connection(uri, peer, !!opts.readonly);
     try {
       await conn.handshake(opts);
@@ -70,6 +79,7 @@ export class Connection {
     this.peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.SPARSEVIRT_DEEP_QUEUE }, o).then(
       (r) => {
         this.sparsevirtDaemon = r.supported === 1;
+        if (this.sparsevirtDaemon) this.peer.busyPoll = 0;
       },
       () => {},
     );
