@@ -7,7 +7,9 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { nativeSyscallsAvailable, socketOutq } from '../src/sparse/sys.js';
 import { busyPollState, type Peer } from '../src/rpc/peer.js';
 import { peerPair, serveDownloads, startDownload } from './helpers/peers.js';
 import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Message } from '../src/rpc/message.js';
@@ -355,5 +357,40 @@ test('busy polling is off by default: a Peer without the option never turns the 
     assert.equal(client.busyPoll, 0);
   } finally {
     cleanup();
+  }
+});
+
+test('an upload of small file ranges gets the big send buffer: the kernel holds over 1 MiB for a daemon that is not reading yet', async (t) => {
+  if (!nativeSyscallsAvailable()) return t.skip('needs the native syscalls (koffi)');
+  const { client, server, cleanup } = await pair();
+  const dir = mkdtempSync(path.join('/dev/shm', 'sv-peer-buf-'));
+  const file = path.join(dir, 'src.img');
+  writeFileSync(file, randomBytes(4 << 20));
+  const fd = openSync(file, 'r');
+  try {
+    server.on('call', (m: Message) => {
+      const wire = server.openStream(m.proc, m.serial, { sparse: true, sending: false });
+      wire.attach(new Stream(wire, { sparse: true }));
+      server.reply(m, P.STORAGE_VOL_UPLOAD.ret, undefined);
+      server.socket.pause(); // the daemon is busy: it reads nothing for now
+    });
+    const serial = client.nextSerial();
+    const wire = client.openStream(P.STORAGE_VOL_UPLOAD.num, serial, { sparse: true, sending: true });
+    wire.attach(new Stream(wire, { sparse: true }));
+    await client.call(P.STORAGE_VOL_UPLOAD, { vol, offset: 0n, length: 0n, flags: 1 }, { serial });
+    // 1,024 ranges of 4 KiB (each read into the output batch, not sent by sendfile), holes between
+    for (let i = 0; i < 1024; i++) {
+      void wire.send({ kind: 'file', fd, offset: i * 4096, length: 4096 })?.catch(() => {});
+      void wire.send({ kind: 'hole', length: 8192 })?.catch(() => {});
+    }
+    await new Promise((r) => setTimeout(r, 100));
+    const sockFd = (client.socket as unknown as { _handle: { fd: number } })._handle.fd;
+    const held = socketOutq(sockFd);
+    // the default buffer (net.core.wmem_default, ~208 KiB) holds at most ~0.4 MiB
+    assert.ok(held > 1 << 20, `${held} bytes held by the kernel`);
+  } finally {
+    closeSync(fd);
+    cleanup();
+    rmSync(dir, { recursive: true, force: true });
   }
 });

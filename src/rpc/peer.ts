@@ -1341,10 +1341,13 @@ export class WireStream implements StreamChannel {
     if (this.err) throw this.err;
     if (this.done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
     const peer = this.peer;
+    // an upload with data: let the socket hold a few packets (see Peer.bigSendBuffer). Small
+    // ranges of a file too: with 100,000 4 KiB extents and the default buffer (~208 KiB, half
+    // a millisecond of the daemon's work) the daemon waited for us between batches, and the
+    // upload took 1.03-1.10 s instead of 0.73-0.80 s.
+    if (item.kind !== 'hole' && peer.role === 'client' && !peer.sendBufferIsBig) peer.bigSendBuffer(true);
     if (item.kind === 'file') return this.sendFile(item.fd, item.offset, item.length, 0);
     if (item.kind === 'data') {
-      // an upload with data: let the socket hold a few packets (see Peer.bigSendBuffer)
-      if (peer.role === 'client' && !peer.sendBufferIsBig) peer.bigSendBuffer(true);
       const b = item.bytes;
       const max = peer.streamPacketMax;
       if (b.length <= max) peer.sendFrame(this.head, b);
