@@ -111,6 +111,8 @@ test('3,000 small extents from libvirtd: busy polling while its packets come (an
           assert.equal(await sha256File(out), srcHash, 'download content = source');
           assert.deepEqual(await extentMap(out), srcMap, 'download extent map = source');
           await new Promise((r) => setTimeout(r, 20));
+          await new Promise((r) => setImmediate(r));
+          await new Promise((r) => setImmediate(r));
           assert.equal(busyPollState().polling, false, 'polling stopped with the stream');
         } finally {
           await conn.close();
