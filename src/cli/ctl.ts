@@ -132,6 +132,7 @@ async function connectErrorText(err: unknown, uri: string | undefined): Promise<
     try {
       const u = parseUri(target);
       if (u.transport === 'unix') return `Failed to connect socket to '${u.socket}': ${strerror(err)}`;
+      if (u.transport === 'ssh') return errorText(err); // ssh's own words, or why ssh did not run
       return `unable to connect to server at '${u.host}:${u.port}': ${strerror(err)}`;
     } catch {
       // fall through to the library's message

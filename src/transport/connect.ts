@@ -1,4 +1,4 @@
-/** Open the byte stream a libvirt URI names: a unix socket, plain tcp or TLS. */
+/** Open the byte stream a libvirt URI names: a unix socket, plain tcp, TLS, or ssh's stdio. */
 import net from 'node:net';
 import type tls from 'node:tls';
 import fs, { existsSync, readFileSync } from 'node:fs';
@@ -7,6 +7,7 @@ import { SparsevirtError } from '../errors.js';
 import { kReadHook, ReadHook } from '../rpc/peer.js';
 import * as sys from '../sparse/sys.js';
 import { clientTlsFiles, type ParsedUri } from './uri.js';
+import { openSsh } from './ssh.js';
 
 function readPem(file: string, what: string): Buffer {
   try {
@@ -84,6 +85,8 @@ export function adoptWithReadHook(sock: net.Socket): net.Socket {
 }
 
 export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; timeout?: number } = {}): Promise<Duplex> {
+  // ssh: the byte stream is ssh's stdin/stdout (the handshake's calls are bounded by the timeout)
+  if (u.transport === 'ssh') return openSsh(u, opts.signal);
   const timeout = opts.timeout ?? 30000;
   let sock: net.Socket;
   let ready: string;

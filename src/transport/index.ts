@@ -1,2 +1,3 @@
 export * from './uri.js';
 export * from './connect.js';
+export * from './ssh.js';

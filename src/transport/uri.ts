@@ -8,15 +8,20 @@ import path from 'node:path';
 import { existsSync } from 'node:fs';
 import { SparsevirtError } from '../errors.js';
 
-export type TransportKind = 'unix' | 'tcp' | 'tls';
+export type TransportKind = 'unix' | 'tcp' | 'tls' | 'ssh';
 
 export interface ParsedUri {
   /** The URI as given. */
   uri: string;
   driver: string;
   transport: TransportKind;
+  /** The user named before '@' (ssh logs in as it), or null. */
+  user: string | null;
   host: string;
+  /** tcp and tls: the port, or libvirt's default; ssh: the port given, or 0 (ssh's own default). */
   port: number;
+  /** The URI's path: '/system', '/session'. */
+  path: string;
   /** unix socket path (unix transport). */
   socket: string;
   /** Name sent in CONNECT_OPEN. */
@@ -63,7 +68,11 @@ export function parseUri(uri: string): ParsedUri {
   const params = new URLSearchParams(query);
   let host = authority;
   const at = host.lastIndexOf('@');
-  if (at >= 0) host = host.slice(at + 1);
+  let user: string | null = null;
+  if (at >= 0) {
+    user = decodeURIComponent(host.slice(0, at));
+    host = host.slice(at + 1);
+  }
   let port = 0;
   const pm = /^(\[[^\]]+\]|[^:]*)(?::(\d+))?$/.exec(host);
   if (pm) {
@@ -73,8 +82,8 @@ export function parseUri(uri: string): ParsedUri {
   let transport: TransportKind;
   if (transportRaw) {
     const t = transportRaw.toLowerCase();
-    if (t !== 'unix' && t !== 'tcp' && t !== 'tls') {
-      throw new SparsevirtError('ERR_UNSUPPORTED', `transport '${transportRaw}' is not supported (use unix, tcp or tls)`);
+    if (t !== 'unix' && t !== 'tcp' && t !== 'tls' && t !== 'ssh') {
+      throw new SparsevirtError('ERR_UNSUPPORTED', `transport '${transportRaw}' is not supported (use unix, tcp, tls or ssh)`);
     }
     transport = t;
   } else {
@@ -83,7 +92,7 @@ export function parseUri(uri: string): ParsedUri {
   }
   if (transport === 'unix' && host) throw new SparsevirtError('ERR_INVALID_ARG', `a unix URI cannot name a host: '${uri}'`);
   if (transport !== 'unix' && !host) host = 'localhost';
-  if (!port && transport !== 'unix') port = transport === 'tcp' ? DEFAULT_TCP_PORT : DEFAULT_TLS_PORT;
+  if (!port && (transport === 'tcp' || transport === 'tls')) port = transport === 'tcp' ? DEFAULT_TCP_PORT : DEFAULT_TLS_PORT;
   let socket = params.get('socket') ?? '';
   if (transport === 'unix' && !socket) {
     socket = p === '/session' && !isRoot() ? path.join(runtimeDir(), 'libvirt', 'libvirt-sock') : LIBVIRT_SYSTEM_SOCKET;
@@ -93,7 +102,7 @@ export function parseUri(uri: string): ParsedUri {
   const fq = forwarded.toString();
   const name = params.get('name') ?? `${driver}://${p}${fq ? `?${fq}` : ''}`;
   return {
-    uri, driver, transport, host, port, socket, name,
+    uri, driver, transport, user, host, port, path: p, socket, name,
     pkipath: params.get('pkipath'),
     noVerify: params.get('no_verify') === '1',
     readonly: false,
