@@ -21,7 +21,7 @@ const SSH_DIR = process.env.SPARSEVIRT_SSH_DIR ?? '/etc/pki/sparsevirt-test/ssh'
 const SSH_PORT = Number(process.env.SPARSEVIRT_SSH_PORT ?? 2222);
 const KEY = path.join(SSH_DIR, 'id_ed25519');
 const sshUri = (extra = '', pathPart = '/system', user = 'root', port = SSH_PORT): string =>
-  `qemu+ssh://${user}@127.0.0.1:${port}${pathPart}?keyfile=${KEY}&no_verify=1&no_tty=1${extra}`;
+  `qemu+ssh://${user}@127.0.0.1:${port}${pathPart}?keyfile=${KEY}&no_verify=1&no_tty=1&known_hosts=/dev/null${extra}`;
 
 function sh(script: string, env: NodeJS.ProcessEnv = {}): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
@@ -70,7 +70,31 @@ test('the ssh command line: libvirt\'s options, "--" before the host, one quoted
   assert.throws(() => sshCommand(parseUri('qemu+ssh://-oProxyCommand=touch%20x/system')), (e: SparsevirtError) => e.code === 'ERR_INVALID_ARG');
   assert.throws(() => sshCommand(parseUri('qemu+ssh://-oProxyCommand=x@h/system')), (e: SparsevirtError) => e.code === 'ERR_INVALID_ARG' && /ssh user/.test(e.message));
   assert.throws(() => sshCommand(parseUri('qemu+ssh://h/system?proxy=telnet')), /proxy must be auto, netcat or native/);
-  assert.throws(() => sshCommand(parseUri('qemu+ssh://h/system?proxy=native&socket=/s')), /socket= needs proxy=netcat/);
+  assert.throws(() => sshCommand(parseUri('qemu+ssh://h/system?proxy=native&socket=/s')), /socket= and netcat= need proxy=netcat/);
+});
+
+test('ssh proxies as libvirt picks them: socket= or netcat= mean netcat, a session means virt-ssh-helper; read-only uses its socket and -r; bad names refused', () => {
+  const remote = (uri: string, ro = false) => sshCommand(parseUri(uri), ro).args.at(-1)!;
+  assert.match(remote('qemu+ssh://h/system'), /command -v virt-ssh-helper.*exec virt-ssh-helper .*qemu:\/\/\/system.*exec .*nc.* -U /);
+  assert.doesNotMatch(remote('qemu+ssh://h/system?netcat=ncat'), /virt-ssh-helper/);
+  assert.match(remote('qemu+ssh://h/system?netcat=ncat'), /ncat/);
+  assert.doesNotMatch(remote('qemu+ssh://h/system?socket=/s'), /virt-ssh-helper/);
+  assert.doesNotMatch(remote('qemu+ssh://h/session'), /nc/, 'a session: virt-ssh-helper only');
+  assert.match(remote('qemu+ssh://h/session'), /virt-ssh-helper .*qemu:\/\/\/session/);
+  assert.match(remote('qemu+ssh://h/system?proxy=native&extra=1'), /virt-ssh-helper .*qemu:\/\/\/system\?extra=1/, 'the helper gets the name CONNECT_OPEN sends');
+  assert.match(remote('qemu+ssh://h/system?proxy=native', true), /virt-ssh-helper -r /);
+  assert.match(remote('qemu+ssh://h/system?proxy=netcat', true), /libvirt-sock-ro/);
+  assert.throws(() => sshCommand(parseUri('qemu+ssh://h/system?proxy=native&netcat=nc')), /need proxy=netcat/);
+  assert.throws(() => sshCommand(parseUri('qemu+ssh://h/session?proxy=netcat')), /needs socket=/);
+  for (const user of ['a%20b', 'x%24(id)', 'a%0Ab', 'a%60id%60', '-x']) {
+    assert.throws(() => sshCommand(parseUri(`qemu+ssh://${user}@h/system`)), (e: SparsevirtError) => e.code === 'ERR_INVALID_ARG' && /invalid ssh user/.test(e.message), user);
+  }
+  for (const host of ['h%0Ax', 'a%20b', '-oProxyCommand=x', 'h%3Bid']) {
+    assert.throws(() => sshCommand(parseUri(`qemu+ssh://${host}/system`)), (e: SparsevirtError) => e.code === 'ERR_INVALID_ARG' && /invalid ssh host/.test(e.message), host);
+  }
+  assert.equal(sshCommand(parseUri('qemu+ssh://[fe80::1%25eth0]:22/system')).args.includes('fe80::1%eth0'), true, 'an IPv6 zone, unescaped');
+  assert.equal(sshCommand(parseUri('qemu+ssh://j.doe@h/system')).args.includes('j.doe'), true);
+  assert.throws(() => parseUri('qemu+tcp://a%zz@h/system'), (e: SparsevirtError) => e.code === 'ERR_INVALID_ARG' && /bad %-escape/.test(e.message));
 });
 
 test('shell quoting: any string comes back as itself from sh, quotes and $() included', async () => {
@@ -132,7 +156,8 @@ test('over ssh to the real libvirtd (virt-ssh-helper): sparse upload and downloa
       const size = await makeImage(src, layout, 21);
       const [hash, map] = [await sha256File(src), await extentMap(src)];
       const volPath = await createVolume(pool, 'v.img', size);
-      const conn = await connect(sshUri());
+      // proxy=native: through virt-ssh-helper, nothing else
+      const conn = await connect(sshUri('&proxy=native'));
       try {
         assert.ok((await conn.listAllStoragePools()).some((p) => p.name === pool.name));
         const vol = await (await conn.storagePoolLookupByName(pool.name)).volLookupByName('v.img');
@@ -200,6 +225,20 @@ test('over ssh to sparsevirtd (netcat to its socket): our client and the real vi
   }
 });
 
+const sshProcesses = async (needle: string): Promise<string[]> =>
+  (await sh('pgrep -a . || true')).stdout.split('\n').filter((l) => l.includes(needle) && !l.includes('pgrep'));
+
+async function gone(needle: string, ms: number): Promise<string[]> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const left = await sshProcesses(needle);
+    if (left.length === 0 || Date.now() > end) return left;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+const openFds = (): number => fs.readdirSync('/proc/self/fd').length;
+
 test('ssh failures in ssh\'s own words: refused port, refused key, missing program, missing remote socket; nothing left running', { timeout: 60_000 }, async (t) => {
   if (!(await requireSsh(t))) return;
   const fails = async (uri: string, re: RegExp) => {
@@ -216,8 +255,73 @@ test('ssh failures in ssh\'s own words: refused port, refused key, missing progr
   const r = await cliRaw(['-c', sshUri('', '/system', 'nobody'), 'pool-list']);
   assert.equal(r.code, 1);
   assert.match(r.stderr.toString(), /error: failed to connect to the hypervisor\nerror: .*Permission denied \(publickey\)/);
-  // no ssh of ours left behind
-  const left = (await sh('pgrep -a -x ssh || true')).stdout.split('\n').filter((l) => l.includes(`-i ${KEY}`));
-  assert.deepEqual(left, [], 'no ssh process left');
+  assert.deepEqual(await gone(`-i ${KEY}`, 3000), [], 'no ssh process left');
 });
 
+test('an ssh that hangs at a prompt: connect() gives up after its timeout, quotes the prompt, and ends it', { timeout: 30_000 }, async () => {
+  const dir = fs.mkdtempSync('/tmp/sv-ssh-hang-');
+  try {
+    const fake = path.join(dir, 'ssh-hangs');
+    fs.writeFileSync(fake, "#!/bin/sh\necho \"Enter passphrase for key '/k':\" >&2\nexec sleep 30\n", { mode: 0o755 });
+    const t0 = Date.now();
+    await assert.rejects(connect(`qemu+ssh://h/system?command=${fake}`, { timeout: 800 }), (e: SparsevirtError) => {
+      assert.equal(e.code, 'ERR_TIMEOUT');
+      assert.match(e.message, /no answer through ssh to h within 800 ms: ssh said: Enter passphrase for key '\/k':/);
+      return true;
+    });
+    assert.ok(Date.now() - t0 < 5000);
+    assert.deepEqual(await gone(fake, 3000), [], 'the hanging program was ended');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('over ssh: an abort signal after connect leaves the connection alone; a connection destroyed mid-download ends ssh and leaks no fd; close() ends an ssh whose remote side never exits', { timeout: 120_000 }, async (t) => {
+  if (!(await requireLibvirt(t)) || !(await requireSsh(t))) return;
+  const dir = await scratchDir('/dev/shm', 'sv-ssh-end-');
+  try {
+    await withScratchPool('ssh-end', async (pool) => {
+      const ac = new AbortController();
+      const conn = await connect(sshUri(), { signal: ac.signal });
+      ac.abort();
+      await new Promise((r) => setTimeout(r, 200));
+      assert.ok((await conn.listAllStoragePools()).length > 0, 'still connected after the abort');
+      await conn.close();
+
+      // a download cut by destroying the connection
+      const src = path.join(dir, 'big.img');
+      const size = await makeImage(src, [{ kind: 'data', length: 48 << 20 }, { kind: 'hole', length: 16 << 20 }], 23);
+      const volPath = await createVolume(pool, 'big.img', size);
+      fs.copyFileSync(src, volPath);
+      const fds = openFds();
+      const c2 = await connect(sshUri('&proxy=netcat'));
+      const s = await (await (await c2.storagePoolLookupByName(pool.name)).volLookupByName('big.img')).download({ sparse: true });
+      for await (const chunk of s) {
+        assert.equal(chunk.kind, 'data');
+        c2.peer.destroy(new Error('cut'));
+        break;
+      }
+      assert.deepEqual(await gone(`-i ${KEY}`, 5000), [], 'ssh ended with the connection');
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(openFds(), fds, 'no fd left open');
+    });
+
+    // a remote end that keeps ssh's channel open after our side closed: a netcat that, once
+    // done, leaves a process holding its output (the probe `nc -q` is answered at once)
+    const d = await startTestDaemon({ dir: path.join(dir, 'd') });
+    try {
+      const wrapper = path.join(dir, 'nc-stays');
+      fs.writeFileSync(wrapper, '#!/bin/sh\n[ $# -eq 1 ] && exec nc "$@"\nnc "$@"\nexec sleep 60\n', { mode: 0o755 });
+      const c3 = await connect(sshUri(`&socket=${encodeURIComponent(d.socket)}&netcat=${encodeURIComponent(wrapper)}`));
+      assert.equal((await c3.listAllStoragePools()).length, 0);
+      const t0 = Date.now();
+      await c3.close();
+      assert.deepEqual(await gone(wrapper, 8000), [], 'ssh (and its remote netcat) ended');
+      assert.ok(Date.now() - t0 < 8000);
+    } finally {
+      await d.stop();
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -8,6 +8,7 @@ import {
   AuthType, CONNECT_RO, Feature, P, type PoolRef, type Procedure, type VolRef,
 } from '../protocol/remote.js';
 import { openTransport } from '../transport/connect.js';
+import { SshStream } from '../transport/ssh.js';
 import { defaultUri, parseUri, type ParsedUri } from '../transport/uri.js';
 import { StoragePool, StorageVol } from './storage.js';
 
@@ -58,13 +59,18 @@ export class Connection {
     if (typeof busyPoll !== 'number' || !(busyPoll >= 0 && busyPoll <= BUSY_POLL_MAX)) {
       throw new SparsevirtError('ERR_INVALID_ARG', `busyPoll must be a number of ms from 0 to ${BUSY_POLL_MAX}, got ${String(busyPoll)}`);
     }
-    const sock = await openTransport(uri, { signal: opts.signal, timeout: opts.timeout });
+    const sock = await openTransport(uri, { signal: opts.signal, timeout: opts.timeout, readonly: opts.readonly });
     const peer = new Peer(sock, { role: 'client', keepaliveInterval: opts.keepaliveInterval ?? 5, keepaliveCount: opts.keepaliveCount ?? 6, busyPoll });
     const conn = new Connection(uri, peer, !!opts.readonly);
     try {
       await conn.handshake(opts);
     } catch (err) {
       peer.destroy(err as Error);
+      if (sock instanceof SshStream && (err as SparsevirtError).code === 'ERR_TIMEOUT') {
+        // ssh ran but nothing answered through it: it may be waiting at a prompt, or for a host
+        const said = sock.lastWords();
+        throw new SparsevirtError('ERR_TIMEOUT', `no answer through ssh to ${sock.where} within ${opts.timeout ?? 30000} ms${said ? `: ssh said: ${said}` : ''}`, { cause: err });
+      }
       throw err;
     }
     return conn;

@@ -84,9 +84,9 @@ export function adoptWithReadHook(sock: net.Socket): net.Socket {
   return adopted;
 }
 
-export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; timeout?: number } = {}): Promise<Duplex> {
+export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; timeout?: number; readonly?: boolean } = {}): Promise<Duplex> {
   // ssh: the byte stream is ssh's stdin/stdout (the handshake's calls are bounded by the timeout)
-  if (u.transport === 'ssh') return openSsh(u, opts.signal);
+  if (u.transport === 'ssh') return openSsh(u, { signal: opts.signal, readonly: opts.readonly });
   const timeout = opts.timeout ?? 30000;
   let sock: net.Socket;
   let ready: string;

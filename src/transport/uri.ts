@@ -61,6 +61,15 @@ export function defaultUri(): string {
   return 'qemu:///system';
 }
 
+/** %XX escapes of a URI's user or host, as libvirt unescapes them; a bad escape is an invalid URI. */
+function unescapeUri(s: string, uri: string): string {
+  try {
+    return decodeURIComponent(s);
+  } catch {
+    throw new SparsevirtError('ERR_INVALID_ARG', `invalid connection URI '${uri}': bad %-escape in '${s}'`);
+  }
+}
+
 export function parseUri(uri: string): ParsedUri {
   const m = /^([A-Za-z][A-Za-z0-9_.-]*)(?:\+([A-Za-z0-9_]+))?:\/\/([^/?#]*)(\/[^?#]*)?(?:\?([^#]*))?$/.exec(uri);
   if (!m) throw new SparsevirtError('ERR_INVALID_ARG', `invalid connection URI '${uri}'`);
@@ -70,13 +79,13 @@ export function parseUri(uri: string): ParsedUri {
   const at = host.lastIndexOf('@');
   let user: string | null = null;
   if (at >= 0) {
-    user = decodeURIComponent(host.slice(0, at));
+    user = unescapeUri(host.slice(0, at), uri);
     host = host.slice(at + 1);
   }
   let port = 0;
   const pm = /^(\[[^\]]+\]|[^:]*)(?::(\d+))?$/.exec(host);
   if (pm) {
-    host = pm[1].replace(/^\[|\]$/g, '');
+    host = unescapeUri(pm[1].replace(/^\[|\]$/g, ''), uri);
     port = pm[2] ? Number(pm[2]) : 0;
   }
   let transport: TransportKind;
