@@ -325,3 +325,19 @@ test('over ssh: an abort signal after connect leaves the connection alone; a con
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('read-only over ssh, as virsh -r: virt-ssh-helper -r and netcat to libvirt-sock-ro; listing works, a change is refused by libvirtd', { timeout: 60_000 }, async (t) => {
+  if (!(await requireLibvirt(t)) || !(await requireSsh(t))) return;
+  for (const proxy of ['native', 'netcat']) {
+    const conn = await connect(sshUri(`&proxy=${proxy}`), { readonly: true });
+    try {
+      assert.ok((await conn.listAllStoragePools()).length > 0, proxy);
+      await assert.rejects(conn.storagePoolDefineDir(`sv-ro-${process.pid}`, '/dev/shm/sv-ro-never'), (e: SparsevirtError) => {
+        assert.match(e.message, /read only access prevents/, proxy);
+        return true;
+      });
+    } finally {
+      await conn.close();
+    }
+  }
+});
