@@ -292,7 +292,7 @@ async function main(): Promise<number> {
   mkdirSync(runDir, { recursive: true });
 
   // ------------------------------------------------------------------ contenders' availability
-  const cliMain = join(DIST, 'bin', 'sparsevirt.mjs'); // the bundled programs, as installed (`bin`)
+  const cliMain = join(DIST, 'bin', 'sparsevirt.cjs'); // the bundled programs, as installed (`bin`)
   const daemonMain = join(DIST, 'bin', 'sparsevirtd.mjs');
   const sparse = await loadSparseApi();
   const ctx: BenchContext = {
@@ -301,7 +301,7 @@ async function main(): Promise<number> {
     runDir,
     libvirt: { skip: 'not set up yet' },
     ours: { skip: 'not set up yet' },
-    cli: existsSync(cliMain) ? { mainJs: cliMain } : { skip: 'not built yet (dist/bin/sparsevirt.mjs missing: npm run build)' },
+    cli: existsSync(cliMain) ? { mainJs: cliMain } : { skip: 'not built yet (dist/bin/sparsevirt.cjs missing: npm run build)' },
     localCopy: 'skip' in sparse ? sparse : { script: join(DIST, 'bench', 'local-copy.js') },
     tools: { cp: cpOk!, qemuImg: qemuImgOk!, nbdkit: nbdkitOk!, nbdcopy: nbdcopyOk!, virsh: virshOk! },
   };

@@ -34,7 +34,7 @@ export interface BenchContext {
   libvirt: { uri: string; pool: DirPool; pid: number | null } | { skip: string };
   /** HOOK: sparsevirtd started by the bench with the same pool, or why not. */
   ours: { daemon: OurDaemon; pool: DirPool } | { skip: string };
-  /** HOOK: path of dist/bin/sparsevirt.mjs, or why not. */
+  /** HOOK: path of dist/bin/sparsevirt.cjs, or why not. */
   cli: { mainJs: string } | { skip: string };
   /** HOOK: our local chunk copy (dist/bench/local-copy.js over dist/src/sparse), or why not. */
   localCopy: { script: string } | { skip: string };
@@ -249,8 +249,8 @@ const ourLocal = localFile(
 /** In table order: ours first, then the reference pair, then anchors and floors. */
 export function allContenders(): Contender[] {
   return [
-    pair('sparsevirt', 'sparsevirtd'), // HOOK: needs dist/bin/sparsevirt.mjs + dist/bin/sparsevirtd.mjs
-    pair('sparsevirt', 'libvirtd'), // HOOK: needs dist/bin/sparsevirt.mjs
+    pair('sparsevirt', 'sparsevirtd'), // HOOK: needs dist/bin/sparsevirt.cjs + dist/bin/sparsevirtd.mjs
+    pair('sparsevirt', 'libvirtd'), // HOOK: needs dist/bin/sparsevirt.cjs
     pair('virsh', 'sparsevirtd'), // HOOK: needs dist/bin/sparsevirtd.mjs
     pair('virsh', 'libvirtd'), // the reference
     nbdcopy,

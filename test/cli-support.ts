@@ -15,8 +15,8 @@ import { fileURLToPath } from 'node:url';
 import type { TestContext } from 'node:test';
 import { LIBVIRTD_URI, requireLibvirt } from './helpers/libvirt.js';
 
-/** dist/test/cli-support.js → dist/bin/sparsevirt.mjs: the bundled program users run (`bin`). */
-export const CLI_MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../bin/sparsevirt.mjs');
+/** dist/test/cli-support.js → dist/bin/sparsevirt.cjs: the program users run (`bin`: the launcher of the bundle). */
+export const CLI_MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../bin/sparsevirt.cjs');
 
 /** The server under test. */
 export const CLI_URI = process.env.SPARSEVIRT_CLI_URI ?? LIBVIRTD_URI;

@@ -10,6 +10,8 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import vm from 'node:vm';
+import Module from 'node:module';
 import { connect } from '../src/client/index.js';
 import { RemoteError } from '../src/errors.js';
 import { defaultStateDir, parseDaemonArgs, packageVersion } from '../src/daemon/options.js';
@@ -63,7 +65,7 @@ test('--help, --version, and bad options', async () => {
 });
 
 test('both programs run as installed (their #! line) without NODE_EXTRA_CA_CERTS, which Node 20 parses at start-up and they never use', async () => {
-  const CLI = path.join(path.dirname(MAIN), 'sparsevirt.mjs');
+  const CLI = path.join(path.dirname(MAIN), 'sparsevirt.cjs');
   // node itself warns about a CA file it cannot load, before any script runs
   const env = { ...process.env, NODE_EXTRA_CA_CERTS: '/nonexistent-sv-ca.pem' };
   const direct = await run(process.execPath, [CLI, '--version'], { env });
@@ -73,6 +75,32 @@ test('both programs run as installed (their #! line) without NODE_EXTRA_CA_CERTS
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /^(sparsevirtd )?\d+\.\d+\.\d+\n/);
     assert.doesNotMatch(r.stderr, /extra certs/i, `${path.basename(prog)}: the variable is dropped before node starts`);
+  }
+});
+
+test('the CLI starts from the V8 code cache its build made (this Node accepts it, and it covers a transfer), and starts without one or with a broken one', async () => {
+  const bin = path.dirname(MAIN);
+  const file = path.join(bin, 'sparsevirt-main.cjs');
+  const cache = fs.readFileSync(`${file}.cache`);
+  const script = new vm.Script(Module.wrap(fs.readFileSync(file, 'utf8')), { filename: file, cachedData: cache });
+  assert.equal(script.cachedDataRejected, false, 'V8 takes the cache');
+  // the training run compiled what a transfer uses, not just the start: far more than --version's
+  assert.ok(cache.length > 200_000, `${cache.length} bytes of cache`);
+  const dir = await tempDir('sv-cache-');
+  try {
+    for (const f of ['sparsevirt.cjs', 'sparsevirt-main.cjs']) fs.copyFileSync(path.join(bin, f), path.join(dir, f));
+    fs.symlinkSync(path.resolve(bin, '../../node_modules'), path.join(dir, 'node_modules'));
+    const launcher = path.join(dir, 'sparsevirt.cjs');
+    const want = (await run(process.execPath, [path.join(bin, 'sparsevirt.cjs'), '--version'])).stdout;
+    assert.match(want, /^\d+\.\d+\.\d+\n$/);
+    for (const state of ['missing', 'broken']) {
+      if (state === 'broken') fs.writeFileSync(path.join(dir, 'sparsevirt-main.cjs.cache'), Buffer.from(cache.subarray(0, 5000)).fill(7, 100, 200));
+      const r = await run(process.execPath, [launcher, '--version']);
+      assert.equal(r.code, 0, `${state}: ${r.stderr}`);
+      assert.equal(r.stdout, want, state);
+    }
+  } finally {
+    await fsp.rm(dir, { recursive: true, force: true });
   }
 });
 

@@ -9,10 +9,10 @@ import { run } from './run.js';
 // A closed pipe (`sparsevirt pool-list | head -1`) is not an error worth a stack trace.
 for (const s of [process.stdout, process.stderr]) s.on('error', () => undefined);
 
-const code = await run(process.argv.slice(2), {
+// (no top-level await: the bundle is CommonJS, run from V8's code cache; see scripts/bundle.mjs)
+void run(process.argv.slice(2), {
   out: (s) => void process.stdout.write(s),
   err: (s) => void process.stderr.write(s),
   stderrTTY: process.stderr.isTTY ? process.stderr : null,
   stdin: process.stdin,
-});
-process.exit(code);
+}).then((code) => process.exit(code));
