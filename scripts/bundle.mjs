@@ -29,6 +29,9 @@ await build({
   entryPoints: [path.join(root, 'dist/src/cli/main.js')],
   outfile: mainCjs,
   format: 'cjs',
+  // import() of Node's own modules (tls, tty, readline: loaded when needed) becomes require(): a
+  // script compiled by vm has no loader for dynamic imports
+  supported: { 'dynamic-import': false },
   // the sources are ES modules: import.meta.url is the bundle's own URL
   define: { 'import.meta.url': '__bundleUrl' },
   banner: { js: "const __bundleUrl = require('node:url').pathToFileURL(__filename).href;" },
