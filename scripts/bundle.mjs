@@ -7,7 +7,7 @@
 //   (scripts/cli-launcher.cjs) from a V8 code cache, dist/bin/sparsevirt-main.cjs.cache. The cache
 //   is made here by a training run: the CLI defines a pool on a throw-away sparsevirtd, uploads and
 //   downloads a small sparse volume and lists it, so the functions a transfer uses are compiled
-//   in it too (a cache of `--version` alone saved 3 ms of an all-hole download, this one 11 ms).
+//   in it too (a cache of `--version` alone saved 3 ms of an all-hole download, this one 8-11 ms).
 //   If the training run fails, the build goes on without a cache.
 import { build } from 'esbuild';
 import { spawn, spawnSync } from 'node:child_process';

@@ -2,7 +2,7 @@
 'use strict';
 // `sparsevirt` (copied to dist/bin/sparsevirt.cjs by scripts/bundle.mjs). It runs the bundled CLI,
 // sparsevirt-main.cjs, from the V8 code cache the build made for it by a training run, so that a
-// start does not parse and compile the bundle again: 11 ms of a ~57 ms all-hole download. A cache
+// start does not parse and compile the bundle again: 8-11 ms of a ~55 ms all-hole download. A cache
 // that does not fit this Node (another version, other flags) is rejected by V8, and the bundle
 // is then compiled as usual.
 const fs = require('node:fs');
