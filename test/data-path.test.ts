@@ -15,9 +15,8 @@ import { Stream } from '../src/stream/index.js';
 import { fileSendChunks } from '../src/sparse/index.js';
 import { setNativeSyscalls } from '../src/sparse/sys.js';
 import { readFileRange, type Chunk } from '../src/chunk.js';
-import { connect, type Connection, type StoragePool } from '../src/index.js';
 import { allocatedBytes, expectedAllocation, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
-import { RawClient, errorOf, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { RawClient, errorOf, withShmDaemon, type TestDaemon } from './helpers/daemon.js';
 import { P, SPARSE_STREAM } from '../src/protocol/remote.js';
 import { buildFrameHead, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status } from '../src/rpc/message.js';
 import { virsh } from './helpers/libvirt.js';
@@ -127,27 +126,6 @@ test('readFileRange refuses a range past the end of the file (it shrank): a clea
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
-
-/** A daemon on tmpfs with a dir pool `shm`, and our client connected to it, for `fn`. */
-async function withShmDaemon(prefix: string, fn: (ctx: { dir: string; poolDir: string; d: TestDaemon; conn: Connection; pool: StoragePool }) => Promise<void>): Promise<void> {
-  const dir = await scratchDir('/dev/shm', prefix);
-  const d = await startTestDaemon({ dir });
-  try {
-    const poolDir = path.join(dir, 'pool');
-    const conn = await connect(d.uri);
-    try {
-      const pool = await conn.storagePoolDefineDir('shm', poolDir);
-      await pool.build();
-      await pool.create();
-      await fn({ dir, poolDir, d, conn, pool });
-    } finally {
-      await conn.close();
-    }
-  } finally {
-    await d.stop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
-}
 
 /** An assertion that a file reads as `src` (SHA-256, size) and is allocated like it. */
 async function sameAs(src: string): Promise<(file: string, what: string) => Promise<void>> {

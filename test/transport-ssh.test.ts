@@ -13,7 +13,7 @@ import { connect, SparsevirtError } from '../src/index.js';
 import { parseUri } from '../src/transport/uri.js';
 import { shellQuote, sshCommand } from '../src/transport/ssh.js';
 import { requireLibvirt, virsh, createVolume, withScratchPool } from './helpers/libvirt.js';
-import { startTestDaemon } from './helpers/daemon.js';
+import { startTestDaemon, withShmDaemon } from './helpers/daemon.js';
 import { allocatedBytes, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 import { cliRaw } from './cli-support.js';
 
@@ -187,26 +187,15 @@ test('over ssh to the real libvirtd (virt-ssh-helper): sparse upload and downloa
 
 test('over ssh to sparsevirtd (netcat to its socket): our client and the real virsh get the same sparse copy', { timeout: 120_000 }, async (t) => {
   if (!(await requireSsh(t))) return;
-  const dir = await scratchDir('/dev/shm', 'sv-ssh-d-');
-  const d = await startTestDaemon({ dir });
-  try {
-    const poolDir = path.join(dir, 'pool');
-    const local = await connect(d.uri);
-    try {
-      const pool = await local.storagePoolDefineDir('viassh', poolDir);
-      await pool.build();
-      await pool.create();
-    } finally {
-      await local.close();
-    }
+  await withShmDaemon('sv-ssh-d-', async ({ dir, poolDir, d, pool }) => {
     const src = path.join(poolDir, 'v.img');
     await makeImage(src, layout, 22);
+    await pool.refresh();
     const [hash, map] = [await sha256File(src), await extentMap(src)];
     const uri = sshUri(`&socket=${encodeURIComponent(d.socket)}`);
     const conn = await connect(uri);
     try {
-      await (await conn.storagePoolLookupByName('viassh')).refresh();
-      const vol = await (await conn.storagePoolLookupByName('viassh')).volLookupByName('v.img');
+      const vol = await (await conn.storagePoolLookupByName(pool.name)).volLookupByName('v.img');
       const out = path.join(dir, 'ours.img');
       await vol.downloadFile(out, { sparse: true });
       assert.equal(await sha256File(out), hash);
@@ -215,14 +204,11 @@ test('over ssh to sparsevirtd (netcat to its socket): our client and the real vi
       await conn.close();
     }
     const vout = path.join(dir, 'virsh.img');
-    const r = await virsh(['vol-download', '--pool', 'viassh', 'v.img', vout, '--sparse'], { uri });
+    const r = await virsh(['vol-download', '--pool', pool.name, 'v.img', vout, '--sparse'], { uri });
     assert.equal(r.code, 0, r.stderr);
     assert.equal(await sha256File(vout), hash);
     assert.deepEqual(await extentMap(vout), map);
-  } finally {
-    await d.stop();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 const sshProcesses = async (needle: string): Promise<string[]> =>

@@ -15,6 +15,8 @@ import { FrameParser } from '../../src/rpc/parser.js';
 import { decodeRemoteError } from '../../src/rpc/structs.js';
 import { encode, XdrReader, type Codec } from '../../src/xdr/index.js';
 import type { RemoteError } from '../../src/errors.js';
+import { connect, type Connection, type StoragePool } from '../../src/client/index.js';
+import { scratchDir } from './images.js';
 
 // ------------------------------------------------------------------ temp dirs
 
@@ -69,6 +71,27 @@ export async function startTestDaemon(opts: Partial<DaemonOptions> & { dir?: str
       if (own) await fsp.rm(dir, { recursive: true, force: true });
     },
   };
+}
+
+/** A daemon on tmpfs with a dir pool `shm`, and our client connected to it, for `fn`. */
+export async function withShmDaemon(prefix: string, fn: (ctx: { dir: string; poolDir: string; d: TestDaemon; conn: Connection; pool: StoragePool }) => Promise<void>): Promise<void> {
+  const dir = await scratchDir('/dev/shm', prefix);
+  const d = await startTestDaemon({ dir });
+  try {
+    const poolDir = path.join(dir, 'pool');
+    const conn = await connect(d.uri);
+    try {
+      const pool = await conn.storagePoolDefineDir('shm', poolDir);
+      await pool.build();
+      await pool.create();
+      await fn({ dir, poolDir, d, conn, pool });
+    } finally {
+      await conn.close();
+    }
+  } finally {
+    await d.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 // ------------------------------------------------------------------ raw frames
