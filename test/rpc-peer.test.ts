@@ -417,3 +417,46 @@ test('connect() refuses a busyPoll that is not 0 to 100 ms (Infinity would never
   // a valid value gets as far as the socket
   await assert.rejects(connect('qemu+unix:///system?socket=/nonexistent/sv.sock', { busyPoll: 100 }), (e: SparsevirtError) => e.code !== 'ERR_INVALID_ARG');
 });
+
+test('a call while a stream is open and unread: its reply is read past the full queue, and that reading stays bounded when no reply comes', { timeout: 60_000 }, async () => {
+  const { client, server, cleanup } = await pair();
+  try {
+    const chunk = data(1 << 20, 3);
+    let sent = 0;
+    let stop = false;
+    // The server sends 256 MiB unless stopped; it answers GET_LIB_VERSION only while `answer` is set.
+    let answer = true;
+    server.on('call', (m: Message) => {
+      if (m.proc === P.CONNECT_GET_LIB_VERSION.num && answer) server.reply(m, P.CONNECT_GET_LIB_VERSION.ret, { libVer: 9000000n });
+    });
+    serveDownloads(server, (s) => {
+      void (async () => {
+        while (!stop && sent < 256) {
+          await s.sendChunk({ kind: 'data', bytes: chunk });
+          sent++;
+        }
+      })().catch(() => undefined);
+    });
+    const s = await openDownload(client, false);
+    await new Promise((r) => setTimeout(r, 300));
+    const queuedBefore = s.queuedBytes;
+    assert.ok(sent < 32, `the server is held back by the full queue (${sent} MiB sent)`);
+    // the reply comes from behind stream packets nobody reads
+    const r = await Promise.race([
+      client.call(P.CONNECT_GET_LIB_VERSION, undefined),
+      new Promise((_, rej) => setTimeout(() => rej(new Error('no reply while the stream is unread')), 10_000)),
+    ]);
+    assert.deepEqual(r, { libVer: 9000000n });
+    // a call that is never answered: reading goes on past the full queue, but not without bound
+    answer = false;
+    void client.call(P.CONNECT_GET_LIB_VERSION, undefined).catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 2000));
+    const queued = s.queuedBytes;
+    assert.ok(queued > queuedBefore, 'reading went on while the call waited');
+    assert.ok(queued <= 64 * 2 ** 20 + 8 * 2 ** 20, `at most 64 MiB past the queue (queued ${queued} bytes)`);
+    assert.ok(sent < 100, `the server is held back again (${sent} MiB sent)`);
+    stop = true;
+  } finally {
+    cleanup();
+  }
+});

@@ -98,11 +98,14 @@ describe('sending', { timeout: 30_000 }, () => {
     assert.equal(s.state, 'finished');
   });
 
-  test('sendHole refuses lengths that are not positive safe integers, and sends nothing', async () => {
+  test('sendHole refuses lengths that are not safe integers from 0, and sends nothing; an empty hole is a no-op', async () => {
     const { ch, s } = setup();
-    for (const bad of [0, -1, 1.5, Number.NaN, 2 ** 53, Infinity]) {
+    for (const bad of [-1, 1.5, Number.NaN, 2 ** 53, Infinity]) {
       await assert.rejects(s.sendHole(bad), code('ERR_INVALID_ARG'));
     }
+    await s.sendHole(0);
+    await s.sendChunk(hole(0));
+    assert.equal(s.position, 0);
     await s.finish();
     assert.deepEqual(ch.log, ['finish']);
   });
@@ -144,7 +147,7 @@ describe('sending', { timeout: 30_000 }, () => {
   test('sendChunk validates its argument', async () => {
     const { s } = setup();
     await assert.rejects(s.sendChunk({ kind: 'data', bytes: 'nope' } as unknown as Chunk), code('ERR_INVALID_ARG'));
-    await assert.rejects(s.sendChunk(hole(0)), code('ERR_INVALID_ARG'));
+    await assert.rejects(s.sendChunk(hole(-1)), code('ERR_INVALID_ARG'));
     await assert.rejects(s.sendChunk(null as unknown as Chunk), code('ERR_INVALID_ARG'));
   });
 
@@ -370,12 +373,17 @@ describe('receiving', { timeout: 30_000 }, () => {
     await assert.rejects(s.recv(1), code('ERR_STREAM_NOT_SPARSE'));
   });
 
-  test('a hole of invalid length is a protocol error', async () => {
-    for (const bad of [0, -5, 1.5, 2 ** 60]) {
+  test('a hole of invalid length is a protocol error; an empty one is nothing', async () => {
+    for (const bad of [-5, 1.5, 2 ** 60]) {
       const { s } = setup();
       s.deliver(hole(bad));
       await assert.rejects(s.recv(1), code('ERR_PROTOCOL'));
     }
+    const { s } = setup();
+    s.deliver(hole(0));
+    s.deliver(data('x'));
+    s.deliverEnd();
+    assert.deepEqual(await s.recv(10, { stopAtHole: true }), Buffer.from('x'));
   });
 
   test('data after EOF, or data arriving on a sending stream, is a protocol error', async () => {

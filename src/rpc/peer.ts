@@ -88,6 +88,8 @@ export class ReadHook {
 
 /** Payloads up to this size are copied into the output batch; larger ones are written beside. */
 const SMALL_PAYLOAD = 16 * 1024;
+/** How far a client reads past full stream queues while calls wait for their replies. */
+const READ_PAST_FULL_MAX = 64 << 20;
 const OUT_BATCH = 256 * 1024;
 
 /** A frame this big means stream data is flowing (see `readTarget`). */
@@ -307,7 +309,12 @@ export class Peer extends EventEmitter {
   private directDone: Promise<void> | null = null;
   private directAbort: (() => void) | null = null;
   private readonly directHead = Buffer.allocUnsafe(FRAME_OVERHEAD);
+  /** Streams whose queue is full (each asked once to stop reading). */
   private pausedBy = 0;
+  /** The socket is not being read: streams' queues are full and no call waits for a reply. */
+  private readingStopped = false;
+  /** Bytes read past full stream queues so that the replies to calls could arrive. */
+  private overshoot = 0;
   private lastRecv = Date.now();
   private pingsOut = 0;
   private kaTimer: NodeJS.Timeout | null = null;
@@ -759,6 +766,7 @@ export class Peer extends EventEmitter {
         opts.signal?.removeEventListener('abort', onAbort);
       };
       this.pending.set(serial, entry);
+      if (this.readingStopped) this.updateReading();
       this.sendFrame({ prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc: proc.num, type: MessageType.CALL, serial, status: Status.OK }, w.view());
     });
   }
@@ -776,6 +784,7 @@ export class Peer extends EventEmitter {
   /** A call we stopped waiting for: its reply may still come and must not look like a stray one. */
   private abandon(serial: number): void {
     if (!this.pending.delete(serial)) return;
+    if (this.pausedBy > 0) this.updateReading();
     this.abandoned.add(serial);
     if (this.abandoned.size > 1024) this.abandoned.delete(this.abandoned.values().next().value as number);
   }
@@ -829,15 +838,40 @@ export class Peer extends EventEmitter {
     return this.streams.size;
   }
 
-  /** @internal Incoming flow control: pause the socket while any stream's queue is full. */
+  /**
+   * @internal Incoming flow control: pause the socket while any stream's queue is full, unless a
+   * call waits for its reply. The reply comes on the same socket, behind stream packets nobody
+   * reads yet (`vol.info()` right after `vol.download()`); so while calls wait, reading goes on
+   * past the full queues, up to `READ_PAST_FULL_MAX` bytes. A server sends its reply after at
+   * most what its socket buffers held: libvirtd queues one stream packet at a time, sparsevirtd
+   * at most its send window.
+   */
   pauseReading(): void {
-    if (this.pausedBy++ === 0) this.socket.pause();
+    if (this.pausedBy++ === 0) this.updateReading();
   }
   resumeReading(): void {
     if (this.pausedBy > 0 && --this.pausedBy === 0) {
+      this.overshoot = 0;
+      this.updateReading();
+    }
+  }
+
+  private updateReading(): void {
+    const stop = this.pausedBy > 0 && (this.pending.size === 0 || this.overshoot >= READ_PAST_FULL_MAX) && this.closedErr === null;
+    if (stop === this.readingStopped) return;
+    this.readingStopped = stop;
+    if (stop) {
+      this.socket.pause();
+    } else {
       this.lastRecv = Date.now();
       this.socket.resume();
     }
+  }
+
+  /** Bytes read while streams' queues are full (only calls waiting keep the socket read then). */
+  private readPastFull(n: number): void {
+    this.overshoot += n;
+    if (this.overshoot >= READ_PAST_FULL_MAX) this.updateReading();
   }
 
   // ---------------------------------------------------------------- keepalive
@@ -852,7 +886,7 @@ export class Peer extends EventEmitter {
 
   private keepaliveTick(ms: number): void {
     const now = Date.now();
-    if (this.pausedBy > 0) {
+    if (this.readingStopped) {
       // We stopped reading on purpose: silence is ours, not the peer's. The peer's PINGs wait
       // unread in the socket meanwhile, so tell it we are alive with a PING of our own every
       // interval (its PONG is read when we resume); otherwise a slow consumer is declared dead.
@@ -901,6 +935,7 @@ export class Peer extends EventEmitter {
 
   private onData(buf: Buffer): void {
     if (this.busyPoll > 0 && this.streams.size > 0) keepPolling(this.busyPoll);
+    if (this.pausedBy > 0) this.readPastFull(buf.length);
     this.lastRecv = Date.now();
     this.pingsOut = 0;
     try {
@@ -944,6 +979,7 @@ export class Peer extends EventEmitter {
 
   private onRead(n: number, buf: Buffer): void {
     if (this.busyPoll > 0 && this.streams.size > 0) keepPolling(this.busyPoll);
+    if (this.pausedBy > 0) this.readPastFull(n);
     if (buf === this.tailTarget) {
       this.tailTarget = null;
       this.lastRecv = Date.now();
@@ -1210,6 +1246,7 @@ export class Peer extends EventEmitter {
       return;
     }
     this.pending.delete(m.serial);
+    if (this.pausedBy > 0) this.updateReading();
     p.cleanup?.();
     try {
       if (m.status === Status.OK) p.resolve(p.ret.dec(new XdrReader(m.payload)));
@@ -1608,9 +1645,10 @@ export class WireStream implements StreamChannel {
     const length = high * 2 ** 32 + p.readUInt32BE(4);
     const flags = p.readUInt32BE(8);
     if (flags !== 0) return this.refuse(new SparsevirtError('ERR_PROTOCOL', `stream hole with unsupported flags 0x${flags.toString(16)}`));
-    if (high < 0 || length <= 0 || length > Number.MAX_SAFE_INTEGER) {
+    if (high < 0 || length > Number.MAX_SAFE_INTEGER) {
       return this.refuse(new SparsevirtError('ERR_PROTOCOL', `stream hole with invalid length ${p.readBigInt64BE(0)}`));
     }
+    if (length === 0) return; // an empty hole (libvirt's API allows one): nothing to do
     this.toInbound((i) => i.deliver({ kind: 'hole', length }));
   }
 

@@ -282,8 +282,8 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    * ones and written just before the next data, or at finish.
    */
   async sendHole(length: number): Promise<void> {
-    if (!Number.isSafeInteger(length) || length <= 0) {
-      throw new SparsevirtError('ERR_INVALID_ARG', `hole length must be a positive integer below 2^53, got ${length}`);
+    if (!Number.isSafeInteger(length) || length < 0) {
+      throw new SparsevirtError('ERR_INVALID_ARG', `hole length must be an integer from 0 to 2^53, got ${length}`);
     }
     this.beginSend('sendHole');
     try {
@@ -305,8 +305,8 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     if (!isChunk(chunk)) {
       throw new SparsevirtError('ERR_INVALID_ARG', 'sendChunk() takes a Chunk: { kind: "data", bytes: Buffer } or { kind: "hole", length }');
     }
-    if (chunk.kind === 'hole' && (!Number.isSafeInteger(chunk.length) || chunk.length <= 0)) {
-      throw new SparsevirtError('ERR_INVALID_ARG', `hole length must be a positive integer below 2^53, got ${chunk.length}`);
+    if (chunk.kind === 'hole' && (!Number.isSafeInteger(chunk.length) || chunk.length < 0)) {
+      throw new SparsevirtError('ERR_INVALID_ARG', `hole length must be an integer from 0 to 2^53, got ${chunk.length}`);
     }
     this.beginSend('sendChunk');
     try {
@@ -737,10 +737,11 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
         return;
       }
       const length = chunk.length;
-      if (!Number.isSafeInteger(length) || length <= 0) {
+      if (!Number.isSafeInteger(length) || length < 0) {
         this.protocolError(new SparsevirtError('ERR_PROTOCOL', `received a hole of invalid length ${length}`));
         return;
       }
+      if (length === 0) return; // libvirt's API allows an empty hole: nothing to deliver
       if (this.delivered + length > MAX_SAFE_BYTES) {
         this.protocolError(new SparsevirtError('ERR_PROTOCOL', 'received stream is longer than 2^53 bytes'));
         return;
@@ -845,7 +846,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
         const c = items[i]!;
         let n: number;
         if (c?.kind === 'hole') {
-          if (!isChunk(c) || !Number.isSafeInteger(c.length) || c.length <= 0) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a valid hole chunk`);
+          if (!isChunk(c) || !Number.isSafeInteger(c.length) || c.length < 0) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a valid hole chunk`);
           if (this.sparse) this.addHole(c.length);
           else await this.sendZeros(c.length);
           continue;
