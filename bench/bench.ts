@@ -41,7 +41,8 @@ const HELP = `usage: npm run bench -- [options]
   --reps N             repetitions (default 5, --quick 3); medians over the repetitions done
   --budget SEC         start no further repetition that would end after SEC seconds of bench
                        (default 840 = 14 min, --quick 55); at least one repetition always runs
-  --images LIST        subset of a,b,c,d (a: sparse 256 extents, b: dense, c: 4 KiB extents, d: hole)
+  --images LIST        subset of a,b,c,d,e (a: sparse 256 extents, b: dense, c: 4 KiB extents, d: hole,
+                       e: 25,000 × 4 KiB extents in 1 GiB; full set only)
   --directions LIST    subset of download,upload
   --only REGEX         only contenders whose id matches (ids: see --list)
   --skip REGEX         skip contenders whose id matches
@@ -82,7 +83,7 @@ function parseOptions(argv: string[]): Options {
     options: {
       quick: { type: 'boolean', default: false },
       reps: { type: 'string' },
-      images: { type: 'string', default: 'a,b,c,d' },
+      images: { type: 'string', default: 'a,b,c,d,e' },
       directions: { type: 'string', default: 'download,upload' },
       only: { type: 'string' },
       skip: { type: 'string' },

@@ -122,6 +122,10 @@ export function imageSpecs(quick: boolean): ImageSpec[] {
       id: 'd', file: 'sv-d-hole.raw', title: '64 GiB, all hole',
       size: 64 * GiB, extents: [], seed: 'd', plain: false,
     },
+    {
+      id: 'e', file: 'sv-e-fragmented.raw', title: '1 GiB, 25,000 × 4 KiB extents',
+      size: 1 * GiB, extents: evenExtents(1 * GiB, 25_000, 4 * KiB), seed: 'e', plain: false,
+    },
   ];
 }
 
