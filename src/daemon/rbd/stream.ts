@@ -17,7 +17,7 @@
  * whole objects dropped). On an image known to read as zeros (`zeroed`, e.g. just created),
  * holes cost nothing. The writes end with `rbd_aio_flush`.
  *
- * Memory is bounded by `depth × readSize` (`depth × writeSize`) whatever the image's size.
+ * Memory is bounded by `maxBytesInFlight` (and one read or write more) whatever the image's size.
  * Every operation has a deadline (the pool's), so a vanished OSD fails the transfer within a
  * bounded time (ERR_TIMEOUT, or ERR_IO with Ceph's ETIMEDOUT).
  */
@@ -37,8 +37,10 @@ export interface RbdReadOptions {
   sparse?: boolean;
   /** Largest data chunk (default 262120, libvirt's stream payload). */
   chunkSize?: number;
-  /** Reads in flight at once (default 8). */
+  /** Reads in flight at once (default 32) … */
   depth?: number;
+  /** … and bytes (default 32 MiB; at least one read). */
+  maxBytesInFlight?: number;
   /** Bytes per read (default 1 MiB). */
   readSize?: number;
   /** Bytes of the image per `rbd_diff_iterate2` call (default 256 MiB). */
@@ -54,8 +56,10 @@ export interface RbdReadOptions {
 export interface RbdWriteOptions {
   /** Where the first chunk lands (default 0). */
   offset?: number;
-  /** Operations in flight at once (default 8). */
+  /** Operations in flight at once (default 32) … */
   depth?: number;
+  /** … and bytes of data (default 32 MiB; at least one write). */
+  maxBytesInFlight?: number;
   /** Contiguous data is gathered into writes of up to this many bytes (default 4 MiB). */
   writeSize?: number;
   /** The image reads as zeros where holes come (just created): holes are skipped. */
@@ -70,7 +74,9 @@ export interface RbdWriteResult {
   holeBytes: number;
 }
 
-const DEFAULT_DEPTH = 8;
+/** Small operations need many in flight (each is a round trip to an OSD); large ones are bounded by bytes. */
+const DEFAULT_DEPTH = 32;
+const DEFAULT_BYTES_IN_FLIGHT = 32 << 20;
 const DEFAULT_READ_SIZE = 1 << 20;
 const DEFAULT_WRITE_SIZE = 4 << 20;
 const DEFAULT_WINDOW = 256 << 20;
@@ -156,6 +162,7 @@ export async function* rbdReadChunks(image: RbdImage, opts: RbdReadOptions = {})
   const sparse = opts.sparse ?? true;
   const chunkSize = positive('chunkSize', opts.chunkSize, LEGACY_PAYLOAD_MAX);
   const depth = positive('depth', opts.depth, DEFAULT_DEPTH);
+  const maxBytes = positive('maxBytesInFlight', opts.maxBytesInFlight, DEFAULT_BYTES_IN_FLIGHT);
   const readSize = positive('readSize', opts.readSize, DEFAULT_READ_SIZE);
   const windowSize = Math.max(positive('windowSize', opts.windowSize, DEFAULT_WINDOW), readSize);
   const zero = zeroDetection(opts.detectZeroes);
@@ -165,26 +172,38 @@ export async function* rbdReadChunks(image: RbdImage, opts: RbdReadOptions = {})
   const steps = plan(image, start, end, windowSize, readSize);
   const queue: Array<QueuedRead | { kind: 'hole'; length: number }> = [];
   let reading = 0;
+  let readingBytes = 0;
+  let held: Planned | null = null;
   let planned = false;
   let hole = 0;
 
   const fill = async (): Promise<void> => {
     // holes are free: the queue is bounded by reads, and by a few holes between them
-    while (!planned && reading < depth && queue.length < depth * 4) {
-      const r = await steps.next();
-      if (r.done) {
-        planned = true;
-        break;
+    while (reading < depth && queue.length < depth * 4) {
+      let step = held;
+      held = null;
+      if (!step) {
+        if (planned) break;
+        const r = await steps.next();
+        if (r.done) {
+          planned = true;
+          break;
+        }
+        step = r.value;
       }
-      const step = r.value;
       if (step.kind === 'hole') {
         queue.push(step);
         continue;
+      }
+      if (reading > 0 && readingBytes + step.length > maxBytes) {
+        held = step;
+        break;
       }
       const buf = Buffer.allocUnsafe(step.length);
       const done = image.read(step.offset, buf);
       done.catch(() => undefined);
       reading++;
+      readingBytes += step.length;
       queue.push({ kind: 'read', offset: step.offset, buf, done });
     }
   };
@@ -224,6 +243,7 @@ export async function* rbdReadChunks(image: RbdImage, opts: RbdReadOptions = {})
         n = await item.done;
       } finally {
         reading--;
+        readingBytes -= item.buf.length;
       }
       if (n !== item.buf.length) {
         throw new SparsevirtError('ERR_IO', `short read of RBD image '${image.pool.name}/${image.name}': ${n} of ${item.buf.length} bytes at ${item.offset}`);
@@ -283,32 +303,37 @@ function isZero(b: Buffer): boolean {
 /** Bounds the operations in flight; remembers the first failure. */
 class Window {
   readonly #depth: number;
+  readonly #maxBytes: number;
   #inFlight = 0;
+  #bytes = 0;
   #wake: (() => void) | null = null;
   #idle: (() => void) | null = null;
   error: unknown = null;
-  constructor(depth: number) {
+  constructor(depth: number, maxBytes: number) {
     this.#depth = depth;
+    this.#maxBytes = maxBytes;
   }
-  /** Waits for a free slot (or the first failure, which it throws). */
-  async slot(): Promise<void> {
-    while (this.#inFlight >= this.#depth && this.error === null) {
+  /** Waits for room for one more operation of `bytes` (or the first failure, which it throws). */
+  async slot(bytes: number): Promise<void> {
+    while ((this.#inFlight >= this.#depth || (this.#inFlight > 0 && this.#bytes + bytes > this.#maxBytes)) && this.error === null) {
       await new Promise<void>((resolve) => (this.#wake = resolve));
     }
     if (this.error !== null) throw this.error;
   }
-  run(p: Promise<void>): void {
+  run(p: Promise<void>, bytes: number): void {
     this.#inFlight++;
+    this.#bytes += bytes;
     p.then(
-      () => this.#settle(),
+      () => this.#settle(bytes),
       (err: unknown) => {
         if (this.error === null) this.error = err;
-        this.#settle();
+        this.#settle(bytes);
       },
     );
   }
-  #settle(): void {
+  #settle(bytes: number): void {
     this.#inFlight--;
+    this.#bytes -= bytes;
     const w = this.#wake;
     this.#wake = null;
     w?.();
@@ -337,13 +362,14 @@ export async function rbdWriteChunks(
 ): Promise<RbdWriteResult> {
   let pos = checkByteCount('offset', opts.offset ?? 0);
   const depth = positive('depth', opts.depth, DEFAULT_DEPTH);
+  const maxBytes = positive('maxBytesInFlight', opts.maxBytesInFlight, DEFAULT_BYTES_IN_FLIGHT);
   const writeSize = positive('writeSize', opts.writeSize, DEFAULT_WRITE_SIZE);
   const zeroed = opts.zeroed ?? false;
   const signal = opts.signal;
   const size = image.size;
   const holeMax = image.objectSize * HOLE_OP_OBJECTS;
   const granularity = image.pool.discardGranularity;
-  const ops = new Window(depth);
+  const ops = new Window(depth, maxBytes);
   const result: RbdWriteResult = { dataBytes: 0, holeBytes: 0 };
 
   let batch: Buffer[] = [];
@@ -356,10 +382,11 @@ export async function rbdWriteChunks(
     if (batchBytes === 0) return;
     const bufs = batch;
     const at = batchAt;
+    const bytes = batchBytes;
     batch = [];
     batchBytes = 0;
-    await ops.slot();
-    ops.run(image.write(at, bufs));
+    await ops.slot(bytes);
+    ops.run(image.write(at, bufs), bytes);
   };
   const writeHole = async (): Promise<void> => {
     let at = holeAt;
@@ -368,9 +395,9 @@ export async function rbdWriteChunks(
     if (zeroed) return;
     while (left > 0) {
       const n = Math.min(left, holeMax - (at % holeMax));
-      await ops.slot();
+      await ops.slot(0);
       const aligned = granularity > 0 && at % granularity === 0 && (at + n) % granularity === 0;
-      ops.run(aligned ? image.discard(at, n) : image.writeZeroes(at, n));
+      ops.run(aligned ? image.discard(at, n) : image.writeZeroes(at, n), 0);
       at += n;
       left -= n;
     }
