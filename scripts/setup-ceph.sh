@@ -22,13 +22,14 @@
 #      `qemu-img rbd:...` work without options), unless /etc/ceph/ceph.conf belongs to another
 #      cluster, which is left alone.
 #
-# A cluster that answers is reused. Daemons of ours that died are started again; a cluster that
-# still does not come up is stopped, wiped and made anew (memstore data is lost then anyway).
+# A cluster that answers is reused. A monitor or manager of ours that died is started again; when
+# the OSD died (its memstore data with it) or the cluster still does not come up, it is stopped,
+# wiped and made anew (a new fsid and new keys: read them from cluster.json each time).
 #
 # Options:
 #   --no-install   do not run apt-get (fail if something is missing)
 #   --reset        stop and wipe the cluster, then make a new one
-#   --stop         stop the cluster's daemons and exit (data of the memstore OSD is lost)
+#   --stop         stop the cluster's daemons and exit (the memstore OSD's data is lost)
 #   --status       print whether the cluster answers and exit (0 when it does)
 # Environment:
 #   CEPH_DIR (default /var/lib/sparsevirt-ceph)
@@ -113,13 +114,17 @@ pid_of() {  # pid of our daemon $1 (mon.a, osd.0, mgr.x) if it runs
 }
 stop_daemons() {
   local d pid pids=()
-  for d in mgr.$MGR_ID osd.0 mon.$MON_ID; do
+  # a memstore OSD writes all its data to disk on a clean shutdown: it is killed instead (the
+  # data is disposable)
+  if pid="$(pid_of osd.0)"; then kill -KILL "$pid" 2>/dev/null || true; pids+=("$pid"); fi
+  for d in mgr.$MGR_ID mon.$MON_ID; do
     if pid="$(pid_of "$d")"; then kill -TERM "$pid" 2>/dev/null || true; pids+=("$pid"); fi
   done
   # daemons started from this conf whose pid files are gone
   for pid in $(pgrep -f -- "-c $CONF" || true); do
     case "$(cat "/proc/$pid/comm" 2>/dev/null)" in
-      ceph-mon|ceph-osd|ceph-mgr) kill -TERM "$pid" 2>/dev/null || true; pids+=("$pid") ;;
+      ceph-osd) kill -KILL "$pid" 2>/dev/null || true; pids+=("$pid") ;;
+      ceph-mon|ceph-mgr) kill -TERM "$pid" 2>/dev/null || true; pids+=("$pid") ;;
     esac
   done
   local i
@@ -133,12 +138,14 @@ stop_daemons() {
   sleep 0.2
 }
 osd_up() { [ "$(cephq osd stat -f json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin).get("num_up_osds", 0))' 2>/dev/null)" = 1 ]; }
-# The cluster is usable: the monitor answers for client.admin, the OSD is up, the pool and the
-# libvirt user exist, and client.libvirt can list the pool.
+# pool statistics (rados_ioctx_pool_stat, libvirt's pool allocation) come from the manager
+mgr_up() { [ "$(cephq mgr stat -f json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin).get("available", False))' 2>/dev/null)" = True ]; }
+# The cluster is usable: the monitor answers for client.admin, the OSD is up, a manager is
+# active, the pool and the libvirt user exist, and client.libvirt can list the pool.
 healthy() {
   [ -s "$CONF" ] && pid_of mon.$MON_ID >/dev/null && pid_of osd.0 >/dev/null && pid_of mgr.$MGR_ID >/dev/null || return 1
-  osd_up || return 1
-  timeout 20 rbd -c "$CONF" --id "$LIBVIRT_USER" --keyring "$CEPH_DIR/ceph.client.$LIBVIRT_USER.keyring" \
+  osd_up && mgr_up || return 1
+  timeout 10 rbd -c "$CONF" --id "$LIBVIRT_USER" --keyring "$CEPH_DIR/ceph.client.$LIBVIRT_USER.keyring" \
     ls "$POOL" >/dev/null 2>&1
 }
 wait_for() {  # wait_for SECONDS WHAT CMD...
@@ -205,27 +212,30 @@ report() {
   say "for tests and shells: $CEPH_DIR/cluster.json, $CEPH_DIR/cluster.env; $etc_note"
 }
 
-start_mon() { ceph-mon -c "$CONF" -i $MON_ID; }
-start_osd() { ceph-osd -c "$CONF" -i 0; }
-start_mgr() { ceph-mgr -c "$CONF" -i $MGR_ID; }
+# The daemons fork into the background; what they print before that goes to their log directory.
+start_mon() { ceph-mon -c "$CONF" -i $MON_ID >>"$CEPH_DIR/log/start.log" 2>&1; }
+start_osd() { ceph-osd -c "$CONF" -i 0 >>"$CEPH_DIR/log/start.log" 2>&1; }
+start_mgr() { ceph-mgr -c "$CONF" -i $MGR_ID >>"$CEPH_DIR/log/start.log" 2>&1; }
 
 if [ "$reset" = 0 ] && [ -s "$CONF" ] && grep -q "$MARK" "$CONF" && [ -s "$CEPH_DIR/client.$LIBVIRT_USER.key" ]; then
   if healthy; then report "reused the running cluster"; exit 0; fi
-  # repair: start what of ours is not running, if it was made completely
-  repaired=1
-  if ! pid_of mon.$MON_ID >/dev/null; then
-    if [ -e "$CEPH_DIR/mon/ceph-$MON_ID/done" ]; then say "starting mon.$MON_ID"; start_mon || repaired=0; else repaired=0; fi
+  # Repair what can be: a monitor or manager that died is started again (their state is on
+  # disk). An OSD that died lost its memstore data: then the cluster is made anew.
+  if pid_of osd.0 >/dev/null; then
+    repaired=1
+    if ! pid_of mon.$MON_ID >/dev/null; then
+      if [ -e "$CEPH_DIR/mon/ceph-$MON_ID/done" ]; then say "starting mon.$MON_ID"; start_mon || repaired=0; else repaired=0; fi
+    fi
+    if [ "$repaired" = 1 ] && ! pid_of mgr.$MGR_ID >/dev/null; then
+      if [ -s "$CEPH_DIR/mgr/ceph-$MGR_ID/keyring" ]; then say "starting mgr.$MGR_ID"; start_mgr || repaired=0; else repaired=0; fi
+    fi
+    if [ "$repaired" = 1 ] && wait_for 30 "cluster repaired" healthy; then
+      report "repaired the cluster"; exit 0
+    fi
+    say "the cluster does not come up: making it anew"
+  else
+    say "osd.0 is not running (its memstore data is gone): making the cluster anew"
   fi
-  if [ "$repaired" = 1 ] && ! pid_of osd.0 >/dev/null; then
-    if [ -e "$CEPH_DIR/osd/ceph-0/mkfs-done" ]; then say "starting osd.0"; start_osd || repaired=0; else repaired=0; fi
-  fi
-  if [ "$repaired" = 1 ] && ! pid_of mgr.$MGR_ID >/dev/null; then
-    if [ -s "$CEPH_DIR/mgr/ceph-$MGR_ID/keyring" ]; then say "starting mgr.$MGR_ID"; start_mgr || repaired=0; else repaired=0; fi
-  fi
-  if [ "$repaired" = 1 ] && wait_for 30 "cluster repaired" healthy; then
-    report "repaired the cluster"; exit 0
-  fi
-  say "the cluster does not come up: making it anew"
 fi
 
 # ---------------------------------------------------------------------------- 3. a new cluster
@@ -289,7 +299,8 @@ say "mon.$MON_ID"
 ceph-mon -c "$CONF" --mkfs -i $MON_ID --monmap "$CEPH_DIR/monmap" --keyring "$CEPH_DIR/mon.keyring"
 touch "$CEPH_DIR/mon/ceph-$MON_ID/done"
 start_mon
-wait_for 30 "mon.$MON_ID answers" cephq mon stat >/dev/null 2>&1 || die "mon.$MON_ID does not answer (log: $CEPH_DIR/log/ceph-mon.$MON_ID.log)"
+mon_answers() { cephq mon stat >/dev/null 2>&1; }
+wait_for 30 "mon.$MON_ID answers" mon_answers || die "mon.$MON_ID does not answer (log: $CEPH_DIR/log/ceph-mon.$MON_ID.log)"
 
 say "mgr.$MGR_ID"
 cephq auth get-or-create mgr.$MGR_ID mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
