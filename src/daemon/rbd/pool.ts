@@ -751,10 +751,15 @@ export class RbdImage {
     return new Promise((resolve) => this.#idle.push(resolve));
   }
 
-  /** Waits for the operations in flight, then closes (`rbd_close`, off the event loop). Idempotent. */
+  /**
+   * Waits for the operations in flight (at most the deadline: librbd's close waits for what is
+   * left), then closes (`rbd_close`, off the event loop). Idempotent.
+   */
   close(): Promise<void> {
     this.#closed ??= (async () => {
-      await this.idle();
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([this.idle(), new Promise<void>((resolve) => (timer = setTimeout(resolve, this.#deadlineMs)))]);
+      clearTimeout(timer);
       const r = await this.native.close(this.handle);
       this.#forget();
       if (r < 0) throw cephError(`failed to close RBD image '${this.name}'`, r, 'rbd_close');
