@@ -486,7 +486,7 @@ function load(radosName: string, rbdName: string): CephNative {
       try {
         r = start(box[0]);
       } catch (err) {
-        r = -22;
+        // koffi refused the arguments: nothing was submitted
         pending.delete(id);
         rbd_aio_release(box[0]);
         throw err;
