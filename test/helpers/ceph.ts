@@ -1,0 +1,157 @@
+/**
+ * Helpers for tests that talk to the one-node Ceph cluster of `scripts/setup-ceph.sh`.
+ *
+ * - The cluster is found through `$SPARSEVIRT_CEPH_DIR/cluster.json` (default
+ *   /var/lib/sparsevirt-ceph/cluster.json), which the script writes.
+ * - Locally, a missing or silent cluster skips such tests with a message.
+ * - In CI (`process.env.CI` set), it FAILS them: CI promised a cluster.
+ *
+ * The `rbd` and `ceph` command-line tools run through `execFile` (no shell), as client.admin.
+ */
+import { execFile, spawn } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { TestContext } from 'node:test';
+
+export const CEPH_DIR = process.env.SPARSEVIRT_CEPH_DIR ?? '/var/lib/sparsevirt-ceph';
+
+export interface CephCluster {
+  conf: string;
+  dir: string;
+  fsid: string;
+  monitors: Array<{ host: string; port: number }>;
+  pool: string;
+  admin: { user: string; keyring: string; key: string };
+  libvirt: { user: string; keyring: string; key: string };
+}
+
+let probed: Promise<{ cluster: CephCluster | null; reason: string }> | undefined;
+
+function run(cmd: string, args: string[], timeoutMs = 60_000): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 64 << 20, encoding: 'utf8' }, (err, stdout, stderr) => {
+      let code = 0;
+      if (err) {
+        const c = (err as NodeJS.ErrnoException & { code?: unknown }).code;
+        code = typeof c === 'number' ? c : -1;
+        if (code === -1 && !stderr) stderr = err.message;
+      }
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+function probe(): Promise<{ cluster: CephCluster | null; reason: string }> {
+  probed ??= (async () => {
+    let cluster: CephCluster;
+    try {
+      cluster = JSON.parse(readFileSync(join(CEPH_DIR, 'cluster.json'), 'utf8')) as CephCluster;
+    } catch (err) {
+      return { cluster: null, reason: `no ${join(CEPH_DIR, 'cluster.json')} (${(err as Error).message})` };
+    }
+    const r = await run('rbd', ['-c', cluster.conf, '--id', 'admin', '--keyring', cluster.admin.keyring, 'ls', cluster.pool], 20_000);
+    if (r.code !== 0) return { cluster: null, reason: `rbd ls ${cluster.pool} failed: ${(r.stderr || r.stdout).trim()}` };
+    return { cluster, reason: '' };
+  })();
+  return probed;
+}
+
+/**
+ * Call first in a test that needs Ceph: `const ceph = await requireCeph(t); if (!ceph) return;`
+ * In CI a missing cluster throws (the test fails); locally the test is skipped.
+ */
+export async function requireCeph(t: TestContext): Promise<CephCluster | null> {
+  const { cluster, reason } = await probe();
+  if (cluster) return cluster;
+  const hint = `${reason} (run: sudo scripts/setup-ceph.sh)`;
+  if (process.env.CI) throw new Error(`the Ceph cluster of scripts/setup-ceph.sh is required in CI: ${hint}`);
+  t.skip(`Ceph not available: ${hint}`);
+  return null;
+}
+
+/** `rbd -c CONF --id admin … args` (stdout); throws with stderr on failure. */
+export async function rbdCli(ceph: CephCluster, args: string[], timeoutMs = 120_000): Promise<string> {
+  const r = await run('rbd', ['-c', ceph.conf, '--id', 'admin', '--keyring', ceph.admin.keyring, ...args], timeoutMs);
+  if (r.code !== 0) throw new Error(`rbd ${args.join(' ')} failed (${r.code}): ${r.stderr.trim()}`);
+  return r.stdout;
+}
+
+/** sha256 (hex) of `rbd export POOL/IMAGE -`. */
+export function rbdExportSha256(ceph: CephCluster, image: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('rbd', ['-c', ceph.conf, '--id', 'admin', '--keyring', ceph.admin.keyring, 'export', '--no-progress', `${ceph.pool}/${image}`, '-'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const hash = createHash('sha256');
+    let stderr = '';
+    child.stdout.on('data', (b: Buffer) => hash.update(b));
+    child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolve(hash.digest('hex')) : reject(new Error(`rbd export failed (${code}): ${stderr.trim()}`))));
+  });
+}
+
+/** `rbd diff --format json`: the extents Ceph reports as allocated. */
+export async function rbdDiff(ceph: CephCluster, image: string): Promise<Array<{ offset: number; length: number; exists: boolean }>> {
+  const out = await rbdCli(ceph, ['diff', '--format', 'json', `${ceph.pool}/${image}`]);
+  return (JSON.parse(out) as Array<{ offset: number; length: number; exists: string | boolean }>).map((e) => ({
+    offset: e.offset,
+    length: e.length,
+    exists: e.exists === true || e.exists === 'true',
+  }));
+}
+
+/** `rbd du --format json`: used bytes of the image (its head, not its snapshots). */
+export async function rbdDuUsed(ceph: CephCluster, image: string): Promise<number> {
+  const out = await rbdCli(ceph, ['du', '--format', 'json', `${ceph.pool}/${image}`]);
+  const j = JSON.parse(out) as { images: Array<{ name: string; snapshot?: string; used_size: number }> };
+  return j.images.filter((i) => i.name === image && !i.snapshot).reduce((n, i) => n + i.used_size, 0);
+}
+
+/** A fresh image name for one test. */
+export function imageName(prefix: string): string {
+  return `svtest-${prefix}-${randomBytes(4).toString('hex')}`;
+}
+
+/** The OSD's pid (from its pid file), for pausing it. */
+export function osdPid(ceph: CephCluster): number {
+  return Number(readFileSync(join(ceph.dir, 'run', 'ceph-osd.0.pid'), 'utf8').trim());
+}
+
+/**
+ * Runs `fn` with the OSD stopped (SIGSTOP), and always continues it (SIGCONT) afterwards: the
+ * cluster stays as it was, the OSD just did not answer for a while.
+ */
+export async function withOsdPaused<T>(ceph: CephCluster, fn: () => Promise<T>): Promise<T> {
+  const pid = osdPid(ceph);
+  process.kill(pid, 'SIGSTOP');
+  try {
+    return await fn();
+  } finally {
+    process.kill(pid, 'SIGCONT');
+  }
+}
+
+/**
+ * The largest lag of a 10 ms timer while `p` runs: the event loop's responsiveness. Resolves
+ * with `p`'s outcome (`value` or `error`), how long it took, and the lag.
+ */
+export async function measureLag<T>(p: () => Promise<T>): Promise<{ value?: T; error?: unknown; ms: number; maxLagMs: number }> {
+  let maxLag = 0;
+  let last = performance.now();
+  const iv = setInterval(() => {
+    const now = performance.now();
+    maxLag = Math.max(maxLag, now - last - 10);
+    last = now;
+  }, 10);
+  const t0 = performance.now();
+  try {
+    const value = await p();
+    return { value, ms: performance.now() - t0, maxLagMs: maxLag };
+  } catch (error) {
+    return { error, ms: performance.now() - t0, maxLagMs: maxLag };
+  } finally {
+    clearInterval(iv);
+  }
+}
