@@ -4,10 +4,11 @@
  * and sets the final size.
  */
 import fs from 'node:fs';
-import { chunkLength, isBatch, type Chunk, type WrittenRange } from '../chunk.js';
+import { chunkLength, isBatch, type Chunk, type FileRef, type WrittenRange } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
 import { DEVICE_ALIGN, abortError, certainlyAllHole, ioError, openFile, zeroes, type FileTarget, type OpenFile } from './file.js';
-import * as sys from './sys.js';
+import { fileRef } from '../io/file.js';
+import * as sys from '../io/sys.js';
 
 export interface SparseWriterOptions {
   /** Where the first chunk lands (default 0). */
@@ -36,7 +37,7 @@ export interface SparseWriterOptions {
    * called with null before the file is closed. (Not at once: an all-hole or small transfer
    * does not pay for loading the native syscalls, ~10 ms.)
    */
-  receiveInto?: (target: { fd: number; base: number } | null) => unknown;
+  receiveInto?: (target: { file: FileRef; base: number } | null) => unknown;
 }
 
 export interface WriteResult {
@@ -443,7 +444,7 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
     arm = undefined;
     if (f && sys.isMemoryBacked(writer.file.fd)) {
       inPlace = f;
-      f({ fd: writer.file.fd, base });
+      f({ file: fileRef(writer.file.fd), base });
     }
   };
   const stopInPlace = (): void => {

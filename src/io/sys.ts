@@ -1,8 +1,8 @@
 /**
- * The few Linux calls Node does not offer, bound once through koffi: `lseek` with
- * SEEK_DATA/SEEK_HOLE, `fallocate`, `ioctl(BLKGETSIZE64, SIOCOUTQ)`, `preadv2(RWF_NOWAIT)`,
- * `fstatfs`; for the data path `sendfile`, `splice`, `pipe2`, `write`, `setsockopt(SO_SNDBUF)`,
- * `fcntl(F_DUPFD, F_SETPIPE_SZ)` and glibc's `mallopt`.
+ * The syscall module of the kernel floor: the few Linux calls Node does not offer, bound once
+ * through koffi: `lseek` with SEEK_DATA/SEEK_HOLE, `fallocate`, `ioctl(BLKGETSIZE64, SIOCOUTQ)`,
+ * `preadv2(RWF_NOWAIT)`, `fstatfs`; for the data path `sendfile`, `splice`, `pipe2`, `write`,
+ * `setsockopt(SO_SNDBUF)`, `fcntl(F_DUPFD, F_SETPIPE_SZ)` and glibc's `mallopt`.
  *
  * Calls are synchronous: none of them waits for a disk (sendfile is used on files in memory
  * only; at most metadata, or the blocks a punch frees), and a call costs about a microsecond
