@@ -25,9 +25,9 @@ export interface ConnectOptions {
   /**
    * While a stream from libvirtd is open, keep the event loop polling for this many ms after each
    * read instead of sleeping (default 1, at most 100; 0 disables). It keeps one CPU busy for the
-   * length of a download, which virsh's client happens to do by its own work, and made 100,000
-   * small extents come 2.6x faster (see io/busy-poll.ts). Ignored with a
-   * sparsevirtd, which sends in batches: there it would only burn the CPU.
+   * length of a download, which virsh's client happens to do by its own work, and small extents
+   * come several times faster (see io/busy-poll.ts). Ignored with a sparsevirtd, which sends in
+   * batches: there it would only burn the CPU.
    */
   busyPoll?: number;
 }

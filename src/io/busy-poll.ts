@@ -1,13 +1,13 @@
 /**
  * Busy polling. libvirtd sends a stream one packet per write, and its main thread waits for its
  * fd-stream thread between two packets. When our process then sleeps in epoll too, the CPUs go
- * idle, and every one of those hand-overs pays a wake-up from idle (in this guest, `haltpoll`):
- * 100,000 small extents took 16 s to download where virsh, busy with its own work per packet,
- * took 6-9 s. Keeping the event loop turning (an immediate, so that libuv polls with a zero
- * timeout) for a short while after each read while a stream is open keeps one CPU busy for the
- * length of such a transfer; it stops by itself once reads stop coming. One loop serves every
- * connection. Large packets too: the dense image came in 3.67-4.00 s with it, 4.80-5.88 s
- * without. The client turns it on for libvirtd only (`ConnectOptions.busyPoll`).
+ * idle, and every one of those hand-overs pays a wake-up from idle (in a guest, `haltpoll`): a
+ * download of many small extents is then several times slower than virsh's, whose client stays
+ * busy with its own work per packet. Keeping the event loop turning (an immediate, so that libuv
+ * polls with a zero timeout) for a short while after each read while a stream is open keeps one
+ * CPU busy for the length of such a transfer (large packets gain too); it stops by itself once
+ * reads stop coming. One loop serves every connection. The client turns it on for libvirtd only
+ * (`ConnectOptions.busyPoll`).
  */
 let pollUntil = 0;
 let polling = false;

@@ -114,8 +114,8 @@ export class SocketWriter {
     this.raw.bigSendBuffer(true);
     sys.tuneMallocForStreaming();
     // Node's queue still holds earlier bytes: nothing may pass them, so the head joins them and
-    // the payload follows by sendfile once they are out (below), not through a copy (2–4 % of a
-    // 2 GiB upload to libvirtd went as 256 KiB copies, and the client's RSS reached 86 MiB)
+    // the payload follows by sendfile once they are out (below), not through a copy (against
+    // libvirtd the queue is often not empty: a copy there costs a 256 KiB buffer per packet)
     const w = this.#socket.writableLength > 0 ? -sys.EAGAIN : sys.writeRaw(sfd, head);
     if (w < 0 && w !== -sys.EAGAIN) {
       this.raw.disable(); // not ours to write (never again)

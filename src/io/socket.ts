@@ -80,7 +80,7 @@ export class RawSocket {
    * sendfile (see `sys.setSendBuffer`), and go back to the default for everything else: with
    * small packets in a big buffer a daemon outpaces virsh, whose client queues every packet it
    * reads on a list it walks to the end for each new one (libvirt 9.0), and slows down
-   * quadratically (measured: 4 min instead of 3 s for 100,000 extents). TCP keeps its own
+   * quadratically (100,000 extents take minutes instead of seconds). TCP keeps its own
    * autotuning.
    */
   bigSendBuffer(big: boolean): void {

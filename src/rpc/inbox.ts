@@ -85,8 +85,7 @@ export class Inbox {
   #spliceOff = false;
   /**
    * Whether data packets may be received in place on this connection at all (on by default, from
-   * libvirtd too: downloading 2 GiB from it took 1.50–1.97 s in place against 2.19–5.03 s read
-   * whole, and virsh 1.71–1.91 s, in interleaved runs).
+   * libvirtd too: a dense download from it is faster in place than read whole, and than virsh's).
    */
   receiveInPlace = true;
 

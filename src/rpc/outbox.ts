@@ -172,8 +172,8 @@ export class Outbox {
     this.writer.write(bytes, written);
     // Nothing left in Node's queue: the kernel took the bytes during write(). The callback
     // comes on a later tick, and a sender that never waits (small packets into a deep socket
-    // buffer) runs on microtasks, before any tick: without this, 1,255 of 1,613 batches of a
-    // 100,000-extent download were new allocations (daemon RSS 200+ MiB).
+    // buffer) runs on microtasks, before any tick: without this, most batches of a download of
+    // many small extents would be new allocations.
     if (this.writer.raw.socket.writableLength === 0) written();
   }
 

@@ -72,11 +72,10 @@ export class Peer extends EventEmitter implements StreamHost {
   busyPoll: number;
   /**
    * Server side: the client said it takes a deep queue of small packets
-   * (`Feature.SPARSEVIRT_DEEP_QUEUE`), so the big send buffer stays for them too. For 100,000
-   * 4 KiB extents, our client's download went from 1.37 to 1.05 s: with the default buffer the
-   * daemon is woken only once the queue fell below a quarter of ~208 KiB, and the client drains
-   * that faster than the daemon refills it. (A client sends to a daemon, which reads no faster
-   * than it writes: it keeps the big buffer for the whole upload.)
+   * (`Feature.SPARSEVIRT_DEEP_QUEUE`), so the big send buffer stays for them too: with the
+   * default buffer the daemon is woken only once its queue fell below a quarter of ~208 KiB, and
+   * our client drains that faster than the daemon refills it. (A client sends to a daemon, which
+   * reads no faster than it writes: it keeps the big buffer for the whole upload.)
    */
   deepQueue = false;
 

@@ -186,10 +186,9 @@ export class WireStream implements StreamChannel {
     if (this.#done) throw new SparsevirtError('ERR_STREAM_STATE', 'stream is closed');
     const host = this.host;
     // an upload with data: let the socket hold a few packets (see RawSocket.bigSendBuffer). Small
-    // ranges of a file too: with 100,000 4 KiB extents and the default buffer (~208 KiB, half
-    // a millisecond of the daemon's work) sparsevirtd waited for us between batches, and the
-    // upload took 1.03-1.10 s instead of 0.67-0.80 s (with net.core.wmem_max of 4 MiB; it caps
-    // the buffer, and some kernels default it to 208 KiB). Neutral against libvirtd.
+    // ranges of a file too: with the default buffer (~208 KiB, half a millisecond of the
+    // daemon's work) sparsevirtd waits for us between batches of small extents (net.core.wmem_max
+    // caps the buffer, and some kernels default it to 208 KiB). Neutral against libvirtd.
     if (item.kind !== 'hole' && this.#isClient && !host.sendBufferIsBig) host.bigSendBuffer(true);
     if (item.kind === 'file') return this.#sendFile(item.file, item.offset, item.length, 0);
     if (item.kind === 'data') {

@@ -289,8 +289,8 @@ export class SparseWriter {
    * Small writes are done inline: into the page cache they are a memcpy, and a round trip
    * through libuv's thread pool costs several times more (100,000 extents of 4 KiB: 1.1 s of
    * submissions alone). Large writes go to the pool, several at once, so that the event loop
-   * keeps reading the socket meanwhile (inline 256 KiB writes left the sender waiting: a 2 GiB
-   * download took 1.4 s instead of 1.1 s). Ranges never overlap: the two paths need no ordering.
+   * keeps reading the socket meanwhile (inline 256 KiB writes leave the sender waiting). Ranges
+   * never overlap: the two paths need no ordering.
    */
   #startWrite(buffers: Buffer[], bytes: number, at: number, release?: (buffers: Buffer[]) => void): Promise<void> | null {
     if (this.#failure) throw this.#failure;
