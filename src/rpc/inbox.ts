@@ -24,7 +24,7 @@ import { readHookOf } from '../io/read-hook.js';
 import type { DataPathStats, RawSocket } from '../io/socket.js';
 import { InPlaceWrite } from '../io/splice.js';
 import * as sys from '../io/sys.js';
-import { debug, frameChannel } from './diagnostics.js';
+import { debug, frameChannel } from '../diagnostics.js';
 import { FRAME_OVERHEAD, MessageType, readHeader, REMOTE_PROGRAM, Status, type Header, type Message } from './message.js';
 import { FrameParser } from './parser.js';
 

@@ -10,7 +10,7 @@ import { readFileRange } from '../chunk.js';
 import { OUT_BATCH, recycleBatch, takeBatch } from '../io/pools.js';
 import type { DataPathStats } from '../io/socket.js';
 import type { SendfileCounter, SocketWriter } from '../io/socket-writer.js';
-import { frameChannel } from './diagnostics.js';
+import { frameChannel } from '../diagnostics.js';
 import { buildFrameHead, FRAME_OVERHEAD, writeFrameHead, type Header } from './message.js';
 
 /** Payloads up to this size are copied into the output batch; larger ones are written beside. */

@@ -17,7 +17,7 @@ import { newDataPathStats, RawSocket, type DataPathStats } from '../io/socket.js
 import { SocketWriter, type SendfileCounter } from '../io/socket-writer.js';
 import { XdrWriter, type Codec } from '../xdr/index.js';
 import { Calls, type CallOptions } from './calls.js';
-import { debug } from './diagnostics.js';
+import { debug } from '../diagnostics.js';
 import { Inbox } from './inbox.js';
 import { Keepalive } from './keepalive.js';
 import {

@@ -1,7 +1,7 @@
-import diagnostics_channel from 'node:diagnostics_channel';
 import type { Readable, Writable } from 'node:stream';
 import { kDeliver, kDeliverEnd, kDeliverError, kDirectTarget, type DirectTarget, type StreamChannel, type StreamInbound } from '../channel.js';
 import { type Chunk, type FileRange, type FileRef, type WrittenRange, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength, isBatch, readFileRange } from '../chunk.js';
+import { streamCloseChannel } from '../diagnostics.js';
 import { SparsevirtError } from '../errors.js';
 import { type ReadableOptions, type WritableOptions, streamToReadable, streamToWritable } from './adapters.js';
 import { ChunkQueue } from './queue.js';
@@ -128,7 +128,7 @@ export interface ReceiveTarget {
 export const DEFAULT_HIGH_WATER_MARK = 2 * 1024 * 1024;
 
 /** Published when a stream reaches a final state: `{ stream, state, error }`. */
-export const streamCloseChannel = diagnostics_channel.channel('sparsevirt:stream:close');
+export { streamCloseChannel };
 
 const DONE: IteratorReturnResult<undefined> = Object.freeze({ done: true, value: undefined });
 
