@@ -1,6 +1,3 @@
-import { SparsevirtError } from './errors.js';
-import * as sys from './sparse/sys.js';
-
 /**
  * The one currency of sparsevirt: everything that moves volume contents speaks `Chunk`,
  * from the disk to the wire and back. A source is an `AsyncIterable<Chunk>`.
@@ -15,29 +12,43 @@ export type Chunk =
 export type ChunkSource = AsyncIterable<Chunk>;
 
 /**
- * Data that is still in a file in memory (tmpfs, ramfs): `length` bytes of `fd` at `offset`.
- * Only `fileSendChunks` makes these, for `Stream.sendFileRange`/`sendChunks`: a socket can then
- * take the file's pages by `sendfile(2)` instead of a read into a buffer and a copy back out.
- * Anything else reads it as the data chunk it stands for (`readFileRange`).
+ * A file opened below the streams, as the stream core sees it: an opaque handle, never an fd.
+ * Only `io/` makes these (`fileRef`, exported by `sparsevirt/sparse`); a socket channel resolves
+ * one to the kernel's file and hands its pages over (sendfile, splice) without the bytes passing
+ * through a buffer. Anything else reads a range of it with `readInto`.
+ */
+export interface FileRef {
+  /**
+   * Fill all of `target` with the file's bytes at `offset` (the file is in memory: this never
+   * waits for a disk). Throws a system error, or ERR_IO when the file ends first (it shrank).
+   */
+  readInto(offset: number, target: Buffer): void;
+}
+
+/**
+ * Data that is still in a file in memory (tmpfs, ramfs): `length` bytes of `file` at `offset`.
+ * Only `fileSendChunks`/`fileSendBatches` make these, for `Stream.sendFileRange`/`sendChunks`/
+ * `sendBatch`: a socket can then take the file's pages by `sendfile(2)` instead of a read into a
+ * buffer and a copy back out. Anything else reads it as the data chunk it stands for
+ * (`readFileRange`).
  */
 export interface FileRange {
   kind: 'file';
-  fd: number;
+  file: FileRef;
   offset: number;
   length: number;
 }
 
 /**
- * The receiving side's counterpart: data a stream wrote into its consumer's file itself, where
- * the consumer asked for it (`Stream.receiveInto`): `length` bytes at `offset` of the file now
- * hold it. Large packets from a socket go there by `splice(2)`, never through a buffer. With
- * `error`, writing them failed (the bytes are lost: the consumer reports the error as a failed
- * write). Only consumers that called `receiveInto` see these; `fd` is the one the consumer
- * gave (`receiveInto`).
+ * The receiving side's counterpart: data the channel wrote into its consumer's file itself, where
+ * the consumer asked for it (`Stream.receiveInto`): `length` bytes at `offset` of `file` now hold
+ * it. Large packets from a socket go there by `splice(2)`, never through a buffer. With `error`,
+ * writing them failed (the bytes are lost: the consumer reports the error as a failed write).
+ * Only consumers that called `receiveInto` see these; `file` is the one they gave.
  */
 export interface WrittenRange {
   kind: 'written';
-  fd: number;
+  file: FileRef;
   offset: number;
   length: number;
   error?: Error;
@@ -66,21 +77,8 @@ export function chunkLength(c: Chunk | FileRange | WrittenRange): number {
 /** The bytes a `FileRange` (or a `WrittenRange`) stands for, read now (the file is in memory: this never waits on a disk). */
 export function readFileRange(r: FileRange | WrittenRange): Buffer {
   const buf = Buffer.allocUnsafe(r.length);
-  readFileInto(r.fd, r.offset, buf);
+  r.file.readInto(r.offset, buf);
   return buf;
-}
-
-/**
- * Fill all of `buf` with the bytes of `fd` at `offset` (`pread`; short reads continue). Throws a
- * system error, or ERR_IO when the file ends first (it shrank since its extents were mapped).
- */
-export function readFileInto(fd: number, offset: number, buf: Buffer): void {
-  for (let have = 0; have < buf.length; ) {
-    const n = sys.pread(fd, have === 0 ? buf : buf.subarray(have), offset + have);
-    if (n < 0) throw sys.errnoException(n, 'pread');
-    if (n === 0) throw new SparsevirtError('ERR_IO', `file shrank while reading (EOF at ${offset + have})`);
-    have += n;
-  }
 }
 
 /**

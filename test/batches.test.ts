@@ -8,8 +8,8 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { chunkLength, readFileRange, type Chunk, type FileRange, type WrittenRange } from '../src/chunk.js';
 import { SparsevirtError } from '../src/errors.js';
-import { ChunkReader, SparseWriter, fileSendBatches, fileSendChunks, writeChunks } from '../src/sparse/index.js';
-import { Stream, type StreamChannel } from '../src/stream/index.js';
+import { ChunkReader, SparseWriter, fileRef, fileSendBatches, fileSendChunks, writeChunks } from '../src/sparse/index.js';
+import { kDeliver, kDeliverEnd, Stream, type StreamChannel } from '../src/stream/index.js';
 import { code, hasSettled } from './helpers/asserts.js';
 import { allocatedBytes, extentMap, makeFilledFile, makeImage, randomBytes, scratchDir, scratchFiles, sha256, sha256File, type Layout } from './helpers/images.js';
 import { peerPair, serveDownloads, startDownload } from './helpers/peers.js';
@@ -236,7 +236,7 @@ describe('Stream.sendBatch', () => {
       const ch = new Recorder(fast);
       const s = new Stream(ch, { sparse: true, direction: 'send' });
       const a = randomBytes(8, 100);
-      await s.sendBatch([{ kind: 'hole', length: 10 }, { kind: 'hole', length: 5 }, { kind: 'data', bytes: a }, { kind: 'file', fd: fd.fd, offset: K, length: 2 * K }]);
+      await s.sendBatch([{ kind: 'hole', length: 10 }, { kind: 'hole', length: 5 }, { kind: 'data', bytes: a }, { kind: 'file', file: fileRef(fd.fd), offset: K, length: 2 * K }]);
       await s.sendBatch([{ kind: 'hole', length: 7 }]);
       await s.sendBatch([{ kind: 'hole', length: 1 }, { kind: 'data', bytes: Buffer.alloc(0) }, { kind: 'data', bytes: a }]);
       await s.finish();
@@ -287,19 +287,20 @@ describe('Stream.sendBatch', () => {
     await assert.rejects(s.finish(), (e) => e === lost);
   });
 
-  it('a file range that cannot be read fails the stream (channel without send or writeFile)', async () => {
+  it('a file range that cannot be read fails the stream (channel without send)', async () => {
     const ch = new Recorder(false);
     const s = new Stream(ch, { sparse: true, direction: 'send' });
-    await assert.rejects(s.sendBatch([{ kind: 'file', fd: 2 ** 30, offset: 0, length: 10 }]), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
+    await assert.rejects(s.sendBatch([{ kind: 'file', file: fileRef(2 ** 30), offset: 0, length: 10 }]), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
     assert.equal(s.state, 'failed');
     await assert.rejects(s.sendBatch([{ kind: 'data', bytes: Buffer.from('a') }]), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
   });
 
-  it('sendFileRange refuses a bad fd, offset or length, and names it', async () => {
+  it('sendFileRange refuses a bad file, offset or length, and names it (fileRef a bad fd)', async () => {
     const s = new Stream(new Recorder(true), { sparse: true, direction: 'send' });
-    await assert.rejects(s.sendFileRange(-1, 0, 1), /fd must be a non-negative integer, got -1/);
-    await assert.rejects(s.sendFileRange(3, 1.5, 1), /offset must be a non-negative integer, got 1.5/);
-    await assert.rejects(s.sendFileRange(3, 0, 2 ** 53), /length must be a non-negative integer/);
+    assert.throws(() => fileRef(-1), /fd must be a non-negative integer, got -1/);
+    await assert.rejects(s.sendFileRange(3 as unknown as ReturnType<typeof fileRef>, 0, 1), /file must be a file reference/);
+    await assert.rejects(s.sendFileRange(fileRef(3), 1.5, 1), /offset must be a non-negative integer, got 1.5/);
+    await assert.rejects(s.sendFileRange(fileRef(3), 0, 2 ** 53), /length must be a non-negative integer/);
     assert.equal(s.state, 'open');
   });
 
@@ -308,7 +309,7 @@ describe('Stream.sendBatch', () => {
     await assert.rejects(s.sendBatch({ kind: 'hole', length: 1 } as unknown as Chunk[]), code('ERR_INVALID_ARG'));
     await assert.rejects(s.sendBatch([null as unknown as Chunk]), code('ERR_INVALID_ARG'));
     await assert.rejects(s.sendBatch([{ kind: 'hole', length: -1 }]), code('ERR_INVALID_ARG'));
-    await assert.rejects(s.sendBatch([{ kind: 'file', fd: -1, offset: 0, length: 1 }]), code('ERR_INVALID_ARG'));
+    await assert.rejects(s.sendBatch([{ kind: 'file', file: {} as ReturnType<typeof fileRef>, offset: 0, length: 1 }]), code('ERR_INVALID_ARG'));
     await assert.rejects(s.sendBatch([{ kind: 'data', bytes: 'x' as unknown as Buffer }]), code('ERR_INVALID_ARG'));
   });
 });
@@ -318,19 +319,19 @@ describe('Stream.recvBatch and batchesInPlace', () => {
     const ch = new Recorder(true);
     const s = new Stream(ch, { sparse: true, direction: 'recv' });
     const a = Buffer.from('abc');
-    s.deliver({ kind: 'data', bytes: a });
-    s.deliver({ kind: 'hole', length: 4 });
-    s.deliver({ kind: 'hole', length: 6 });
-    s.deliver({ kind: 'data', bytes: a });
-    s.deliver({ kind: 'data', bytes: a });
+    s[kDeliver]({ kind: 'data', bytes: a });
+    s[kDeliver]({ kind: 'hole', length: 4 });
+    s[kDeliver]({ kind: 'hole', length: 6 });
+    s[kDeliver]({ kind: 'data', bytes: a });
+    s[kDeliver]({ kind: 'data', bytes: a });
     assert.deepEqual(await s.recvBatch(2), [{ kind: 'data', bytes: a }, { kind: 'hole', length: 10 }]);
     const rest = s.recvBatch();
     assert.deepEqual(await rest, [{ kind: 'data', bytes: a }, { kind: 'data', bytes: a }]);
     const waiting = s.recvBatch();
     assert.equal(await hasSettled(waiting), false, 'waits for something to arrive');
-    s.deliver({ kind: 'hole', length: 1 });
+    s[kDeliver]({ kind: 'hole', length: 1 });
     assert.deepEqual(await waiting, [{ kind: 'hole', length: 1 }]);
-    s.deliverEnd();
+    s[kDeliverEnd]();
     assert.equal(await s.recvBatch(), null);
     assert.equal(s.position, 3 + 10 + 3 + 3 + 1);
     await assert.rejects(s.recvBatch(0), code('ERR_INVALID_ARG'));
@@ -339,8 +340,8 @@ describe('Stream.recvBatch and batchesInPlace', () => {
   it('batchesInPlace: a consumer that fails on the last batch aborts the stream, not acknowledges it', async () => {
     const ch = new Recorder(true);
     const s = new Stream(ch, { sparse: true, direction: 'recv' });
-    s.deliver({ kind: 'data', bytes: Buffer.from('abc') });
-    s.deliverEnd();
+    s[kDeliver]({ kind: 'data', bytes: Buffer.from('abc') });
+    s[kDeliverEnd]();
     await assert.rejects((async () => {
       for await (const b of s.batchesInPlace()) {
         assert.equal(b.length, 1);
@@ -354,8 +355,8 @@ describe('Stream.recvBatch and batchesInPlace', () => {
   it('batchesInPlace yields arrays and acknowledges EOF', async () => {
     const ch = new Recorder(true);
     const s = new Stream(ch, { sparse: true, direction: 'recv' });
-    for (let i = 0; i < 3000; i++) s.deliver({ kind: i % 2 ? 'hole' : 'data', ...(i % 2 ? { length: 2 } : { bytes: Buffer.from([i & 0xff]) }) } as Chunk);
-    s.deliverEnd();
+    for (let i = 0; i < 3000; i++) s[kDeliver]({ kind: i % 2 ? 'hole' : 'data', ...(i % 2 ? { length: 2 } : { bytes: Buffer.from([i & 0xff]) }) } as Chunk);
+    s[kDeliverEnd]();
     const sizes: number[] = [];
     let total = 0;
     for await (const b of s.batchesInPlace()) {
@@ -437,7 +438,7 @@ for (const base of ['/tmp', '/dev/shm']) {
     it('a range written in place must be at the position', async () => {
       const file = target();
       const w = await SparseWriter.open(file);
-      await assert.rejects(w.writeBatch([{ kind: 'data', bytes: Buffer.from('x') }, { kind: 'written', fd: 0, offset: 5, length: 1 }]), code('ERR_STREAM_STATE'));
+      await assert.rejects(w.writeBatch([{ kind: 'data', bytes: Buffer.from('x') }, { kind: 'written', file: fileRef(0), offset: 5, length: 1 }]), code('ERR_STREAM_STATE'));
       await w.abort();
     });
   });

@@ -9,11 +9,13 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { busyPollState, type Peer } from '../src/rpc/peer.js';
+import { busyPollState } from '../src/io/busy-poll.js';
+import type { Peer } from '../src/rpc/peer.js';
+import { kPeer } from '../src/client/connection.js';
 import { peerPair, serveDownloads, startDownload } from './helpers/peers.js';
 import { Stream } from '../src/stream/index.js';
-import { fileSendChunks } from '../src/sparse/index.js';
-import { setNativeSyscalls } from '../src/sparse/sys.js';
+import { fileRef, fileSendChunks } from '../src/sparse/index.js';
+import { setNativeSyscalls } from '../src/io/sys.js';
 import { readFileRange, type Chunk } from '../src/chunk.js';
 import { allocatedBytes, expectedAllocation, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 import { RawClient, errorOf, withShmDaemon, type TestDaemon } from './helpers/daemon.js';
@@ -117,8 +119,8 @@ test('readFileRange refuses a range past the end of the file (it shrank): a clea
     fs.writeFileSync(file, Buffer.alloc(10000, 1));
     const fd = fs.openSync(file, 'r');
     try {
-      assert.equal(readFileRange({ kind: 'file', fd, offset: 5000, length: 5000 }).length, 5000);
-      assert.throws(() => readFileRange({ kind: 'file', fd, offset: 8000, length: 5000 }), /file shrank while reading \(EOF at 10000\)/);
+      assert.equal(readFileRange({ kind: 'file', file: fileRef(fd), offset: 5000, length: 5000 }).length, 5000);
+      assert.throws(() => readFileRange({ kind: 'file', file: fileRef(fd), offset: 8000, length: 5000 }), /file shrank while reading \(EOF at 10000\)/);
     } finally {
       fs.closeSync(fd);
     }
@@ -173,20 +175,20 @@ test('daemon on tmpfs: our client and virsh download and upload a volume; same S
 
     // upload by our client: file → socket by sendfile on the client side
     const vol = await pool.createVol({ name: 'v.img', capacity: size, allocation: 0 });
-    const before = conn.peer.stats.directBytes;
+    const before = conn[kPeer].stats.directBytes;
     const uploads = uploadsLogged(d).length;
     await vol.uploadFile(src, { sparse: true });
-    assert.ok(conn.peer.stats.directBytes - before >= 1 * MiB, 'the client sent large extents by sendfile');
+    assert.ok(conn[kPeer].stats.directBytes - before >= 1 * MiB, 'the client sent large extents by sendfile');
     await sparseAsSource(path.join(poolDir, 'v.img'), 'uploaded volume');
     const up = await uploadLine(d, uploads);
     splicedSome(up.splicedBytes, up.dataBytes, 'daemon, upload');
 
     // download by our client: volume → socket by sendfile in the daemon, socket → file by splice here
     const out = path.join(dir, 'out.img');
-    const splicedBefore = conn.peer.stats.splicedBytes;
+    const splicedBefore = conn[kPeer].stats.splicedBytes;
     await vol.downloadFile(out, { sparse: true });
     await sparseAsSource(out, 'downloaded file');
-    splicedSome(conn.peer.stats.splicedBytes - splicedBefore, up.dataBytes, 'client, download');
+    splicedSome(conn[kPeer].stats.splicedBytes - splicedBefore, up.dataBytes, 'client, download');
     const logged = lastDownload(d);
     assert.ok(logged.sendfileBytes >= 1 * MiB && logged.sendfileBytes <= logged.dataBytes, `sendfileBytes ${logged.sendfileBytes} of ${logged.dataBytes}`);
 
@@ -224,7 +226,7 @@ test('small packets: our client says it takes a deep queue and is not paced; vir
 
     await new Promise((r) => setTimeout(r, 50)); // the feature's answer (not awaited by connect)
     assert.equal(conn.sparsevirtDaemon, true, 'sparsevirtd took the deep-queue feature');
-    assert.equal(conn.peer.busyPoll, 0, 'no busy polling with a sparsevirtd (it sends in batches)');
+    assert.equal(conn[kPeer].busyPoll, 0, 'no busy polling with a sparsevirtd (it sends in batches)');
     const vol = await pool.volLookupByName('small.img');
     const out = path.join(dir, 'ours.img');
     const turns = busyPollState().turns;
@@ -309,7 +311,7 @@ test('a frame stalled when its stream dies keeps reading its own file: the fd cl
     serveDownloads(server, (stream) => {
       serverStream = stream;
       aFd = fs.openSync(a, 'r');
-      sending = serverStream.sendFileRange(aFd, 0, 8 * MiB).catch(() => undefined);
+      sending = serverStream.sendFileRange(fileRef(aFd), 0, 8 * MiB).catch(() => undefined);
     });
     // every byte the client gets, frames and all (its Stream drops data that precedes an error)
     const raw: Buffer[] = [];
@@ -366,7 +368,7 @@ test('a client that aborts while a frame of its range is stalled sends nothing m
     wire.attach(s);
     await client.call(P.STORAGE_VOL_UPLOAD, { vol: { pool: 'p', name: 'v', key: '/p/v' }, offset: 0n, length: 0n, flags: SPARSE_STREAM }, { serial });
     const aFd = fs.openSync(a, 'r');
-    const sending = s.sendFileRange(aFd, 0, 8 * MiB).catch(() => undefined);
+    const sending = s.sendFileRange(fileRef(aFd), 0, 8 * MiB).catch(() => undefined);
     const deadline = Date.now() + 5000;
     while (client.stats.directStalls === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
     assert.ok(client.stats.directStalls > 0, 'a frame stalled');

@@ -12,13 +12,14 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { kReadHook, Peer, ReadHook } from '../src/rpc/peer.js';
+import { Peer } from '../src/rpc/peer.js';
+import { ReadHook, setReadHook } from '../src/io/read-hook.js';
 import { buildFrameHead, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Header } from '../src/rpc/message.js';
 import { XdrWriter } from '../src/xdr/index.js';
 import { P } from '../src/protocol/remote.js';
 import { Stream } from '../src/stream/index.js';
-import { writeChunks } from '../src/sparse/index.js';
-import { nativeSyscallsAvailable, setNativeSyscalls } from '../src/sparse/sys.js';
+import { fileRef, writeChunks } from '../src/sparse/index.js';
+import { nativeSyscallsAvailable, setNativeSyscalls } from '../src/io/sys.js';
 import type { Chunk, WrittenRange } from '../src/chunk.js';
 import { allocatedBytes, scratchDir } from './helpers/images.js';
 
@@ -51,7 +52,7 @@ async function rawPair(dir: string): Promise<{ client: Peer; raw: net.Socket; st
   await new Promise<void>((r) => srv.listen(sockPath, r));
   const hook = new ReadHook();
   const sock = net.createConnection({ path: sockPath, onread: hook.onread } as unknown as net.NetConnectOpts);
-  (sock as { [kReadHook]?: ReadHook })[kReadHook] = hook;
+  setReadHook(sock, hook);
   await new Promise<void>((r) => sock.once('connect', () => r()));
   const raw = await accepted;
   // the client's finish (acknowledging EOF) gets the daemon's confirmation
@@ -145,7 +146,7 @@ test('in place: large packets go from the socket into the file by splice, also o
 test('in place: byte reads (recv, the plain iterator) get a written range read back from the file', { skip: !native && 'needs the native syscalls' }, async () => {
   await withRawPair(async ({ raw, stream, dir }) => {
     const fd = fs.openSync(path.join(dir, 'f.img'), 'w+');
-    assert.equal(stream.receiveInto({ fd, base: 0 }), true, 'a Peer stream takes data in place');
+    assert.equal(stream.receiveInto({ file: fileRef(fd), base: 0 }), true, 'a Peer stream takes data in place');
     const a = randomBytes(PACKET);
     const b = randomBytes(PACKET);
     raw.write(dataFrame(a));
@@ -168,7 +169,7 @@ test('in place: a file that refuses the write fails only that packet (its error 
     const file = path.join(dir, 'ro.img');
     fs.writeFileSync(file, '');
     const fd = fs.openSync(file, 'r'); // read-only: splice into it fails (EBADF)
-    assert.equal(stream.receiveInto({ fd, base: 0 }), true);
+    assert.equal(stream.receiveInto({ file: fileRef(fd), base: 0 }), true);
     const a = randomBytes(PACKET);
     const b = randomBytes(PACKET);
     const small = randomBytes(300);
@@ -196,7 +197,7 @@ test('in place: a consumer that stops in the middle of a packet gets that packet
   await withRawPair(async ({ client, raw, stream, dir }) => {
     const file = path.join(dir, 'f.img');
     const fd = fs.openSync(file, 'w+');
-    assert.equal(stream.receiveInto({ fd, base: 0 }), true);
+    assert.equal(stream.receiveInto({ file: fileRef(fd), base: 0 }), true);
     const a = randomBytes(PACKET);
     const b = randomBytes(PACKET);
     raw.write(dataFrame(a));
@@ -222,9 +223,9 @@ test('in place: not on an in-memory pair or a sending stream (receiveInto answer
   const { sender: a, receiver: b } = createStreamPair({ sparse: true });
   const fd = fs.openSync('/dev/null', 'w');
   try {
-    assert.equal(b.receiveInto({ fd, base: 0 }), false, 'the pair has no socket to splice from');
+    assert.equal(b.receiveInto({ file: fileRef(fd), base: 0 }), false, 'the pair has no socket to splice from');
     await a.send(Buffer.from('x'));
-    assert.equal(a.receiveInto({ fd, base: 0 }), false, 'a sending stream');
+    assert.equal(a.receiveInto({ file: fileRef(fd), base: 0 }), false, 'a sending stream');
   } finally {
     fs.closeSync(fd);
     await a.abort();
@@ -235,7 +236,7 @@ test('in place: not on an in-memory pair or a sending stream (receiveInto answer
     try {
       setNativeSyscalls(false);
       const fd2 = fs.openSync(path.join(dir, 'f.img'), 'w');
-      assert.equal(stream.receiveInto({ fd: fd2, base: 0 }), false, 'without the native syscalls');
+      assert.equal(stream.receiveInto({ file: fileRef(fd2), base: 0 }), false, 'without the native syscalls');
       fs.closeSync(fd2);
     } finally {
       setNativeSyscalls(was);
@@ -252,9 +253,9 @@ test('SparseWriter and written ranges: one at the position counts as data writte
     await w.write({ kind: 'data', bytes: Buffer.alloc(1000, 1) });
     // the range is in the file already (as a stream would have put it)
     fs.writeFileSync(file, Buffer.alloc(5000, 2), { flag: 'r+' });
-    await w.write({ kind: 'written', fd: -1, offset: 1000, length: 4000 });
+    await w.write({ kind: 'written', file: fileRef(0), offset: 1000, length: 4000 });
     assert.equal(w.position, 5000);
-    await assert.rejects(w.write({ kind: 'written', fd: -1, offset: 9999, length: 10 }), (e: Error & { code?: string }) => e.code === 'ERR_STREAM_STATE');
+    await assert.rejects(w.write({ kind: 'written', file: fileRef(0), offset: 9999, length: 10 }), (e: Error & { code?: string }) => e.code === 'ERR_STREAM_STATE');
     const result = await w.close();
     assert.deepEqual(result, { dataBytes: 5000, holeBytes: 0 });
     const got = fs.readFileSync(file);
@@ -263,7 +264,7 @@ test('SparseWriter and written ranges: one at the position counts as data writte
 
     const w2 = await SparseWriter.open(path.join(dir, 'w2.img'));
     const cause = Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' });
-    await assert.rejects(w2.write({ kind: 'written', fd: -1, offset: 0, length: 10, error: cause }), (e: Error & { code?: string; cause?: unknown }) => e.code === 'ERR_IO' && /cannot write/.test(e.message));
+    await assert.rejects(w2.write({ kind: 'written', file: fileRef(0), offset: 0, length: 10, error: cause }), (e: Error & { code?: string; cause?: unknown }) => e.code === 'ERR_IO' && /cannot write/.test(e.message));
     await assert.rejects(w2.write({ kind: 'data', bytes: Buffer.alloc(1) }), (e: Error & { code?: string }) => e.code === 'ERR_IO', 'the writer stays failed');
     await w2.abort();
   } finally {

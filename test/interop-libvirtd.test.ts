@@ -9,7 +9,8 @@ import path from 'node:path';
 import { rm } from 'node:fs/promises';
 import { connect, RemoteError, SparsevirtError } from '../src/index.js';
 import { Feature, P } from '../src/protocol/remote.js';
-import { busyPollState } from '../src/rpc/peer.js';
+import { busyPollState } from '../src/io/busy-poll.js';
+import { kPeer } from '../src/client/connection.js';
 import { LIBVIRTD_URI, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, createVolume, requireLibvirt, requireLibvirtListeners, withScratchPool } from './helpers/libvirt.js';
 import { allocatedBytes, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 
@@ -41,13 +42,13 @@ test('a 2.5 GiB image with 1 GiB of data: sparse upload and download through lib
       const conn = await connect(LIBVIRTD_URI);
       try {
         const vol = await (await conn.storagePoolLookupByName(pool.name)).volLookupByName('big.img');
-        const st0 = { ...conn.peer.stats };
+        const st0 = { ...conn[kPeer].stats };
         const up = await vol.uploadFile(src, { sparse: true });
         // tmpfs source: every large packet goes by sendfile, also those that find the socket or
         // Node's queue busy behind libvirtd's slower reads (they wait; none is read into a buffer
         // whole); only each extent's short tail (< 64 KiB) and, while a packet is stalled, the
         // 16 KiB pieces that say the socket has room again are copies
-        const st = conn.peer.stats;
+        const st = conn[kPeer].stats;
         const direct = st.directBytes - st0.directBytes;
         const copied = st.copiedBytes - st0.copiedBytes;
         assert.equal(st.bufferedFrames - st0.bufferedFrames, 0, 'no large packet read into a buffer whole');
@@ -60,11 +61,11 @@ test('a 2.5 GiB image with 1 GiB of data: sparse upload and download through lib
         assert.deepEqual(await extentMap(volPath), srcMap, 'volume extent map = source');
 
         const out = path.join(dir, 'out.img');
-        const spliced0 = conn.peer.stats.splicedBytes;
+        const spliced0 = conn[kPeer].stats.splicedBytes;
         const down = await vol.downloadFile(out, { sparse: true });
         assert.equal(down.dataBytes, dataBytes);
         // from libvirtd too, large packets go into the file in place (socket → pipe → file)
-        const spliced = conn.peer.stats.splicedBytes - spliced0;
+        const spliced = conn[kPeer].stats.splicedBytes - spliced0;
         assert.ok(spliced >= dataBytes / 2 && spliced <= dataBytes, `${spliced} of ${dataBytes} bytes received in place from libvirtd`);
         assert.equal(await sha256File(out), srcHash, 'download content = source');
         assert.deepEqual(await extentMap(out), srcMap, 'download extent map = source');
@@ -95,7 +96,7 @@ test('3,000 small extents from libvirtd: busy polling while its packets come (an
         const conn = await connect(LIBVIRTD_URI, { busyPoll });
         try {
           await new Promise((r) => setTimeout(r, 50)); // the feature's answer (not awaited by connect)
-          assert.equal(conn.peer.busyPoll, busyPoll ?? 1, 'on by default with libvirtd (1 ms)');
+          assert.equal(conn[kPeer].busyPoll, busyPoll ?? 1, 'on by default with libvirtd (1 ms)');
           const vol = await (await conn.storagePoolLookupByName(pool.name)).volLookupByName('small.img');
           if (busyPoll === undefined) {
             await vol.uploadFile(src, { sparse: true });

@@ -15,6 +15,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { connect } from '../src/client/index.js';
+import { kPeer } from '../src/client/connection.js';
 import { SparsevirtError } from '../src/errors.js';
 import { FRAME_MAX, KEEPALIVE_PROGRAM, MessageType, Status, buildFrame } from '../src/rpc/message.js';
 import { FrameParser } from '../src/rpc/parser.js';
@@ -118,15 +119,15 @@ test('a reply with a serial nobody asked for ends the connection, as libvirt\'s 
     assert.ok(err instanceof SparsevirtError && err.code === 'ERR_PROTOCOL', String(err));
     assert.match(err.message, /reply without a pending call/);
     assert.ok(Date.now() - t0 < 500);
-    assert.ok(c1.peer.closed);
+    assert.ok(c1[kPeer].closed);
     // a call given up by its caller: the late reply is dropped, the connection lives on
     wrongSerial = false;
     lateMs = 300;
     const c2 = await connect(uri);
-    const late = await c2.peer.call(P.CONNECT_GET_LIB_VERSION, undefined, { timeout: 100 }).then(() => null, (e: unknown) => e);
+    const late = await c2[kPeer].call(P.CONNECT_GET_LIB_VERSION, undefined, { timeout: 100 }).then(() => null, (e: unknown) => e);
     assert.ok(late instanceof SparsevirtError && late.code === 'ERR_TIMEOUT', String(late));
     await new Promise((r) => setTimeout(r, 400));
-    assert.ok(!c2.peer.closed, 'the late reply did not end the connection');
+    assert.ok(!c2[kPeer].closed, 'the late reply did not end the connection');
     lateMs = 0;
     assert.equal(await c2.getLibVersion(), 9000000);
     await c2.close();

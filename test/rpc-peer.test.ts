@@ -9,8 +9,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { nativeSyscallsAvailable, socketOutq } from '../src/sparse/sys.js';
-import { busyPollState, type Peer } from '../src/rpc/peer.js';
+import { nativeSyscallsAvailable, socketOutq } from '../src/io/sys.js';
+import { busyPollState } from '../src/io/busy-poll.js';
+import type { Peer } from '../src/rpc/peer.js';
+import { fileRef } from '../src/io/file.js';
 import { peerPair, serveDownloads, startDownload } from './helpers/peers.js';
 import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Message } from '../src/rpc/message.js';
 import { encodeRemoteError } from '../src/rpc/structs.js';
@@ -229,7 +231,7 @@ test('keepalive: PINGs are answered; a silent peer is declared dead within inter
     assert.equal(client.closed, false);
     // the server stops reading (like SIGSTOP): the client must give up
     server.socket.pause();
-    (server as unknown as { keepaliveTick: () => void }).keepaliveTick = () => {};
+    server.stopKeepalive();
     const t0 = Date.now();
     const err = await new Promise<Error>((r) => client.once('close', r));
     assert.equal((err as SparsevirtError).code, 'ERR_KEEPALIVE_TIMEOUT');
@@ -391,7 +393,7 @@ test('an upload of small file ranges gets the big send buffer: the kernel holds 
     await client.call(P.STORAGE_VOL_UPLOAD, { vol, offset: 0n, length: 0n, flags: 1 }, { serial });
     // 1,024 ranges of 4 KiB (each read into the output batch, not sent by sendfile), holes between
     for (let i = 0; i < 1024; i++) {
-      void wire.send({ kind: 'file', fd, offset: i * 4096, length: 4096 })?.catch(() => {});
+      void wire.send({ kind: 'file', file: fileRef(fd), offset: i * 4096, length: 4096 })?.catch(() => {});
       void wire.send({ kind: 'hole', length: 8192 })?.catch(() => {});
     }
     await new Promise((r) => setTimeout(r, 100));

@@ -10,7 +10,7 @@ import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import fc from 'fast-check';
 import { fileChunks, readExtents, writeChunks } from '../src/sparse/index.js';
-import * as sys from '../src/sparse/sys.js';
+import * as sys from '../src/io/sys.js';
 import {
   allocatedBytes, emptyDir, layoutArb, layoutSize, makeFilledFile, makeImage, randomBytes, scratchDir, sha256, sha256File,
 } from './helpers/images.js';
@@ -29,7 +29,7 @@ describe('sparse without native syscalls', () => {
   });
 
   it('SPARSEVIRT_NO_KOFFI=1 turns the native bindings off at load', () => {
-    const sysUrl = new URL('../src/sparse/sys.js', import.meta.url).href;
+    const sysUrl = new URL('../src/io/sys.js', import.meta.url).href;
     const probe = `import(${JSON.stringify(sysUrl)}).then((m) => console.log(m.nativeSyscallsAvailable()))`;
     const run = (env: NodeJS.ProcessEnv): string =>
       execFileSync(process.execPath, ['--input-type=module', '-e', probe], { env, cwd: path.dirname(fileURLToPath(import.meta.url)) }).toString().trim();

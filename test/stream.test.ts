@@ -6,7 +6,7 @@ import { getEventListeners } from 'node:events';
 import { describe, test } from 'node:test';
 import type { Chunk } from '../src/chunk.js';
 import { SparsevirtError } from '../src/errors.js';
-import { Stream, type StreamChannel, type StreamOptions, ZERO_CHUNK_SIZE } from '../src/stream/index.js';
+import { kDeliver, kDeliverEnd, kDeliverError, Stream, type StreamChannel, type StreamOptions, ZERO_CHUNK_SIZE } from '../src/stream/index.js';
 import { code, hasSettled } from './helpers/asserts.js';
 
 /** Records every call; writes/finish/abort resolve at once unless a gate is set. */
@@ -232,7 +232,7 @@ describe('sending', { timeout: 30_000 }, () => {
     const gate = deferred();
     ch.writeGate = gate.promise;
     const pending = s.send(Buffer.from('a'));
-    s.deliverEnd();
+    s[kDeliverEnd]();
     await assert.rejects(pending, code('ERR_STREAM_STATE'));
     assert.equal(s.finishedByPeer, true);
     assert.equal(s.state, 'finished');
@@ -247,7 +247,7 @@ describe('sending', { timeout: 30_000 }, () => {
     async function* source(): AsyncGenerator<Chunk> {
       try {
         yield data('a');
-        s.deliverEnd();
+        s[kDeliverEnd]();
         yield data('b');
         yield data('c');
       } finally {
@@ -265,8 +265,8 @@ describe('receiving', { timeout: 30_000 }, () => {
     const { s } = setup();
     const a = Buffer.from('abcdefgh');
     const b = Buffer.from('ij');
-    s.deliver({ kind: 'data', bytes: a });
-    s.deliver({ kind: 'data', bytes: b });
+    s[kDeliver]({ kind: 'data', bytes: a });
+    s[kDeliver]({ kind: 'data', bytes: b });
     const first = await s.recv(3);
     assert.ok(Buffer.isBuffer(first));
     assert.equal(first.toString(), 'abc');
@@ -285,10 +285,10 @@ describe('receiving', { timeout: 30_000 }, () => {
     const { s } = setup();
     const p = s.recv(10);
     assert.equal(await hasSettled(p), false);
-    s.deliver(data('xy'));
+    s[kDeliver](data('xy'));
     assert.equal(String(await p), 'xy');
     const eof = s.recv(10);
-    s.deliverEnd();
+    s[kDeliverEnd]();
     assert.equal(await eof, null);
     assert.equal(await s.recv(10), null);
   });
@@ -300,11 +300,11 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('stopAtHole reports a hole without consuming it; recvHole consumes it (libvirt -3 then RecvHole)', async () => {
     const { s } = setup();
-    s.deliver(data('abcd'));
-    s.deliver(hole(100));
-    s.deliver(hole(50)); // adjacent holes add up, as libvirt's client does
-    s.deliver(data('xyz'));
-    s.deliverEnd();
+    s[kDeliver](data('abcd'));
+    s[kDeliver](hole(100));
+    s[kDeliver](hole(50)); // adjacent holes add up, as libvirt's client does
+    s[kDeliver](data('xyz'));
+    s[kDeliverEnd]();
     assert.equal(await s.recvHole(), 0, 'not at a hole');
     assert.equal(String(await s.recv(10, { stopAtHole: true })), 'abcd');
     assert.deepEqual(await s.recv(10, { stopAtHole: true }), { hole: 150 });
@@ -319,8 +319,8 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('without stopAtHole a hole reads as zeros, consumed progressively', async () => {
     const { s } = setup();
-    s.deliver(hole(150));
-    s.deliver(data('z'));
+    s[kDeliver](hole(150));
+    s[kDeliver](data('z'));
     const parts: number[] = [];
     for (let i = 0; i < 3; i++) {
       const r = await s.recv(64);
@@ -335,7 +335,7 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('recvHole after a partial zero read returns the rest of the hole', async () => {
     const { s } = setup();
-    s.deliver(hole(100));
+    s[kDeliver](hole(100));
     await s.recv(30);
     assert.deepEqual(await s.recv(30, { stopAtHole: true }), { hole: 70 });
     assert.equal(await s.recvHole(), 70);
@@ -344,7 +344,7 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('zeros for a huge hole come in slices of the shared zero buffer', async () => {
     const { s } = setup();
-    s.deliver(hole(10 * ZERO_CHUNK_SIZE));
+    s[kDeliver](hole(10 * ZERO_CHUNK_SIZE));
     const r = await s.recv(Number.MAX_SAFE_INTEGER);
     assert.ok(Buffer.isBuffer(r));
     assert.equal(r.length, ZERO_CHUNK_SIZE);
@@ -360,9 +360,9 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('a hole arriving on a non-sparse stream fails it with ERR_STREAM_NOT_SPARSE and aborts the channel', async () => {
     const { ch, s } = setup({ sparse: false });
-    s.deliver(data('ab'));
+    s[kDeliver](data('ab'));
     const pending = (async () => { await s.recv(2); return s.recv(2); })();
-    s.deliver(hole(10));
+    s[kDeliver](hole(10));
     await assert.rejects(pending, (err: unknown) => {
       code('ERR_STREAM_NOT_SPARSE')(err);
       assert.match((err as Error).message, /hole.*not opened sparse/);
@@ -376,37 +376,37 @@ describe('receiving', { timeout: 30_000 }, () => {
   test('a hole of invalid length is a protocol error; an empty one is nothing', async () => {
     for (const bad of [-5, 1.5, 2 ** 60]) {
       const { s } = setup();
-      s.deliver(hole(bad));
+      s[kDeliver](hole(bad));
       await assert.rejects(s.recv(1), code('ERR_PROTOCOL'));
     }
     const { s } = setup();
-    s.deliver(hole(0));
-    s.deliver(data('x'));
-    s.deliverEnd();
+    s[kDeliver](hole(0));
+    s[kDeliver](data('x'));
+    s[kDeliverEnd]();
     assert.deepEqual(await s.recv(10, { stopAtHole: true }), Buffer.from('x'));
   });
 
   test('data after EOF, or data arriving on a sending stream, is a protocol error', async () => {
     const a = setup();
-    a.s.deliverEnd();
-    a.s.deliver(data('late'));
+    a.s[kDeliverEnd]();
+    a.s[kDeliver](data('late'));
     await assert.rejects(a.s.recv(1), code('ERR_PROTOCOL'));
     const b = setup({ direction: 'send' });
-    b.s.deliver(data('x'));
+    b.s[kDeliver](data('x'));
     assert.equal(b.s.state, 'failed');
     assert.equal(b.ch.count('abort'), 1);
   });
 
   test('deliverError wins over queued data: pending and later calls reject with it', async () => {
     const { s } = setup();
-    s.deliver(data('queued'));
+    s[kDeliver](data('queued'));
     await s.recv(1);
     const remote = new SparsevirtError('VIR_ERR_SYSTEM_ERROR', 'stream had I/O failure');
-    s.deliverError(remote);
+    s[kDeliverError](remote);
     await assert.rejects(s.recv(10), (err) => err === remote);
     const { s: t } = setup();
     const pending = t.recv(10);
-    t.deliverError(remote);
+    t[kDeliverError](remote);
     await assert.rejects(pending, (err) => err === remote);
     assert.equal(t.queuedBytes, 0);
   });
@@ -416,18 +416,18 @@ describe('receiving', { timeout: 30_000 }, () => {
     const first = s.recv(10);
     await assert.rejects(s.recv(10), code('ERR_STREAM_STATE'));
     await assert.rejects(s.recvHole(), code('ERR_STREAM_STATE'));
-    s.deliver(data('a'));
+    s[kDeliver](data('a'));
     assert.equal(String(await first), 'a');
   });
 
   test('the queue pauses the channel above the window and resumes it at half', async () => {
     const { ch, s } = setup({ highWaterMark: 100 });
-    s.deliver({ kind: 'data', bytes: Buffer.alloc(60) });
+    s[kDeliver]({ kind: 'data', bytes: Buffer.alloc(60) });
     assert.equal(ch.count('pause'), 0);
-    s.deliver({ kind: 'data', bytes: Buffer.alloc(60) });
+    s[kDeliver]({ kind: 'data', bytes: Buffer.alloc(60) });
     assert.equal(ch.count('pause'), 1, 'paused once above 100 bytes');
-    s.deliver({ kind: 'data', bytes: Buffer.alloc(60) });
-    s.deliver(hole(1_000_000)); // holes hold no memory
+    s[kDeliver]({ kind: 'data', bytes: Buffer.alloc(60) });
+    s[kDeliver](hole(1_000_000)); // holes hold no memory
     assert.equal(ch.count('pause'), 1, 'not paused twice');
     assert.equal(s.queuedBytes, 180);
     await s.recv(60);
@@ -440,14 +440,14 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('finishing before EOF drops the queue and resumes a paused channel', async () => {
     const { ch, s } = setup({ highWaterMark: 10 });
-    s.deliver({ kind: 'data', bytes: Buffer.alloc(30) });
+    s[kDeliver]({ kind: 'data', bytes: Buffer.alloc(30) });
     assert.equal(ch.count('pause'), 1);
     const confirm = deferred();
     ch.finishResult = () => confirm.promise;
     const fin = s.finish();
     assert.equal(s.queuedBytes, 0);
     assert.deepEqual(ch.log, ['pause', 'resume', 'finish'], 'the channel must drain what the peer still sends');
-    s.deliver(data('late')); // discarded, not an error
+    s[kDeliver](data('late')); // discarded, not an error
     assert.equal(s.queuedBytes, 0);
     confirm.resolve();
     await fin;
@@ -457,7 +457,7 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('finishing before EOF ends a pending recv with null', async () => {
     const { s } = setup();
-    s.deliver(data('a'));
+    s[kDeliver](data('a'));
     const pending = (async () => [await s.recv(5), await s.recv(5)])();
     await new Promise(setImmediate); // the first recv returned, the second waits
     await s.finish();
@@ -468,19 +468,19 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('late packets after an abort are discarded', async () => {
     const { ch, s } = setup();
-    s.deliver(data('a'));
+    s[kDeliver](data('a'));
     await s.abort();
-    s.deliver(data('b'));
-    s.deliver(hole(5));
-    s.deliverEnd();
-    s.deliverError(new Error('late'));
+    s[kDeliver](data('b'));
+    s[kDeliver](hole(5));
+    s[kDeliverEnd]();
+    s[kDeliverError](new Error('late'));
     assert.equal(s.state, 'aborted');
     assert.equal(ch.count('abort'), 1);
   });
 
   test('deliverEnd on a stream with no direction yet is EOF (an empty download)', async () => {
     const { s } = setup();
-    s.deliverEnd();
+    s[kDeliverEnd]();
     assert.equal(s.direction, 'recv');
     assert.equal(await s.recv(1), null);
   });
@@ -488,11 +488,11 @@ describe('receiving', { timeout: 30_000 }, () => {
   test('the iterator yields merged holes and views, acknowledges EOF, and iterates once', async () => {
     const { ch, s } = setup();
     const a = Buffer.from('abcdef');
-    s.deliver({ kind: 'data', bytes: a });
-    s.deliver(hole(3));
-    s.deliver(hole(4));
-    s.deliver(data('xyz'));
-    s.deliverEnd();
+    s[kDeliver]({ kind: 'data', bytes: a });
+    s[kDeliver](hole(3));
+    s[kDeliver](hole(4));
+    s[kDeliver](data('xyz'));
+    s[kDeliverEnd]();
     await s.recv(2); // a partly read head comes out as a view of the rest
     const got: Array<string | number> = [];
     for await (const c of s) got.push(c.kind === 'data' ? c.bytes.toString() : c.length);
@@ -504,8 +504,8 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('breaking out of for-await aborts the stream', async () => {
     const { ch, s } = setup();
-    s.deliver(data('a'));
-    s.deliver(data('b'));
+    s[kDeliver](data('a'));
+    s[kDeliver](data('b'));
     for await (const c of s) {
       assert.equal(c.kind, 'data');
       break;
@@ -518,8 +518,8 @@ describe('receiving', { timeout: 30_000 }, () => {
 
   test('breaking out after the last chunk, with EOF already in, acknowledges instead', async () => {
     const { ch, s } = setup();
-    s.deliver(data('a'));
-    s.deliverEnd();
+    s[kDeliver](data('a'));
+    s[kDeliverEnd]();
     for await (const c of s) {
       assert.equal(c.kind, 'data');
       break;
@@ -531,12 +531,12 @@ describe('receiving', { timeout: 30_000 }, () => {
   test('a failure while iterating is thrown from the loop', async () => {
     const { s } = setup();
     const boom = new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed');
-    s.deliver(data('a'));
+    s[kDeliver](data('a'));
     const seen: string[] = [];
     await assert.rejects((async () => {
       for await (const c of s) {
         seen.push(c.kind);
-        s.deliverError(boom);
+        s[kDeliverError](boom);
       }
     })(), (err) => err === boom);
     assert.deepEqual(seen, ['data']);
@@ -617,7 +617,7 @@ describe('abort and AbortSignal', { timeout: 30_000 }, () => {
     assert.equal(getEventListeners(ac.signal, 'abort').length, 2);
     await a.s.finish();
     assert.equal(getEventListeners(ac.signal, 'abort').length, 1);
-    b.s.deliverError(new Error('gone'));
+    b.s[kDeliverError](new Error('gone'));
     assert.equal(getEventListeners(ac.signal, 'abort').length, 0);
     ac.abort();
     assert.equal(a.s.state, 'finished');

@@ -10,6 +10,7 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { connect, SparsevirtError } from '../src/index.js';
+import { kPeer } from '../src/client/connection.js';
 import { parseUri } from '../src/transport/uri.js';
 import { shellQuote, sshCommand } from '../src/transport/ssh.js';
 import { requireLibvirt, virsh, createVolume, withScratchPool } from './helpers/libvirt.js';
@@ -284,7 +285,7 @@ test('over ssh: an abort signal after connect leaves the connection alone; a con
       const s = await (await (await c2.storagePoolLookupByName(pool.name)).volLookupByName('big.img')).download({ sparse: true });
       for await (const chunk of s) {
         assert.equal(chunk.kind, 'data');
-        c2.peer.destroy(new Error('cut'));
+        c2[kPeer].destroy(new Error('cut'));
         break;
       }
       assert.deepEqual(await gone(`-i ${KEY}`, 5000), [], 'ssh ended with the connection');

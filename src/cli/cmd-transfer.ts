@@ -179,7 +179,7 @@ const volUpload: Handler = async (ctl, cmd) => {
     try {
       for await (const item of metered(source, meter, !stream.sparse)) {
         if (isBatch(item)) await stream.sendBatch(item);
-        else if (item.kind === 'file') await stream.sendFileRange(item.fd, item.offset, item.length);
+        else if (item.kind === 'file') await stream.sendFileRange(item.file, item.offset, item.length);
         else await stream.sendChunk(item);
       }
     } catch (err) {
@@ -249,7 +249,7 @@ const volDownload: Handler = async (ctl, cmd) => {
         const { writeChunks } = await import('../sparse/index.js');
         // The file is empty (created or truncated): holes are simply skipped; a trailing one
         // sets the size, as virsh's lseek + ftruncate. Large packets go into it in place.
-        const { releaseFramePayloads } = await import('../rpc/peer.js');
+        const { releaseFramePayloads } = await import('../io/pools.js');
         const chunks = metered(stream.batchesInPlace(), meter, false);
         await writeChunks({ fd: fh.fd }, chunks, { signal, release: releaseFramePayloads, receiveInto: (t) => stream.receiveInto(t) });
       } else {

@@ -25,9 +25,9 @@ export interface ConnectOptions {
   /**
    * While a stream from libvirtd is open, keep the event loop polling for this many ms after each
    * read instead of sleeping (default 1, at most 100; 0 disables). It keeps one CPU busy for the
-   * length of a download, which virsh's client happens to do by its own work, and made 100,000
-   * small extents come 2.6x faster (see `keepPolling` in rpc/peer.ts). Ignored with a
-   * sparsevirtd, which sends in batches: there it would only burn the CPU.
+   * length of a download, which virsh's client happens to do by its own work, and small extents
+   * come several times faster (see io/busy-poll.ts). Ignored with a sparsevirtd, which sends in
+   * batches: there it would only burn the CPU.
    */
   busyPoll?: number;
 }
@@ -35,10 +35,13 @@ export interface ConnectOptions {
 const BUSY_POLL_MS = 1;
 const BUSY_POLL_MAX = 100;
 
+/** @internal The connection's `Peer`, for the package's own modules (and its tests). */
+export const kPeer = Symbol('sparsevirt.peer');
+
 export class Connection {
   readonly uri: ParsedUri;
-  readonly peer: Peer;
   readonly readonly: boolean;
+  readonly #peer: Peer;
 
   /**
    * The daemon took `Feature.SPARSEVIRT_DEEP_QUEUE` (it is sparsevirtd); false until its answer
@@ -48,8 +51,18 @@ export class Connection {
 
   private constructor(uri: ParsedUri, peer: Peer, readonly: boolean) {
     this.uri = uri;
-    this.peer = peer;
+    this.#peer = peer;
     this.readonly = readonly;
+  }
+
+  /** @internal */
+  get [kPeer](): Peer {
+    return this.#peer;
+  }
+
+  /** The connection is closed (by `close()`, the server, or a failure). */
+  get closed(): boolean {
+    return this.#peer.closed;
   }
 
   /** @internal */
@@ -80,18 +93,18 @@ export class Connection {
     // A server that accepts but never answers must not hang connect(): every handshake call is
     // bounded (keepalive only starts once the server agreed to it).
     const o = { signal: opts.signal, timeout: opts.timeout ?? 30000 };
-    const { types } = await this.peer.call(P.AUTH_LIST, undefined, o);
+    const { types } = await this.#peer.call(P.AUTH_LIST, undefined, o);
     if (types.length > 0 && !types.includes(AuthType.NONE)) {
       throw new SparsevirtError('ERR_UNSUPPORTED', `the server requires authentication (${types.map((t) => ['none', 'sasl', 'polkit'][t] ?? t).join(', ')}), which sparsevirt does not implement`);
     }
-    const ka = await this.peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.PROGRAM_KEEPALIVE }, o);
-    await this.peer.call(P.CONNECT_OPEN, { name: this.uri.name, flags: opts.readonly ? CONNECT_RO : 0 }, o);
-    if (ka.supported === 1) this.peer.startKeepalive();
+    const ka = await this.#peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.PROGRAM_KEEPALIVE }, o);
+    await this.#peer.call(P.CONNECT_OPEN, { name: this.uri.name, flags: opts.readonly ? CONNECT_RO : 0 }, o);
+    if (ka.supported === 1) this.#peer.startKeepalive();
     // Not awaited: the answer changes nothing here, and the daemon reads it before any later call.
-    this.peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.SPARSEVIRT_DEEP_QUEUE }, o).then(
+    this.#peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.SPARSEVIRT_DEEP_QUEUE }, o).then(
       (r) => {
         this.sparsevirtDaemon = r.supported === 1;
-        if (this.sparsevirtDaemon) this.peer.busyPoll = 0;
+        if (this.sparsevirtDaemon) this.#peer.busyPoll = 0;
       },
       () => {},
     );
@@ -99,17 +112,17 @@ export class Connection {
 
   /** Call a procedure; RemoteErrors keep libvirt's code, domain and message. */
   call<A, R>(proc: Procedure<A, R>, args: A, signal?: AbortSignal): Promise<R> {
-    return this.peer.call(proc, args, { signal });
+    return this.#peer.call(proc, args, { signal });
   }
 
   async close(): Promise<void> {
-    if (this.peer.closed) return;
+    if (this.#peer.closed) return;
     try {
-      await this.peer.call(P.CONNECT_CLOSE, undefined, { timeout: 5000 });
+      await this.#peer.call(P.CONNECT_CLOSE, undefined, { timeout: 5000 });
     } catch {
       // closing anyway
     }
-    this.peer.close();
+    this.#peer.close();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -2,10 +2,10 @@
 import { chunkLength, tapChunks, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
 import { checkByteCount, SparsevirtError } from '../errors.js';
 import { P, SPARSE_STREAM, type PoolRef, type VolRef } from '../protocol/remote.js';
-import { releaseFramePayloads } from '../rpc/peer.js';
+import { releaseFramePayloads } from '../io/pools.js';
 import { fileSendBatches, writeChunks } from '../sparse/index.js';
 import { Stream } from '../stream/index.js';
-import { escapeXml, isUnsupportedFlags, uuidToString, type Connection } from './connection.js';
+import { escapeXml, isUnsupportedFlags, kPeer, uuidToString, type Connection } from './connection.js';
 
 export interface PoolInfo {
   state: number;
@@ -170,7 +170,7 @@ export class StorageVol {
     const offset = checkByteCount('offset', opts.offset ?? 0);
     const length = checkByteCount('length', opts.length ?? 0);
     const sparse = !!opts.sparse;
-    const peer = this.conn.peer;
+    const peer = this.conn[kPeer];
     const serial = peer.nextSerial();
     const wire = peer.openStream(proc.num, serial, { sparse, sending });
     const stream = new Stream(wire, { sparse, direction: sending ? 'send' : 'recv', signal: opts.signal, highWaterMark: opts.highWaterMark });

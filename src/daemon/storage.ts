@@ -17,7 +17,7 @@ import path from 'node:path';
 import type { RemoteError } from '../errors.js';
 import { ListPoolsFlags, PoolState, VolResizeFlags, VolType, WipeAlgorithm } from '../protocol/remote.js';
 import { writeChunks } from '../sparse/index.js';
-import * as sys from '../sparse/sys.js';
+import * as sys from '../io/sys.js';
 import { CODE, checkFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';

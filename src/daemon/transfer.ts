@@ -17,10 +17,11 @@
 import type { FileHandle } from 'node:fs/promises';
 import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
-import { bufferStats, releaseFramePayloads, type WireStream } from '../rpc/peer.js';
+import { bufferStats, releaseFramePayloads } from '../io/pools.js';
+import { releaseFreeMemory } from '../io/sys.js';
+import type { WireStream } from '../rpc/peer.js';
 import { fileSendBatches, writeChunks } from '../sparse/index.js';
-import { releaseFreeMemory } from '../sparse/sys.js';
-import { Stream } from '../stream/index.js';
+import { Stream, type ReceiveTarget } from '../stream/index.js';
 import { CODE, DOMAIN, streamNoSpace, systemError, virError } from './errors.js';
 import type { Logger } from './log.js';
 import type { Volume } from './storage.js';
@@ -99,8 +100,6 @@ export class Transfer {
   holeBytes = 0;
   private pacer: Pacer | null = null;
   private readonly batchesAtStart: number;
-  /** The connection's sendfile (download) or splice (upload) counter when this transfer started (see the log line). */
-  private readonly counterAtStart: number;
 
   constructor(readonly spec: TransferSpec) {
     this.stream = new Stream(spec.wire, {
@@ -109,7 +108,6 @@ export class Transfer {
       highWaterMark: UPLOAD_WINDOW,
     });
     spec.wire.attach(this.stream);
-    this.counterAtStart = spec.kind === 'download' ? spec.wire.peer.stats.directBytes : spec.wire.peer.stats.splicedBytes;
     this.batchesAtStart = bufferStats.outputBatches;
   }
 
@@ -133,10 +131,10 @@ export class Transfer {
     spec.log.info(`${spec.kind} ${outcome}`, {
       pool: spec.vol.pool.name, vol: spec.vol.name, sparse: spec.sparse, offset: spec.offset, length: spec.length,
       dataBytes: this.dataBytes, holeBytes: this.holeBytes,
-      // bytes the kernel passed from the file to the socket (sendfile): one stream at a time, these are its own
-      ...(spec.kind === 'download' ? { sendfileBytes: spec.wire.peer.stats.directBytes - this.counterAtStart } : {}),
+      // bytes the kernel passed from the file to the socket (sendfile)
+      ...(spec.kind === 'download' ? { sendfileBytes: spec.wire.stats.sendfileBytes } : {}),
       // bytes that went from the socket into the volume by splice, never through a buffer (uploads)
-      ...(spec.kind === 'upload' ? { splicedBytes: spec.wire.peer.stats.splicedBytes - this.counterAtStart } : {}),
+      ...(spec.kind === 'upload' ? { splicedBytes: spec.wire.stats.splicedBytes } : {}),
       // times a download of small packets waited for a client without a deep queue (see Pacer)
       ...(this.pacer !== null ? { pacedWaits: this.pacer.waits } : {}),
       // output batch buffers the process had to allocate meanwhile (the rest came from its pool)
@@ -157,7 +155,6 @@ export class Transfer {
 
   /** Report `err` to the client as STREAM/ERROR (libvirt's fields as they are), then drop the stream. */
   private fail(err: RemoteError): Promise<void> {
-    void this.spec.wire.abort(err);
     return this.stream.abort(err);
   }
 
@@ -166,7 +163,7 @@ export class Transfer {
     const batches = fileSendBatches({ fd: spec.fh.fd }, {
       offset: spec.offset, length: spec.length ?? undefined, sparse: spec.sparse,
     });
-    const pacer = spec.wire.peer.deepQueue ? null : new Pacer();
+    const pacer = spec.wire.deepQueue ? null : new Pacer();
     this.pacer = pacer;
     try {
       for await (const batch of batches) {
@@ -180,7 +177,7 @@ export class Transfer {
         }
         for (const chunk of batch) {
           if (chunk.kind === 'hole' || chunkLength(chunk) <= PACED_DATA_MAX) await pacer.next();
-          if (chunk.kind === 'file') await stream.sendFileRange(chunk.fd, chunk.offset, chunk.length);
+          if (chunk.kind === 'file') await stream.sendFileRange(chunk.file, chunk.offset, chunk.length);
           else await stream.sendChunk(chunk);
         }
       }
@@ -207,7 +204,7 @@ export class Transfer {
     try {
       // large packets go into the volume in place, up to where the upload's limits stop them
       const limit = Math.min(spec.offset + (spec.length ?? Number.MAX_SAFE_INTEGER), spec.capacity ?? Number.MAX_SAFE_INTEGER);
-      const receiveInto = (t: { fd: number; base: number } | null): boolean => stream.receiveInto(t && { ...t, limit });
+      const receiveInto = (t: ReceiveTarget | null): boolean => stream.receiveInto(t && { ...t, limit });
       await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset, release: releaseFramePayloads, receiveInto });
     } catch (err) {
       if (stream.state !== 'open') return this.endedByPeer(err);

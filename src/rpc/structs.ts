@@ -1,5 +1,5 @@
-/** The RPC framework's own payload structs: the error record and the stream hole. */
-import { RemoteError, type RemoteErrorFields } from '../errors.js';
+/** The RPC framework's own payload structs, the error record and the stream hole, and the record a local error becomes. */
+import { RemoteError, remoteErrorFields, VIR_DOMAIN, VIR_ERR_CODE, type RemoteErrorFields, type SparsevirtError } from '../errors.js';
 import { fixedOpaque, int, optional, string, struct, uint, hyper, type Codec, XdrReader, XdrWriter } from '../xdr/index.js';
 
 export const STRING_MAX = 4194304;
@@ -49,3 +49,24 @@ export function encodeRemoteError(fields: RemoteErrorFields): Buffer {
 
 /** `virNetStreamHole`: hyper length; unsigned int flags. */
 export const streamHoleCodec = struct({ length: hyper, flags: uint });
+
+const EIO = 5;
+
+/**
+ * The libvirt error record for a local error sent to the peer on a stream: a remote error as it
+ * came; a system error as VIR_ERR_SYSTEM_ERROR with its errno; anything else as VIR_ERR_RPC.
+ */
+export function toRemoteFields(err: Error): RemoteErrorFields {
+  // a stream aborted because of a local failure carries that failure as its cause: report the cause.
+  while ((err as SparsevirtError).code === 'ERR_ABORTED' && (err as { cause?: unknown }).cause instanceof Error) {
+    err = (err as { cause: Error }).cause;
+  }
+  if (err instanceof RemoteError) return err.toFields();
+  const cause = (err as { cause?: { errno?: number; code?: string } }).cause;
+  // a system error carries its errno (Node's fs errors as a negative number); one of our own
+  // I/O errors without one (a file that shrank under a read) is reported as EIO
+  const errno = typeof cause?.errno === 'number' ? Math.abs(cause.errno)
+    : (cause as { code?: string } | undefined)?.code === 'ERR_IO' ? EIO : -1;
+  if (errno > 0) return remoteErrorFields(VIR_ERR_CODE.SYSTEM_ERROR, VIR_DOMAIN.STREAMS, err.message, { int1: errno });
+  return remoteErrorFields(VIR_ERR_CODE.RPC, VIR_DOMAIN.STREAMS, err.message);
+}

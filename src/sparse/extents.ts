@@ -5,7 +5,7 @@
  */
 import { SparsevirtError } from '../errors.js';
 import { ioError } from './file.js';
-import * as sys from './sys.js';
+import * as sys from '../io/sys.js';
 
 export interface Extent {
   offset: number;

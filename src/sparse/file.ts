@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs';
 import { SparsevirtError } from '../errors.js';
-import * as sys from './sys.js';
+import * as sys from '../io/sys.js';
 
 /** A file by path (opened and closed here) or an fd the caller owns (never closed here). */
 export type FileTarget = string | { fd: number };

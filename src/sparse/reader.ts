@@ -6,7 +6,8 @@
 import fs from 'node:fs';
 import { LEGACY_PAYLOAD_MAX, chunkLength, type Chunk, type FileRange } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
-import * as sys from './sys.js';
+import { fileRef } from '../io/file.js';
+import * as sys from '../io/sys.js';
 import { ExtentWalker, zeroDetection, type Extent, type ZeroDetection } from './extents.js';
 import { abortError, certainlyAllHole, ioError, openFile, readFully, zeroes, type FileTarget, type OpenFile } from './file.js';
 
@@ -217,6 +218,7 @@ export class ChunkReader implements AsyncIterable<Chunk> {
     // what the page cache holds elsewhere, until the filesystem says it cannot tell.
     let inline: 'memory' | 'cached' | 'none' = isBlockDevice ? 'cached' : sys.isMemoryBacked(fd) ? 'memory' : 'cached';
     const ranges = this.#fileRanges && inline === 'memory' && !zd;
+    const file = ranges ? fileRef(fd) : null;
     const readInline = (buf: Buffer, at: number): number => {
       if (inline === 'memory') {
         try {
@@ -247,7 +249,7 @@ export class ChunkReader implements AsyncIterable<Chunk> {
         const stop = zd ? (Math.floor(extentPos / readUnit) + 1) * readUnit : extentPos + readUnit;
         const length = Math.min(stop, extentEnd) - extentPos;
         if (ranges) {
-          queue.push({ kind: 'file', fd, offset: extentPos, length });
+          queue.push({ kind: 'file', file: file!, offset: extentPos, length });
           extentPos += length;
           queuedReads++; // (bounds how far the extent walk runs ahead; no bytes are held)
           continue;

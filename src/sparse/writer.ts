@@ -4,10 +4,11 @@
  * and sets the final size.
  */
 import fs from 'node:fs';
-import { chunkLength, isBatch, type Chunk, type WrittenRange } from '../chunk.js';
+import { chunkLength, isBatch, type Chunk, type FileRef, type WrittenRange } from '../chunk.js';
 import { SparsevirtError, checkByteCount } from '../errors.js';
 import { DEVICE_ALIGN, abortError, certainlyAllHole, ioError, openFile, zeroes, type FileTarget, type OpenFile } from './file.js';
-import * as sys from './sys.js';
+import { fileRef } from '../io/file.js';
+import * as sys from '../io/sys.js';
 
 export interface SparseWriterOptions {
   /** Where the first chunk lands (default 0). */
@@ -36,7 +37,7 @@ export interface SparseWriterOptions {
    * called with null before the file is closed. (Not at once: an all-hole or small transfer
    * does not pay for loading the native syscalls, ~10 ms.)
    */
-  receiveInto?: (target: { fd: number; base: number } | null) => unknown;
+  receiveInto?: (target: { file: FileRef; base: number } | null) => unknown;
 }
 
 export interface WriteResult {
@@ -288,8 +289,8 @@ export class SparseWriter {
    * Small writes are done inline: into the page cache they are a memcpy, and a round trip
    * through libuv's thread pool costs several times more (100,000 extents of 4 KiB: 1.1 s of
    * submissions alone). Large writes go to the pool, several at once, so that the event loop
-   * keeps reading the socket meanwhile (inline 256 KiB writes left the sender waiting: a 2 GiB
-   * download took 1.4 s instead of 1.1 s). Ranges never overlap: the two paths need no ordering.
+   * keeps reading the socket meanwhile (inline 256 KiB writes leave the sender waiting). Ranges
+   * never overlap: the two paths need no ordering.
    */
   #startWrite(buffers: Buffer[], bytes: number, at: number, release?: (buffers: Buffer[]) => void): Promise<void> | null {
     if (this.#failure) throw this.#failure;
@@ -443,7 +444,7 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
     arm = undefined;
     if (f && sys.isMemoryBacked(writer.file.fd)) {
       inPlace = f;
-      f({ fd: writer.file.fd, base });
+      f({ file: fileRef(writer.file.fd), base });
     }
   };
   const stopInPlace = (): void => {

@@ -1,9 +1,12 @@
 /**
  * `sparsevirt/stream`: libvirt's stream API (virStreamSend/Recv/SendHole/RecvHole/Finish/
  * Abort and the *All helpers) over a `StreamChannel`, plus async-iterator and Node
- * Readable/Writable adapters and an in-memory stream pair.
+ * Readable/Writable adapters and an in-memory stream pair. A channel of one's own calls the
+ * stream's inbound side through the `k…` symbols.
  */
-export type { StreamChannel, StreamInbound } from './channel.js';
+export {
+  kDeliver, kDeliverEnd, kDeliverError, kDirectTarget, type StreamChannel, type StreamInbound, type DirectTarget,
+} from '../channel.js';
 export {
   Stream,
   DEFAULT_HIGH_WATER_MARK,

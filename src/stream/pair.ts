@@ -1,6 +1,6 @@
+import { kDeliver, kDeliverEnd, kDeliverError, type StreamChannel } from '../channel.js';
 import type { Chunk } from '../chunk.js';
 import { SparsevirtError } from '../errors.js';
-import type { StreamChannel } from './channel.js';
 import { Stream } from './stream.js';
 
 export interface StreamPairOptions {
@@ -42,7 +42,7 @@ class PairLink {
 
   senderWrite(chunk: Chunk): Promise<void> {
     if (this.closed) return RESOLVED; // the sender's stream was already told why
-    this.receiver.deliver(chunk);
+    this.receiver[kDeliver](chunk);
     if (!this.receiverPaused) return RESOLVED;
     return new Promise<void>((resolve) => {
       this.resumeWriter = resolve;
@@ -56,14 +56,14 @@ class PairLink {
       this.ackResolve = resolve;
       this.ackReject = reject;
     });
-    this.receiver.deliverEnd();
+    this.receiver[kDeliverEnd]();
     return ack;
   }
 
   senderAbort(reason: Error): Promise<void> {
     if (this.closed) return RESOLVED;
     this.close();
-    this.receiver.deliverError(new SparsevirtError('ERR_ABORTED', 'the sending side aborted the stream', { cause: reason }));
+    this.receiver[kDeliverError](new SparsevirtError('ERR_ABORTED', 'the sending side aborted the stream', { cause: reason }));
     return RESOLVED;
   }
 
@@ -77,7 +77,7 @@ class PairLink {
       this.ackResolve = this.ackReject = undefined;
       resolve?.(); // the acknowledgement the sender's finish waits for
     } else {
-      this.sender.deliverEnd(); // finished early: the sender stops
+      this.sender[kDeliverEnd](); // finished early: the sender stops
     }
     return RESOLVED;
   }
@@ -86,7 +86,7 @@ class PairLink {
     if (this.closed) return RESOLVED;
     this.close();
     const err = new SparsevirtError('ERR_ABORTED', 'the receiving side aborted the stream', { cause: reason });
-    this.sender?.deliverError(err); // undefined only while createStreamPair() runs
+    this.sender?.[kDeliverError](err); // undefined only while createStreamPair() runs
     const reject = this.ackReject;
     this.ackResolve = this.ackReject = undefined;
     reject?.(err);

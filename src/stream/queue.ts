@@ -96,7 +96,7 @@ export class ChunkQueue {
     if (c.kind === 'written') {
       if (c.error) throw c.error;
       const n = Math.min(c.length - start, max, ZERO_CHUNK_SIZE);
-      const bytes = readFileRange({ kind: 'written', fd: c.fd, offset: c.offset + start, length: n });
+      const bytes = readFileRange({ kind: 'written', file: c.file, offset: c.offset + start, length: n });
       if (start + n === c.length) this.advance();
       else this.offset = start + n;
       return bytes;

@@ -1,9 +1,9 @@
-import diagnostics_channel from 'node:diagnostics_channel';
 import type { Readable, Writable } from 'node:stream';
-import { type Chunk, type FileRange, type WrittenRange, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength, isBatch, readFileRange } from '../chunk.js';
+import { kDeliver, kDeliverEnd, kDeliverError, kDirectTarget, type DirectTarget, type StreamChannel, type StreamInbound } from '../channel.js';
+import { type Chunk, type FileRange, type FileRef, type WrittenRange, LEGACY_PAYLOAD_MAX, MAX_SAFE_BYTES, chunkLength, isBatch, readFileRange } from '../chunk.js';
+import { streamCloseChannel } from '../diagnostics.js';
 import { SparsevirtError } from '../errors.js';
 import { type ReadableOptions, type WritableOptions, streamToReadable, streamToWritable } from './adapters.js';
-import type { DirectTarget, StreamChannel, StreamInbound } from './channel.js';
 import { ChunkQueue } from './queue.js';
 import { ZERO_CHUNK_SIZE, zeroBytes } from './zeros.js';
 
@@ -39,7 +39,7 @@ import { ZERO_CHUNK_SIZE, zeroBytes } from './zeros.js';
  *   call was pending; `cause` is the abort reason.
  * - ERR_STREAM_NOT_SPARSE: a hole on a stream that was not opened sparse.
  * - ERR_INVALID_ARG, ERR_PROTOCOL, and whatever the channel reports (e.g. a RemoteError).
- * After a failure reported by the channel (`deliverError`, a rejected write or finish) every
+ * After a failure reported by the channel (`[kDeliverError]`, a rejected write or finish) every
  * later call rejects with that same error, as libvirt reports a dead stream's error on the
  * next call.
  *
@@ -49,18 +49,19 @@ import { ZERO_CHUNK_SIZE, zeroBytes } from './zeros.js';
  * Unlike libvirt's virStream*All, which leave virStreamFinish to the caller, the helpers here
  * finish the stream themselves on success (and abort it on failure).
  *
- * For channel implementers (the rpc Peer):
- * - `deliverEnd()` on a receiving stream is EOF (download: the empty CONTINUE; upload server:
- *   the client's STREAM/OK). On a sending stream it means the receiver finished early; the
- *   receiver's acknowledgement of our own finish must resolve `finish()` instead.
+ * For channel implementers (the rpc layer's `WireStream`, the in-memory pair), who call the
+ * stream's `StreamInbound` side through the symbols of `channel.ts`:
+ * - `[kDeliverEnd]()` on a receiving stream is EOF (download: the empty CONTINUE; upload
+ *   server: the client's STREAM/OK). On a sending stream it means the receiver finished early;
+ *   the receiver's acknowledgement of our own finish must resolve `finish()` instead.
  * - Deliveries after the stream finished, aborted or failed are dropped silently, so the
  *   channel need not filter what the peer had queued before it saw our finish/abort.
  * - When the stream stops reading (finish early, abort, failure) a paused channel is resumed:
  *   it must keep draining the socket until the peer confirms.
- * - After `deliverError` or a rejected write/finish the stream never calls the channel again
+ * - After `[kDeliverError]` or a rejected write/finish the stream never calls the channel again
  *   (libvirt: no finish/abort after the server reported an error). Protocol violations the
  *   stream detects itself (a hole on a non-sparse stream, a bad hole length, data after EOF)
- *   fail it like `deliverError` and call `channel.abort(err)` so the peer stops.
+ *   fail it like `[kDeliverError]` and call `channel.abort(err)` so the peer stops.
  */
 
 export type StreamDirection = 'send' | 'recv';
@@ -116,8 +117,8 @@ export type HoleSkip = (length: number) => Promise<void>;
 
 /** Where a receiving stream may write large data packets itself (`Stream.receiveInto`). */
 export interface ReceiveTarget {
-  /** The consumer's file (in memory: tmpfs, ramfs); the channel writes through a duplicate of it. */
-  fd: number;
+  /** The consumer's file (in memory: tmpfs, ramfs; see `fileRef`); the channel writes through a duplicate of it. */
+  file: FileRef;
   /** The file offset of stream position 0. */
   base: number;
   /** No packet is written in place past this file offset (default: none). */
@@ -127,7 +128,7 @@ export interface ReceiveTarget {
 export const DEFAULT_HIGH_WATER_MARK = 2 * 1024 * 1024;
 
 /** Published when a stream reaches a final state: `{ stream, state, error }`. */
-export const streamCloseChannel = diagnostics_channel.channel('sparsevirt:stream:close');
+export { streamCloseChannel };
 
 const DONE: IteratorReturnResult<undefined> = Object.freeze({ done: true, value: undefined });
 
@@ -152,9 +153,14 @@ function isChunk(v: unknown): v is Chunk {
   return (c.kind === 'data' && Buffer.isBuffer(c.bytes)) || (c.kind === 'hole' && typeof c.length === 'number');
 }
 
-/** A non-negative integer below 2^53 (an fd, an offset or a length). */
+/** A non-negative integer below 2^53 (an offset or a length). */
 function isByteCount(v: number): boolean {
   return Number.isSafeInteger(v) && v >= 0;
+}
+
+/** A file handle from the floor below (`fileRef`): what a file range's bytes are read through. */
+function isFileRef(v: unknown): v is FileRef {
+  return typeof v === 'object' && v !== null && typeof (v as FileRef).readInto === 'function';
 }
 
 /** What the iterator yields: chunks (ranges written in place read back), chunks and ranges, or arrays of those. */
@@ -196,7 +202,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   private iterated = false;
   private iterDone = false;
   /** Where large incoming packets go in place (`receiveInto`). */
-  private direct: { fd: number; base: number; limit: number } | null = null;
+  private direct: { file: FileRef; base: number; limit: number } | null = null;
 
   // --- the one outstanding channel call (write/finish) and the one waiting reader.
   // Settled through fields and methods bound once, so the hot path allocates no closures;
@@ -418,7 +424,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
    * `recvChunk()` and `chunksInPlace()`; byte reads (`recv`, the plain iterator) read them back.
    *
    * The file must live in memory (tmpfs, ramfs): the writes happen on the event loop. Pass
-   * `null` before closing the file, to stop. Ranges name `fd`: reading them back needs it open
+   * `null` before closing the file, to stop. Ranges name `file`: reading them back needs it open
    * for reading. Returns whether the channel will do it (not on an in-memory pair, a stream that
    * is not receiving, or without the native syscalls).
    */
@@ -432,9 +438,10 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     if (!Number.isSafeInteger(target.base) || target.base < 0 || !Number.isSafeInteger(limit)) {
       throw new SparsevirtError('ERR_INVALID_ARG', 'receiveInto(): base and limit must be byte offsets');
     }
-    if (!this.channel.receiveDirect(target.fd)) return false;
+    if (!isFileRef(target.file)) throw new SparsevirtError('ERR_INVALID_ARG', 'receiveInto(): file must be a file reference (fileRef)');
+    if (!this.channel.receiveDirect(target.file)) return false;
     this.dir = 'recv';
-    this.direct = { fd: target.fd, base: target.base, limit };
+    this.direct = { file: target.file, base: target.base, limit };
     return true;
   }
 
@@ -444,13 +451,13 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     this.channel.receiveDirect?.(null);
   }
 
-  /** @internal StreamInbound: where a data packet of `length` bytes arriving now goes. */
-  directTarget(length: number): DirectTarget | null {
+  /** StreamInbound: where a data packet of `length` bytes arriving now goes. */
+  [kDirectTarget](length: number): DirectTarget | null {
     const d = this.direct;
     if (d === null || this.st !== 'open' || this.ended) return null;
     const offset = d.base + this.delivered;
     if (offset + length > d.limit) return null;
-    return { fd: d.fd, offset, key: d };
+    return { file: d.file, offset, key: d };
   }
 
   /**
@@ -624,7 +631,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     try {
       for await (const chunk of source) {
         if (isBatch(chunk)) await this.sendBatch(chunk);
-        else if (chunk.kind === 'file') await this.sendFileRange(chunk.fd, chunk.offset, chunk.length);
+        else if (chunk.kind === 'file') await this.sendFileRange(chunk.file, chunk.offset, chunk.length);
         else await this.sendChunk(chunk);
       }
       await this.finish();
@@ -704,7 +711,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
 
   // ------------------------------------------------------------------ StreamInbound (the channel calls these)
 
-  deliver(chunk: Chunk | WrittenRange): void {
+  [kDeliver](chunk: Chunk | WrittenRange): void {
     // Late packets after finish/abort/failure are dropped: the peer may have queued some
     // before it saw our finish or abort (libvirt: "must be discarded until the STREAM/OK").
     if (this.st !== 'open') return;
@@ -719,7 +726,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     this.dir = 'recv';
     if (chunk.kind === 'data') {
       const n = chunk.bytes.length;
-      if (n === 0) return; // nothing to queue; EOF is deliverEnd(), never an empty chunk
+      if (n === 0) return; // nothing to queue; EOF is [kDeliverEnd](), never an empty chunk
       this.delivered += n;
       this.queue.push(chunk);
       if (!this.paused && this.queue.bytes > this.highWaterMark) {
@@ -752,7 +759,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     this.wakeReader();
   }
 
-  deliverEnd(): void {
+  [kDeliverEnd](): void {
     if (this.dir === 'send') {
       if (this.st !== 'open' && this.st !== 'finishing') return;
       // On a sending stream the peer's "end" can only mean it finished before our end of data
@@ -775,7 +782,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     this.wakeReader();
   }
 
-  deliverError(err: Error): void {
+  [kDeliverError](err: Error): void {
     if (this.st === 'finished' || this.st === 'aborted' || this.st === 'failed') return;
     this.terminate('failed', toError(err));
   }
@@ -800,15 +807,16 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
   }
 
   /**
-   * Send `length` bytes of the file `fd` (in memory: tmpfs, ramfs) at `offset` as data: the
-   * same as `sendChunk` with those bytes, but a socket channel hands the file's pages to the
+   * Send `length` bytes of `file` (in memory: tmpfs, ramfs; see `fileRef`) at `offset` as data:
+   * the same as `sendChunk` with those bytes, but a socket channel hands the file's pages to the
    * kernel (sendfile) rather than reading them here. When it resolves the range is handed over
-   * (the fd may be closed), but pages passed by sendfile are the file's own until the peer reads
-   * them: do not rewrite that part of the file meanwhile (up to the socket's 2 MiB).
+   * (the file may be closed), but pages passed by sendfile are the file's own until the peer
+   * reads them: do not rewrite that part of the file meanwhile (up to the socket's 2 MiB).
    */
-  async sendFileRange(fd: number, offset: number, length: number): Promise<void> {
-    if (!isByteCount(fd) || !isByteCount(offset) || !isByteCount(length)) {
-      const [name, v] = !isByteCount(fd) ? ['fd', fd] : !isByteCount(offset) ? ['offset', offset] : ['length', length];
+  async sendFileRange(file: FileRef, offset: number, length: number): Promise<void> {
+    if (!isFileRef(file)) throw new SparsevirtError('ERR_INVALID_ARG', 'sendFileRange(): file must be a file reference (fileRef)');
+    if (!isByteCount(offset) || !isByteCount(length)) {
+      const [name, v] = !isByteCount(offset) ? ['offset', offset] : ['length', length];
       throw new SparsevirtError('ERR_INVALID_ARG', `${name} must be a non-negative integer, got ${v}`);
     }
     this.beginSend('sendFileRange');
@@ -822,7 +830,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
         this.ensureLive();
       }
       this.pos += length;
-      const p = this.toChannel({ kind: 'file', fd, offset, length });
+      const p = this.toChannel({ kind: 'file', file, offset, length });
       if (p !== null) await this.track(p);
     } finally {
       this.sending = false;
@@ -851,7 +859,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
           else await this.sendZeros(c.length);
           continue;
         } else if (c?.kind === 'file') {
-          if (!isByteCount(c.fd) || !isByteCount(c.offset) || !isByteCount(c.length)) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a valid file range`);
+          if (!isFileRef(c.file) || !isByteCount(c.offset) || !isByteCount(c.length)) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a valid file range`);
           n = c.length;
         } else {
           if (!isChunk(c)) throw new SparsevirtError('ERR_INVALID_ARG', `sendBatch(): item ${i} is not a chunk or a file range`);
@@ -880,15 +888,14 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
 
   /**
    * Hand one item to the channel: by its synchronous `send` when it has one (null: it can take
-   * more at once; a promise: await it first), else by `write`/`writeFile`. A channel that fails
-   * the item fails the stream, as a rejected write does.
+   * more at once; a promise: await it first), else by `write` (a file range read first). A
+   * channel that fails the item fails the stream, as a rejected write does.
    */
   private toChannel(c: Chunk | FileRange): Promise<void> | null {
     const ch = this.channel;
     try {
       if (ch.send) return ch.send(c);
-      if (c.kind !== 'file') return ch.write(c);
-      return ch.writeFile ? ch.writeFile(c.fd, c.offset, c.length) : ch.write({ kind: 'data', bytes: readFileRange(c) });
+      return ch.write(c.kind === 'file' ? { kind: 'data', bytes: readFileRange(c) } : c);
     } catch (err) {
       // (a file range that cannot be read, a channel that throws: the stream is out of step)
       if (this.st === 'open' || this.st === 'finishing') this.terminate('failed', toError(err));
@@ -1128,7 +1135,7 @@ export class Stream implements StreamInbound, AsyncIterable<Chunk> {
     this.closed();
   }
 
-  /** We detected a protocol violation: fail like deliverError, and tell the peer to stop. */
+  /** We detected a protocol violation: fail like [kDeliverError], and tell the peer to stop. */
   private protocolError(err: SparsevirtError): void {
     this.terminate('failed', err);
     try {

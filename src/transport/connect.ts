@@ -4,8 +4,8 @@ import type tls from 'node:tls';
 import fs, { existsSync, readFileSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import { SparsevirtError } from '../errors.js';
-import { kReadHook, ReadHook } from '../rpc/peer.js';
-import * as sys from '../sparse/sys.js';
+import { ReadHook, setReadHook } from '../io/read-hook.js';
+import * as sys from '../io/sys.js';
 import { clientTlsFiles, type ParsedUri } from './uri.js';
 import { openSsh } from './ssh.js';
 
@@ -79,7 +79,7 @@ export function adoptWithReadHook(sock: net.Socket): net.Socket {
     sock.resume();
     return sock;
   }
-  (adopted as { [kReadHook]?: ReadHook })[kReadHook] = hook;
+  setReadHook(adopted, hook);
   sock.destroy(); // closes the original fd; it was never polled
   return adopted;
 }
@@ -95,7 +95,7 @@ export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; 
     const where = u.transport === 'unix' ? { path: u.socket } : { host: u.host, port: u.port };
     // `onread` is accepted by net.connect at run time; @types/node types it on the Socket options only.
     sock = net.createConnection({ ...where, onread: hook.onread } as unknown as net.NetConnectOpts);
-    (sock as { [kReadHook]?: ReadHook })[kReadHook] = hook;
+    setReadHook(sock, hook);
     ready = 'connect';
   } else {
     const f = clientTlsFiles(u.pkipath);

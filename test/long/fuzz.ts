@@ -31,6 +31,7 @@ import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import type { Chunk } from '../../src/chunk.js';
 import { connect } from '../../src/client/index.js';
+import { kPeer } from '../../src/client/connection.js';
 import { FRAME_MAX, KEEPALIVE_PROGRAM, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, buildFrame, type Header, type Message } from '../../src/rpc/message.js';
 import { FrameParser } from '../../src/rpc/parser.js';
 import { decodeRemoteError, remoteErrorCodec } from '../../src/rpc/structs.js';
@@ -1374,7 +1375,7 @@ export async function fuzzClient(o: { sessions: number; seed: number; dir: strin
         await runOp(mode, 'call', () => c.call(P.CONNECT_GET_LIB_VERSION, undefined, sig()));
         await runOp(mode, 'close', () => c.close());
       } finally {
-        c.peer.destroy(new Error('session over'));
+        c[kPeer].destroy(new Error('session over'));
       }
     }
   };
