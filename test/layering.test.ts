@@ -1,7 +1,7 @@
 /**
  * The layering of docs/ARCHITECTURE.md, enforced: every import of every file under src/ (static,
  * dynamic, type-only) must be allowed by the document's table "Who may import whom"; koffi is
- * loaded by `io/sys.ts` alone; and nothing the stream core imports at run time (followed through
+ * loaded by `io/sys.ts` and `io/librbd.ts` alone; and nothing the stream core imports at run time (followed through
  * the compiled modules, where type-only imports are gone) reaches that module.
  */
 import { test } from 'node:test';
@@ -112,12 +112,12 @@ test('the arrows the design forbids outright: rpc/ ↛ stream/, client/; cli/ �
   assert.deepEqual(bad, []);
 });
 
-test('koffi is loaded by io/sys.ts alone', () => {
+test('koffi is loaded by the native bindings of io/ alone (sys.ts, librbd.ts)', () => {
   const loaders = files.filter((f) => imports.get(f)!.includes('koffi'));
-  assert.deepEqual(loaders, ['io/sys.ts']);
+  assert.deepEqual(loaders.sort(), ['io/librbd.ts', 'io/sys.ts']);
 });
 
-test('the stream core loads no koffi: nothing stream/ or the base imports at run time reaches io/sys', () => {
+test('the stream core loads no koffi: nothing stream/ or the base imports at run time reaches io/sys or io/librbd', () => {
   // the compiled modules: type-only imports are gone there, what is left runs
   const runtimeImports = (file: string): string[] => {
     const js = path.join(built, file.replace(/\.ts$/, '.js'));
@@ -137,10 +137,11 @@ test('the stream core loads no koffi: nothing stream/ or the base imports at run
         queue.push(t);
       }
     }
-    if (seen.has('io/sys.ts')) {
-      const chain = ['io/sys.ts'];
+    for (const native of ['io/sys.ts', 'io/librbd.ts']) {
+      if (!seen.has(native)) continue;
+      const chain = [native];
       while (chain[0] !== start) chain.unshift(path_[chain[0]!]!);
-      assert.fail(`${start} reaches the syscall module: ${chain.join(' → ')}`);
+      assert.fail(`${start} reaches a native binding: ${chain.join(' → ')}`);
     }
   }
 });

@@ -11,7 +11,7 @@ import { test } from 'node:test';
 import type { Chunk } from '../src/chunk.js';
 import { SparsevirtError } from '../src/errors.js';
 import { RbdPool, rbdReadChunks, rbdWriteChunks, setCephLibraryNames, type RbdImage, type RbdPoolSource } from '../src/daemon/rbd/index.js';
-import { nativeSyscallsAvailable } from '../src/sparse/sys.js';
+import { nativeSyscallsAvailable } from '../src/io/sys.js';
 import { zeroBytes } from '../src/stream/zeros.js';
 import { imageName, measureLag, rbdCli, rbdDiff, rbdDuUsed, rbdExportSha256, requireCeph, withOsdPaused, type CephCluster } from './helpers/ceph.js';
 

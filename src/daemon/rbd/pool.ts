@@ -36,7 +36,7 @@ import {
   type DiffExtent,
   type PoolStat,
   type Ptr,
-} from './librbd.js';
+} from '../../io/librbd.js';
 
 /** A monitor as in libvirt's `<source><host name='…' port='…'/>`. */
 export interface RbdMonitor {

@@ -30,7 +30,7 @@
  */
 import { createRequire } from 'node:module';
 import util from 'node:util';
-import { SparsevirtError, bigToSafe } from '../../errors.js';
+import { SparsevirtError, bigToSafe } from '../errors.js';
 
 type Koffi = typeof import('koffi');
 type Lib = import('koffi').LibraryHandle;
