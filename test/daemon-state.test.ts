@@ -12,7 +12,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { connect } from '../src/client/index.js';
 import { RemoteError, SparsevirtError } from '../src/errors.js';
-import { startDaemon } from '../src/daemon/index.js';
+import { startDaemon, type DaemonHandle } from '../src/daemon/index.js';
 import { PID_FILE } from '../src/daemon/state.js';
 import { setNativeSyscalls } from '../src/sparse/sys.js';
 import { spawnDaemon, tempDir, waitUntil, type ChildDaemon } from './long/harness.js';
@@ -146,14 +146,15 @@ describe('one sparsevirtd per state directory', () => {
         assert.equal(was, native, 'the mode under test is in force');
         const a = await startDaemon({ stateDir, listen: [`unix:${path.join(dir, `a-${native}.sock`)}`], defaultPool: false, logSink: () => undefined });
         try {
-          await assert.rejects(
-            startDaemon({ stateDir, listen: [`unix:${path.join(dir, `b-${native}.sock`)}`], defaultPool: false, logSink: () => undefined }),
-            (e: SparsevirtError) => {
-              assert.equal(e.code, 'ERR_EXISTS');
-              assert.match(e.message, new RegExp(`state directory '${stateDir}' is in use by another sparsevirtd \\(pid ${process.pid}\\)`));
-              return true;
-            },
-          );
+          const second = await startDaemon({ stateDir, listen: [`unix:${path.join(dir, `b-${native}.sock`)}`], defaultPool: false, logSink: () => undefined })
+            .then((h): DaemonHandle | Error => h, (e: unknown) => (e instanceof Error ? e : new Error(String(e))));
+          if (!(second instanceof Error)) {
+            await second.close();
+            assert.fail('the second daemon started');
+          }
+          assert.ok(second instanceof SparsevirtError, String(second));
+          assert.equal(second.code, 'ERR_EXISTS');
+          assert.match(second.message, new RegExp(`state directory '${stateDir}' is in use by another sparsevirtd \\(pid ${process.pid}\\)`));
           assert.ok(!fs.existsSync(path.join(dir, `b-${native}.sock`)));
           assert.equal(await fsp.readFile(path.join(stateDir, PID_FILE), 'utf8'), `${process.pid}\n`, 'the refused one left the lock alone');
         } finally {
