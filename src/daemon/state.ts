@@ -190,15 +190,13 @@ export class StateDirLock {
       fsSync.ftruncateSync(fd, 0);
       fsSync.writeSync(fd, `${process.pid}\n`, 0);
     } catch (err) {
+      // ours (locked, or created here): an empty pid file must not stand in the next daemon's way
+      fsSync.rmSync(file, { force: true });
       fsSync.closeSync(fd);
       throw ioError(`cannot write '${file}'`, err);
     }
     heldHere.add(file);
     return new StateDirLock(file, fd);
-  }
-
-  get held(): boolean {
-    return this.fd >= 0;
   }
 
   /** Remove the pid file, then let go of the lock (in this order, as libvirt does). */
