@@ -536,22 +536,31 @@ describe('sparsevirtd protocol misuse (hand-written frames)', () => {
     const c = await openClient();
     const outside = path.join(d.dir, 'outside');
     await fsp.mkdir(outside);
+    // a real file where the name leads: without the name check, the lookups and transfers would find it
+    const target = path.join(outside, 'x.img');
+    await fsp.writeFile(target, Buffer.alloc(8192, 0x5a));
+    assert.equal(path.join(pool, '../outside/x.img'), target);
     for (const name of ['../outside/x.img', 'a/b', 'a\0b', '', '..', '.']) {
       const lookup = await c.call(P.STORAGE_VOL_LOOKUP_BY_NAME, { pool: poolRef, name });
+      assert.equal(lookup.status, Status.ERROR, `lookup '${name}' found a volume`);
       assert.equal(errorOf(lookup).virCode, 50, `lookup '${name}'`);
       for (const proc of [P.STORAGE_VOL_UPLOAD, P.STORAGE_VOL_DOWNLOAD]) {
         const r = await c.call(proc, { vol: vol(name), offset: 0n, length: 0n, flags: 0 });
         assert.equal(r.status, Status.ERROR, `${proc.name} '${name}'`);
+        assert.equal(errorOf(r).virCode, 50, `${proc.name} '${name}': ${errorOf(r).message}`);
       }
-      const xml = `<volume><name>${name.replace('\0', '&#0;')}</name><capacity>1</capacity></volume>`;
+      const created = name === '../outside/x.img' ? '../outside/new.img' : name;
+      const xml = `<volume><name>${created.replace('\0', '&#0;')}</name><capacity>1</capacity></volume>`;
       const cr = await c.call(P.STORAGE_VOL_CREATE_XML, { pool: poolRef, xml, flags: 0 });
-      assert.equal(cr.status, Status.ERROR, `create '${name}'`);
+      assert.equal(cr.status, Status.ERROR, `create '${created}'`);
     }
     const nul = await c.call(P.STORAGE_VOL_CREATE_XML, { pool: poolRef, xml: '<volume><name>a\u0000b</name><capacity>1</capacity></volume>', flags: 0 });
     assert.equal(nul.status, Status.ERROR);
     assert.equal(errorOf(await c.call(P.STORAGE_VOL_LOOKUP_BY_PATH, { path: `${pool}/../outside/x.img` })).virCode, 50);
     assert.equal(errorOf(await c.call(P.STORAGE_VOL_LOOKUP_BY_KEY, { key: `${outside}/x.img` })).virCode, 50);
-    assert.deepEqual(await fsp.readdir(outside), []);
+    assert.equal(errorOf(await c.call(P.STORAGE_VOL_LOOKUP_BY_KEY, { key: `${pool}/../outside/x.img` })).virCode, 50);
+    assert.deepEqual(await fsp.readdir(outside), ['x.img'], 'nothing created outside');
+    assert.deepEqual(await fsp.readFile(target), Buffer.alloc(8192, 0x5a), 'the file outside is untouched');
     c.close();
   });
 

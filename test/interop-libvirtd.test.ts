@@ -1,16 +1,19 @@
 /**
  * The client library against the real libvirtd 9.0 (installed and started by .ci/run): a
  * multi-GiB sparse image with ~1 GiB of data up and down with the sparse flag, plain transfers,
- * an abort that leaves the connection usable, and libvirt's error codes.
+ * aborts that reach libvirtd (seen on the wire) and leave the connection usable, and libvirt's
+ * error codes.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import diagnostics from 'node:diagnostics_channel';
 import path from 'node:path';
 import { rm } from 'node:fs/promises';
 import { connect, RemoteError, SparsevirtError } from '../src/index.js';
 import { Feature, P } from '../src/protocol/remote.js';
 import { busyPollState } from '../src/io/busy-poll.js';
 import { kPeer } from '../src/client/connection.js';
+import { MessageType, Status, type Header } from '../src/rpc/message.js';
 import { LIBVIRTD_URI, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, createVolume, requireLibvirt, requireLibvirtListeners, withScratchPool } from './helpers/libvirt.js';
 import { allocatedBytes, extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 
@@ -125,7 +128,7 @@ test('3,000 small extents from libvirtd: busy polling while its packets come (an
   }
 });
 
-test('plain (non-sparse) transfers through libvirtd give identical bytes; an abort leaves the connection usable', { timeout: 120_000 }, async (t) => {
+test('plain (non-sparse) transfers through libvirtd give identical bytes', { timeout: 120_000 }, async (t) => {
   if (!(await requireLibvirt(t))) return;
   const dir = await scratchDir('/dev/shm', 'sv-interop-');
   try {
@@ -143,21 +146,111 @@ test('plain (non-sparse) transfers through libvirtd give identical bytes; an abo
         const down = await vol.downloadFile(out, { sparse: false });
         assert.equal(down.holeBytes, 0);
         assert.equal(await sha256File(out), await sha256File(src));
+      } finally {
+        await conn.close();
+      }
+    });
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
 
-        // abort a download after the first chunk
-        const s = await vol.download({ sparse: true });
-        for await (const c of s) {
-          assert.ok(c.kind === 'data' || c.kind === 'hole');
-          break; // leaving the loop aborts the stream
-        }
-        assert.equal(s.state, 'aborted');
-        // and an upload after some data
-        const u = await vol.upload({ sparse: true });
-        await u.send(Buffer.alloc(65536, 7));
-        await u.abort(new Error('changed my mind'));
+interface WireFrame {
+  at: number;
+  dir: 'in' | 'out';
+  type: number;
+  status: number;
+  serial: number;
+  proc: number;
+  length: number;
+}
+
+/** Every frame our Peers send and receive while `fn` runs (the `sparsevirt:rpc:frame` channel). */
+async function recordFrames<T>(fn: (frames: WireFrame[]) => Promise<T>): Promise<T> {
+  const frames: WireFrame[] = [];
+  const onFrame = (m: unknown) => {
+    const { dir, header: h, length } = m as { dir: 'in' | 'out'; header: Header; length: number };
+    frames.push({ at: performance.now(), dir, type: h.type, status: h.status, serial: h.serial, proc: h.proc, length });
+  };
+  diagnostics.subscribe('sparsevirt:rpc:frame', onFrame);
+  try {
+    return await fn(frames);
+  } finally {
+    diagnostics.unsubscribe('sparsevirt:rpc:frame', onFrame);
+  }
+}
+
+/** `p`, or a failure naming `what` once `ms` have passed (the client's own abort wait is 30 s). */
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p,
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * The abort on the wire for the stream opened by the last CALL of `proc` in `frames`: exactly one
+ * empty STREAM/ERROR from us, never a STREAM/OK (finish) from us, and libvirtd's STREAM/OK after
+ * it, which libvirtd sends only once it has taken the abort.
+ */
+function assertAbortReachedLibvirtd(frames: WireFrame[], proc: number, what: string): { serial: number; abortAt: number; confirmedAt: number } {
+  const call = frames.filter((f) => f.dir === 'out' && f.type === MessageType.CALL && f.proc === proc).at(-1);
+  assert.ok(call, `${what}: the stream was opened`);
+  const mine = frames.filter((f) => f.serial === call.serial && f.proc === proc && f.type === MessageType.STREAM);
+  const aborts = mine.filter((f) => f.dir === 'out' && f.status === Status.ERROR);
+  assert.equal(aborts.length, 1, `${what}: one abort (STREAM/ERROR) sent`);
+  assert.equal(aborts[0]!.length, 0, `${what}: a client's abort carries no error`);
+  assert.deepEqual(mine.filter((f) => f.dir === 'out' && f.status === Status.OK), [], `${what}: never finished`);
+  const confirm = mine.find((f) => f.dir === 'in' && f.status === Status.OK && f.at >= aborts[0]!.at);
+  assert.ok(confirm, `${what}: libvirtd confirmed the abort with STREAM/OK`);
+  return { serial: call.serial, abortAt: aborts[0]!.at, confirmedAt: confirm.at };
+}
+
+test('an abort of a download and of an upload reaches libvirtd, which confirms it at once; the connection stays usable', { timeout: 30_000 }, async (t) => {
+  if (!(await requireLibvirt(t))) return;
+  const dir = await scratchDir('/dev/shm', 'sv-interop-');
+  try {
+    await withScratchPool('interop-abort', async (pool) => {
+      // all data: libvirtd would send all of it if the abort did not reach it
+      const size = 32 * MiB;
+      const src = path.join(dir, 'abort.img');
+      await makeImage(src, [{ kind: 'data', length: size }], 9);
+      await createVolume(pool, 'abort.img', size);
+      const conn = await connect(LIBVIRTD_URI);
+      try {
+        const vol = await (await conn.storagePoolLookupByName(pool.name)).volLookupByName('abort.img');
+        await vol.uploadFile(src, { sparse: false });
+
+        await recordFrames(async (frames) => {
+          const s = await vol.download({ sparse: true });
+          await within((async () => {
+            for await (const c of s) {
+              assert.equal(c.kind, 'data');
+              break; // leaving the loop aborts the stream
+            }
+          })(), 5000, 'the download\'s abort');
+          assert.equal(s.state, 'aborted');
+          const a = assertAbortReachedLibvirtd(frames, P.STORAGE_VOL_DOWNLOAD.num, 'download');
+          const received = frames.filter((f) => f.dir === 'in' && f.serial === a.serial && f.type === MessageType.STREAM && f.status === Status.CONTINUE)
+            .reduce((n, f) => n + f.length, 0);
+          assert.ok(received < size / 2, `libvirtd stopped sending: ${received} of ${size} bytes came`);
+          t.diagnostic(`download: abort confirmed ${(a.confirmedAt - a.abortAt).toFixed(1)} ms after it was sent, ${received} bytes came`);
+        });
+
+        await recordFrames(async (frames) => {
+          const u = await vol.upload({ sparse: true });
+          await u.send(Buffer.alloc(65536, 7));
+          await within(u.abort(new Error('changed my mind')), 5000, 'the upload\'s abort');
+          assert.equal(u.state, 'aborted');
+          const a = assertAbortReachedLibvirtd(frames, P.STORAGE_VOL_UPLOAD.num, 'upload');
+          t.diagnostic(`upload: abort confirmed ${(a.confirmedAt - a.abortAt).toFixed(1)} ms after it was sent`);
+        });
+
         // the connection still works
         assert.equal((await vol.info()).capacity, size);
-        assert.equal(await sha256File(out), await sha256File(src));
       } finally {
         await conn.close();
       }

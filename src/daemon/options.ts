@@ -24,7 +24,8 @@ Options:
   --listen unix:PATH         listen on a unix socket (repeatable)
   --listen tcp:HOST:PORT     plain TCP, no encryption and no authentication: only when asked
   --listen tls:HOST:PORT     TLS; clients need a certificate signed by the CA
-  --state-dir DIR            pool definitions and the default pool's images
+  --state-dir DIR            pool definitions and the default pool's images; one daemon per
+                             directory (it holds DIR/sparsevirtd.pid locked while it runs)
   --socket-mode MODE         octal mode of unix sockets (default 0600: owner only)
   --tls-cert FILE            server certificate (default /etc/pki/libvirt/servercert.pem)
   --tls-key FILE             server key (default /etc/pki/libvirt/private/serverkey.pem)

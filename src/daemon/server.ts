@@ -16,9 +16,10 @@ import { adoptWithReadHook } from '../transport/connect.js';
 import { serverTlsFiles } from '../transport/uri.js';
 import { Logger, type LogLevel } from './log.js';
 import { Session } from './session.js';
+import { StateDirLock } from './state.js';
+import { StorageDriver } from './storage.js';
 
 const TLS_CONFIRMATION = Buffer.from([1]);
-import { StorageDriver } from './storage.js';
 
 export type ListenSpec =
   | { kind: 'unix'; path: string }
@@ -113,6 +114,7 @@ class Daemon implements DaemonHandle {
   private readonly sockets = new Set<Duplex>();
   private closing: Promise<void> | null = null;
   private readonly hvVersion: bigint;
+  private lock: StateDirLock | null = null;
 
   constructor(readonly opts: DaemonOptions) {
     this.log = new Logger(opts.logLevel ?? 'info', opts.logSink);
@@ -128,6 +130,8 @@ class Daemon implements DaemonHandle {
     const specs = this.opts.listen.map((l) => (typeof l === 'string' ? parseListen(l) : l));
     if (specs.length === 0) throw new SparsevirtError('ERR_INVALID_ARG', 'no listener configured');
     await fsp.mkdir(this.opts.stateDir, { recursive: true, mode: 0o700 });
+    // before anything in the state directory is read or written
+    this.lock = StateDirLock.acquire(this.opts.stateDir);
     await this.driver.init({ defaultPoolTarget: this.opts.defaultPool === false ? undefined : path.join(this.opts.stateDir, 'images') });
     let tlsContext: tls.TlsOptions | null = null;
     for (const spec of specs) {
@@ -237,7 +241,8 @@ class Daemon implements DaemonHandle {
   }
 
   private async shutdown(): Promise<void> {
-    this.log.info('sparsevirtd stopping', { clients: this.sessions.size });
+    const started = this.lock !== null;
+    if (started) this.log.info('sparsevirtd stopping', { clients: this.sessions.size });
     const closed = this.servers.map(({ server }) => new Promise<void>((r) => server.close(() => r())));
     await Promise.all([...this.sessions].map((s) => s.stopTransfers()));
     for (const s of this.sessions) s.peer.close();
@@ -249,7 +254,8 @@ class Daemon implements DaemonHandle {
     for (const { spec } of this.servers) {
       if (spec.kind === 'unix') await fsp.rm(spec.path, { force: true }).catch(() => undefined);
     }
-    this.log.info('sparsevirtd stopped');
+    this.lock?.release();
+    if (started) this.log.info('sparsevirtd stopped');
   }
 }
 

@@ -2,7 +2,7 @@
  * The syscall module of the kernel floor: the few Linux calls Node does not offer, bound once
  * through koffi: `lseek` with SEEK_DATA/SEEK_HOLE, `fallocate`, `ioctl(BLKGETSIZE64, SIOCOUTQ)`,
  * `preadv2(RWF_NOWAIT)`, `fstatfs`; for the data path `sendfile`, `splice`, `pipe2`, `write`,
- * `setsockopt(SO_SNDBUF)`, `fcntl(F_DUPFD, F_SETPIPE_SZ)` and glibc's `mallopt`.
+ * `setsockopt(SO_SNDBUF)`, `fcntl(F_DUPFD, F_SETPIPE_SZ)` and glibc's `mallopt`; `flock` for the daemon's state lock.
  *
  * Calls are synchronous: none of them waits for a disk (sendfile is used on files in memory
  * only; at most metadata, or the blocks a punch frees), and a call costs about a microsecond
@@ -63,6 +63,7 @@ interface Syscalls {
   outq(fd: number): number;
   splice(fdIn: number, fdOut: number, outOffset: number, length: number, flags: number): number;
   pipe(size: number): [number, number] | number;
+  flock(fd: number, operation: number): number;
 }
 
 /** koffi hands back a BigInt for 64-bit results past 2^53; refuse those rather than round. */
@@ -94,6 +95,7 @@ function loadNative(): Syscalls | null {
     const offBox: [number | bigint] = [0];
     const splice = libc.func('int64_t splice(int fd_in, void *off_in, int fd_out, _Inout_ int64_t *off_out, size_t len, unsigned int flags)');
     const pipe2 = libc.func('int pipe2(_Out_ int *fds, int flags)');
+    const flock = libc.func('int flock(int fd, int operation)');
     const spliceOff: [number | bigint] = [0];
     const pipeFds = new Int32Array(2);
     // struct statfs is 120 bytes on 64-bit Linux; f_type (a long) comes first.
@@ -152,6 +154,9 @@ function loadNative(): Syscalls | null {
         // F_SETPIPE_SZ may be refused (a limit below `size`): the default capacity still works
         if (size > 0) dup(pipeFds[1]!, F_SETPIPE_SZ, size);
         return [pipeFds[0]!, pipeFds[1]!];
+      },
+      flock(fd, operation) {
+        return flock(fd, operation) < 0 ? -koffi.errno() : 0;
       },
       dup(fd) {
         const r = dup(fd, F_DUPFD_CLOEXEC, 0) as number;
@@ -221,6 +226,7 @@ const fallback: Syscalls = {
   outq: () => -ENOSYS,
   splice: () => -ENOSYS,
   pipe: () => -ENOSYS,
+  flock: () => -ENOSYS,
 };
 
 // koffi is loaded on the first syscall, not at import: a command that never maps or punches
@@ -349,6 +355,21 @@ export function socketOutq(fd: number): number {
 /** `fcntl(F_DUPFD_CLOEXEC)`: a second fd for the same open file (close-on-exec), or `-errno`. */
 export function dupFd(fd: number): number {
   return impl().dup(fd);
+}
+
+/** flock(2) operations. */
+export const LOCK_EX = 2;
+export const LOCK_NB = 4;
+export const LOCK_UN = 8;
+
+/**
+ * `flock(2)`: 0, or `-errno` (EAGAIN with LOCK_NB: another open file holds a conflicting lock;
+ * ENOSYS without the native syscalls). The lock belongs to the open file, not the process: two
+ * opens of one file conflict also within a process, and the kernel drops the lock when the last
+ * fd of that open file is closed, including when the process dies.
+ */
+export function flock(fd: number, operation: number): number {
+  return impl().flock(fd, operation);
 }
 
 const SOL_SOCKET = 1;
