@@ -276,7 +276,8 @@ function octal(mode: number): string {
 
 export interface VolXmlDef {
   name: string;
-  capacity: number;
+  /** null only when the caller allowed it to be absent (a clone takes its source's). */
+  capacity: number | null;
   /** undefined when `<allocation>` is absent. */
   allocation: number | undefined;
   format: string;
@@ -284,7 +285,7 @@ export interface VolXmlDef {
 
 const VOL_FORMATS = new Set(['raw', 'dir', 'bochs', 'cloop', 'dmg', 'iso', 'vpc', 'vdi', 'fat', 'vhd', 'ploop', 'cow', 'qcow', 'qcow2', 'qed', 'vmdk']);
 
-export function parseVolXml(xml: string): VolXmlDef {
+export function parseVolXml(xml: string, opts: { capacityOptional?: boolean } = {}): VolXmlDef {
   const root = parseXml(xml, 'storage_volume_definition');
   if (root.name !== 'volume') throw storageError(CODE.XML_ERROR, 'unknown root element for storage volume');
   const nameEl = child(root, 'name');
@@ -292,8 +293,8 @@ export function parseVolXml(xml: string): VolXmlDef {
   const name = nameEl?.text ?? '';
   if (name === '') throw storageError(CODE.XML_ERROR, 'missing volume name element');
   const capEl = child(root, 'capacity');
-  if (!capEl) throw storageError(CODE.XML_ERROR, 'missing capacity element');
-  const capacity = scaledBytes(capEl.text, capEl.attrs.unit, 'capacity');
+  if (!capEl && !opts.capacityOptional) throw storageError(CODE.XML_ERROR, 'missing capacity element');
+  const capacity = capEl ? scaledBytes(capEl.text, capEl.attrs.unit, 'capacity') : null;
   const allocEl = child(root, 'allocation');
   const allocation = allocEl ? scaledBytes(allocEl.text, allocEl.attrs.unit, 'allocation') : undefined;
   const formatEl = child(child(root, 'target'), 'format');
@@ -347,4 +348,29 @@ export function formatVolXml(v: VolXmlState): string {
   s += `    </timestamps>\n`;
   s += `  </target>\n</volume>\n`;
   return s;
+}
+
+// ------------------------------------------------------------------ capabilities
+
+/**
+ * CONNECT_GET_STORAGE_POOL_CAPABILITIES in libvirt's layout: every pool type libvirt knows, in
+ * its order; sparsevirtd supports `dir` pools of raw volumes and nothing else.
+ */
+export function formatPoolCapabilities(): string {
+  let s = '<storagepoolCapabilities>\n';
+  for (const type of POOL_TYPES) {
+    if (type === 'dir') {
+      s += `  <pool type='dir' supported='yes'>\n`;
+      s += `    <volOptions>\n`;
+      s += `      <defaultFormat type='raw'/>\n`;
+      s += `      <enum name='targetFormatType'>\n`;
+      s += `        <value>raw</value>\n`;
+      s += `      </enum>\n`;
+      s += `    </volOptions>\n`;
+      s += `  </pool>\n`;
+    } else {
+      s += `  <pool type='${type}' supported='no'>\n  </pool>\n`;
+    }
+  }
+  return `${s}</storagepoolCapabilities>\n`;
 }
