@@ -22,7 +22,7 @@ import { writeChunks } from '../sparse/index.js';
 import { ExtentWalker } from '../sparse/extents.js';
 import { readFully, zeroes } from '../sparse/file.js';
 import * as sys from '../sparse/sys.js';
-import { CODE, checkFlags, storageError, systemError } from './errors.js';
+import { CODE, DOMAIN, checkFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';
 import { formatPoolXml, formatVolXml, parsePoolXml, parseVolXml, sanitizePath, type PoolXmlDef } from './xml.js';
@@ -439,7 +439,8 @@ export class StorageDriver {
       if (!st.isDirectory()) throw Object.assign(new Error('not a directory'), { code: 'ENOTDIR', errno: -20 });
       await fsp.access(pool.target, fs.constants.R_OK | fs.constants.X_OK);
     } catch (err) {
-      throw systemError(`cannot open directory '${pool.target}'`, err);
+      // (libvirt reports this from its file utilities: no error domain)
+      throw systemError(`cannot open directory '${pool.target}'`, err, DOMAIN.NONE);
     }
     pool.perms = { mode: st.mode & 0o7777, owner: st.uid, group: st.gid };
     await this.updateStats(pool);

@@ -195,11 +195,15 @@ export interface PoolXmlDef {
 
 const POOL_TYPES = new Set(['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage']);
 
-/** Collapse repeated slashes and drop a trailing one, as libvirt's virFileSanitizePath. */
+/**
+ * Collapse repeated slashes and drop a trailing one, as libvirt's virFileSanitizePath; a path
+ * that starts with exactly two slashes keeps them (POSIX gives `//` a meaning of its own).
+ */
 export function sanitizePath(p: string): string {
+  const lead = /^\/\/(?!\/)/.test(p) ? '/' : '';
   let s = p.replace(/\/{2,}/g, '/');
   if (s.length > 1 && s.endsWith('/')) s = s.slice(0, -1);
-  return s;
+  return lead + s;
 }
 
 export function parsePoolXml(xml: string): PoolXmlDef {
