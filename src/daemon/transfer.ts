@@ -240,9 +240,9 @@ export class Transfer {
       await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset, release: releaseFramePayloads, receiveInto });
     } catch (err) {
       if (err === this.refused) {
-        // the wire already told the client (or lost it); the stream goes too
+        // the wire has told the client already; the stream goes too
         await this.fail(toRemote(err));
-        return `failed: ${(err as Error).message}`;
+        throw err;
       }
       if (stream.state !== 'open') return this.endedByPeer(err);
       const e = err instanceof RemoteError ? err : systemError('cannot write to stream', (err as { cause?: unknown }).cause ?? err, DOMAIN.STREAMS);
