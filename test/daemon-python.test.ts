@@ -12,6 +12,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
+import { connect } from '../src/client/index.js';
+import { P } from '../src/protocol/remote.js';
 import { run, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { scratchDir } from './helpers/images.js';
 import {
@@ -672,17 +674,32 @@ print(json.dumps([c.isSecure(), c.isEncrypted()]))
 `;
     const tcp = d.daemon.addresses.find((a) => a.kind === 'tcp');
     assert.ok(tcp && tcp.kind === 'tcp');
+    // the daemon's own answer (libvirt's client also weighs its transport in)
+    const secure = async (uri: string): Promise<number> => {
+      const conn = await connect(uri);
+      try {
+        return (await conn.call(P.CONNECT_IS_SECURE, undefined)).secure;
+      } finally {
+        await conn.close();
+      }
+    };
+    assert.equal(await secure(d.uri), 1, 'CONNECT_IS_SECURE, unix');
+    assert.equal(await secure(tcp.uri), 0, 'CONNECT_IS_SECURE, tcp');
     assert.deepEqual(await python(script, { SV_URI: d.virshUri }), [1, 0], 'unix');
     assert.deepEqual(await python(script, { SV_URI: `qemu+tcp://127.0.0.1:${tcp.port}/system` }), [0, 0], 'tcp');
-    const tlsd = await startTestDaemon({ listen: ['tls:127.0.0.1:0'], tls: { pkipath: LIBVIRTD_PKI_DIR } }).catch(() => null);
-    try {
-      if (tlsd && fs.existsSync(path.join(LIBVIRTD_PKI_DIR, 'clientcert.pem'))) {
+    // tls with the test PKI of scripts/setup-tls.sh (which .ci/run sets up)
+    const pki = ['servercert.pem', 'serverkey.pem', 'cacert.pem', 'clientcert.pem', 'clientkey.pem'].every((f) => fs.existsSync(path.join(LIBVIRTD_PKI_DIR, f)));
+    if (!pki && process.env.CI && process.env.SPARSEVIRT_EXPECT_TLS === '1') throw new Error(`no test PKI in ${LIBVIRTD_PKI_DIR}`);
+    if (pki) {
+      const tlsd = await startTestDaemon({ listen: ['tls:127.0.0.1:0'], tls: { pkipath: LIBVIRTD_PKI_DIR } });
+      try {
         const a = tlsd.daemon.addresses[0]!;
-        const port = a.kind === 'tls' ? a.port : 0;
-        assert.deepEqual(await python(script, { SV_URI: `qemu+tls://127.0.0.1:${port}/system?pkipath=${LIBVIRTD_PKI_DIR}` }), [1, 1], 'tls');
+        assert.ok(a.kind === 'tls');
+        assert.equal(await secure(`${a.uri}?pkipath=${LIBVIRTD_PKI_DIR}`), 1, 'CONNECT_IS_SECURE, tls');
+        assert.deepEqual(await python(script, { SV_URI: `qemu+tls://127.0.0.1:${a.port}/system?pkipath=${LIBVIRTD_PKI_DIR}` }), [1, 1], 'tls');
+      } finally {
+        await tlsd.stop();
       }
-    } finally {
-      await tlsd?.stop();
     }
     if (!(await requireLibvirt(t))) return;
     assert.deepEqual(await python(script, { SV_URI: LIBVIRTD_URI }), [1, 0], 'libvirtd, unix');
