@@ -14,10 +14,12 @@ import path from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { connect } from '../src/client/index.js';
 import { P } from '../src/protocol/remote.js';
-import { run, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { Status } from '../src/rpc/message.js';
+import type { Codec } from '../src/xdr/index.js';
+import { RawClient, decodeWith, errorOf, run, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { scratchDir } from './helpers/images.js';
 import {
-  LIBVIRTD_PKI_DIR, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, LIBVIRTD_URI, SCRATCH_ROOT, libvirtdListenersAvailable, requireLibvirt, virsh, virshOk,
+  LIBVIRTD_PKI_DIR, LIBVIRTD_SOCKET, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, LIBVIRTD_URI, SCRATCH_ROOT, libvirtdListenersAvailable, requireLibvirt, virsh, virshOk,
 } from './helpers/libvirt.js';
 
 const PYTHON = '/usr/bin/python3';
@@ -140,6 +142,10 @@ rec('a listVolumes inactive', pa.listVolumes)
 rec('a numOfVolumes inactive', pa.numOfVolumes)
 rec('a lookup by target path inactive', lambda: conn.storagePoolLookupByTargetPath(adir).name())
 rec('a create before build', lambda: pa.create(0))
+rec('a build overwrite', lambda: pa.build(libvirt.VIR_STORAGE_POOL_BUILD_OVERWRITE))
+rec('a build no-overwrite', lambda: pa.build(libvirt.VIR_STORAGE_POOL_BUILD_NO_OVERWRITE))
+rec('a build both', lambda: pa.build(libvirt.VIR_STORAGE_POOL_BUILD_OVERWRITE | libvirt.VIR_STORAGE_POOL_BUILD_NO_OVERWRITE))
+rec('a create with build no-overwrite', lambda: pa.create(libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD_NO_OVERWRITE))
 rec('a build', lambda: pa.build(0))
 rec('a create', lambda: pa.create(0))
 rec('a create again', lambda: pa.create(0))
@@ -336,6 +342,8 @@ rec('delete twice', lambda: va.delete(0) or va.delete(0))
 
 # transient pool
 ptr = rec('createXML transient without build', lambda: conn.storagePoolCreateXML(pxml(T, tdir), 0).name())
+rec('createXML transient with build overwrite', lambda: conn.storagePoolCreateXML(pxml(T, tdir), libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD_OVERWRITE | libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD_NO_OVERWRITE).name())
+rec('t lookup after a failed createXML', lambda: conn.storagePoolLookupByName(T).name())
 pt = rec('createXML transient', lambda: conn.storagePoolCreateXML(pxml(T, tdir), libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD))
 rec('t isPersistent', pt.isPersistent)
 rec('t isActive', pt.isActive)
@@ -639,6 +647,63 @@ describe('python3-libvirt: the storage API against sparsevirtd and libvirtd', ()
       const want = { same: true, size: cap + 1, capacity: String(cap + 1) };
       assert.deepEqual(results.sparsevirtd, [want, want]);
       assert.deepEqual(results.libvirtd, results.sparsevirtd);
+    } finally {
+      fs.rmSync(work, { recursive: true, force: true });
+    }
+  });
+
+  test('calls no client library sends this way (bad event ids and callbacks, maxnames limits, bad flags): the same error records as libvirtd', { timeout: 120_000 }, async (t) => {
+    if (!(await requireLibvirt(t))) return;
+    const pfx = prefix();
+    const work = await scratchDir(SCRATCH_ROOT, 'sparsevirt-rawcmp-');
+    const answers = async (socket: string, name: string, uri: string): Promise<Record<string, unknown>> => {
+      const pool = `${pfx}r`;
+      await virshOk(['pool-define-as', pool, 'dir', '--target', path.join(work, name)], { uri });
+      const c = await RawClient.connect(socket);
+      try {
+        assert.equal((await c.call({ num: P.AUTH_LIST.num, args: P.AUTH_LIST.args }, undefined)).status, Status.OK);
+        assert.equal((await c.call(P.CONNECT_OPEN, { name, flags: 0 })).status, Status.OK);
+        const ref = decodeWith(P.STORAGE_POOL_LOOKUP_BY_NAME.ret, await c.call(P.STORAGE_POOL_LOOKUP_BY_NAME, { name: pool })).pool;
+        const out: Record<string, unknown> = {};
+        const ask = async <A>(what: string, proc: { num: number; args: Codec<A>; ret: Codec<unknown> }, args: A): Promise<void> => {
+          const f = await c.call(proc, args);
+          if (f.status === Status.OK) {
+            out[what] = { ok: decodeWith(proc.ret, f) };
+            return;
+          }
+          const e = errorOf(f);
+          out[what] = JSON.parse(JSON.stringify([e.virCode, e.domain, e.message, e.str1, e.str2, e.str3, e.int1, e.int2]).split(work).join('<DIR>'));
+        };
+        await ask('event id 2', P.CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY, { eventID: 2, pool: null });
+        await ask('event id -1', P.CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY, { eventID: -1, pool: null });
+        await ask('deregister 99999', P.CONNECT_STORAGE_POOL_EVENT_DEREGISTER_ANY, { callbackID: 99999 });
+        await ask('list pools, 16385', P.CONNECT_LIST_STORAGE_POOLS, { maxnames: 16385 });
+        await ask('list defined pools, -1', P.CONNECT_LIST_DEFINED_STORAGE_POOLS, { maxnames: -1 });
+        await ask('list pools, 0', P.CONNECT_LIST_STORAGE_POOLS, { maxnames: 0 });
+        await ask('list volumes, inactive', P.STORAGE_POOL_LIST_VOLUMES, { pool: ref, maxnames: 1 });
+        await ask('list volumes, 16385', P.STORAGE_POOL_LIST_VOLUMES, { pool: ref, maxnames: 16385 });
+        await ask('list volumes, -1', P.STORAGE_POOL_LIST_VOLUMES, { pool: ref, maxnames: -1 });
+        await ask('capabilities, flags 2', P.CONNECT_GET_STORAGE_POOL_CAPABILITIES, { flags: 2 });
+        await ask('target path, relative', P.STORAGE_POOL_LOOKUP_BY_TARGET_PATH, { path: 'relative//x/' });
+        await ask('build, both overwrite flags', P.STORAGE_POOL_BUILD, { pool: ref, flags: 12 });
+        await ask('create with build, both overwrite flags', P.STORAGE_POOL_CREATE, { pool: ref, flags: 6 });
+        await ask('createXML, build flags 6', P.STORAGE_POOL_CREATE_XML, {
+          xml: `<pool type='dir'><name>${pfx}x</name><target><path>${path.join(work, `${name}-x`)}</path></target></pool>`, flags: 6,
+        });
+        await ask('clone from a missing pool', P.STORAGE_VOL_CREATE_XML_FROM, {
+          pool: ref, xml: '<volume><name>q.img</name></volume>', clonevol: { pool: `${pfx}nope`, name: 'x', key: '' }, flags: 0,
+        });
+        return JSON.parse(JSON.stringify(out).split(pfx).join('<P>').split(name).join('<NAME>')) as Record<string, unknown>;
+      } finally {
+        c.close();
+        await virsh(['pool-destroy', pool], { uri });
+        await virsh(['pool-undefine', pool], { uri });
+      }
+    };
+    try {
+      const ours = await answers(d.socket, 'sparsevirt:///system', d.virshUri);
+      const theirs = await answers(LIBVIRTD_SOCKET, 'qemu:///system', LIBVIRTD_URI);
+      assert.deepEqual(ours, theirs);
     } finally {
       fs.rmSync(work, { recursive: true, force: true });
     }

@@ -126,10 +126,10 @@ const HANDLERS = new Map<number, Handler>([
   [P.CONNECT_NUM_OF_STORAGE_POOLS.num, { run: ({ session }) => ({ num: session.driver.poolNames(true).length }) }],
   [P.CONNECT_NUM_OF_DEFINED_STORAGE_POOLS.num, { run: ({ session }) => ({ num: session.driver.poolNames(false).length }) }],
   [P.CONNECT_LIST_STORAGE_POOLS.num, {
-    run: ({ session }, a: { maxnames: number }) => ({ names: firstNames(session.driver.poolNames(true), a.maxnames, STORAGE_POOL_LIST_MAX, 'REMOTE_STORAGE_POOL_LIST_MAX') }),
+    run: ({ session }, a: { maxnames: number }) => ({ names: firstNames(() => session.driver.poolNames(true), a.maxnames, STORAGE_POOL_LIST_MAX, 'REMOTE_STORAGE_POOL_LIST_MAX') }),
   }],
   [P.CONNECT_LIST_DEFINED_STORAGE_POOLS.num, {
-    run: ({ session }, a: { maxnames: number }) => ({ names: firstNames(session.driver.poolNames(false), a.maxnames, STORAGE_POOL_LIST_MAX, 'REMOTE_STORAGE_POOL_LIST_MAX') }),
+    run: ({ session }, a: { maxnames: number }) => ({ names: firstNames(() => session.driver.poolNames(false), a.maxnames, STORAGE_POOL_LIST_MAX, 'REMOTE_STORAGE_POOL_LIST_MAX') }),
   }],
   [P.STORAGE_POOL_LOOKUP_BY_TARGET_PATH.num, { run: ({ session }, a: { path: string }) => poolRet(session.driver.poolByTargetPath(a.path)) }],
   [P.STORAGE_POOL_CREATE_XML.num, {
@@ -191,8 +191,9 @@ const HANDLERS = new Map<number, Handler>([
   }],
   [P.STORAGE_POOL_LIST_VOLUMES.num, {
     run: async ({ session }, a: { pool: PoolRef; maxnames: number }) => {
+      checkMaxnames(a.maxnames, STORAGE_VOL_LIST_MAX, 'REMOTE_STORAGE_VOL_LIST_MAX');
       const names = await session.driver.listVolumes(session.driver.poolByRef(a.pool));
-      return { names: firstNames(names, a.maxnames, STORAGE_VOL_LIST_MAX, 'REMOTE_STORAGE_VOL_LIST_MAX') };
+      return { names: names.slice(0, a.maxnames) };
     },
   }],
   [P.STORAGE_POOL_LIST_ALL_VOLUMES.num, {
@@ -271,11 +272,16 @@ const HANDLERS = new Map<number, Handler>([
   [P.STORAGE_VOL_DOWNLOAD.num, { run: (call, a: TransferArgs) => call.session.openTransfer(call, 'download', a) }],
 ]);
 
-/** The first `maxnames` of `names`, with libvirt's checks of `maxnames` (the old list calls). */
-function firstNames(names: string[], maxnames: number, max: number, maxName: string): string[] {
+/** libvirt's checks of `maxnames` in the old list calls, made before anything is looked up. */
+function checkMaxnames(maxnames: number, max: number, maxName: string): void {
   if (maxnames > max) throw rpcError(CODE.RPC, `maxnames > ${maxName}`);
-  if (maxnames < 0) throw rpcError(CODE.INVALID_ARG, 'maxnames must not be negative');
-  return names.slice(0, maxnames);
+  if (maxnames < 0) throw rpcError(CODE.RPC, 'maxnames must be non-negative');
+}
+
+/** The first `maxnames` of `names`, `maxnames` checked first. */
+function firstNames(names: () => string[], maxnames: number, max: number, maxName: string): string[] {
+  checkMaxnames(maxnames, max, maxName);
+  return names().slice(0, maxnames);
 }
 
 /** Storage pool event callback ids, unique in the process as libvirt's are in its daemon. */
@@ -359,7 +365,7 @@ export class Session {
   /** CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY: events of one kind, of every pool or of `pool` (by uuid). */
   registerPoolEvents(eventID: number, pool: PoolRef | null): number {
     if (eventID !== PoolEventId.LIFECYCLE && eventID !== PoolEventId.REFRESH) {
-      throw storageError(CODE.INTERNAL_ERROR, `unsupported storage pool event ID ${eventID}`);
+      throw rpcError(CODE.INTERNAL_ERROR, `unsupported storage pool event ID ${eventID}`);
     }
     const id = nextCallbackId++;
     this.poolCallbacks.set(id, { eventID, uuid: pool ? pool.uuid.toString('hex') : null });
@@ -370,7 +376,7 @@ export class Session {
 
   deregisterPoolEvents(callbackID: number): void {
     if (!this.poolCallbacks.delete(callbackID)) {
-      throw storageError(CODE.INTERNAL_ERROR, `storage pool event callback ${callbackID} not registered`);
+      throw rpcError(CODE.INTERNAL_ERROR, `storage pool event callback ${callbackID} not registered`);
     }
     if (this.poolCallbacks.size === 0) this.dropPoolEvents();
   }

@@ -22,7 +22,7 @@ import { writeChunks } from '../sparse/index.js';
 import { ExtentWalker } from '../sparse/extents.js';
 import { readFully, zeroes } from '../sparse/file.js';
 import * as sys from '../sparse/sys.js';
-import { CODE, DOMAIN, checkFlags, storageError, systemError } from './errors.js';
+import { CODE, DOMAIN, checkFlags, exclusiveFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';
 import { formatPoolXml, formatVolXml, parsePoolXml, parseVolXml, sanitizePath, type PoolXmlDef } from './xml.js';
@@ -347,10 +347,6 @@ export class StorageDriver {
   async createTransient(xml: string, flags: number): Promise<Pool> {
     const F = PoolCreateFlags;
     checkFlags(flags, F.WITH_BUILD | F.WITH_BUILD_OVERWRITE | F.WITH_BUILD_NO_OVERWRITE, 'storagePoolCreateXML');
-    if (flags & F.WITH_BUILD_OVERWRITE && flags & F.WITH_BUILD_NO_OVERWRITE) {
-      throw storageError(CODE.INVALID_ARG,
-        "Flags 'VIR_STORAGE_POOL_CREATE_WITH_BUILD_OVERWRITE' and 'VIR_STORAGE_POOL_CREATE_WITH_BUILD_NO_OVERWRITE' are mutually exclusive");
-    }
     const def = parsePoolXml(xml);
     const existing = this.checkDuplicate(def);
     if (existing) {
@@ -387,7 +383,7 @@ export class StorageDriver {
     checkFlags(flags, OVERWRITE | NO_OVERWRITE, 'virStorageBackendFileSystemBuild');
     this.requireInactive(pool, 'already');
     if (flags & OVERWRITE && flags & NO_OVERWRITE) {
-      throw storageError(CODE.INVALID_ARG, "Flags 'VIR_STORAGE_POOL_BUILD_OVERWRITE' and 'VIR_STORAGE_POOL_BUILD_NO_OVERWRITE' are mutually exclusive");
+      throw exclusiveFlags('VIR_STORAGE_POOL_BUILD_OVERWRITE', 'VIR_STORAGE_POOL_BUILD_NO_OVERWRITE', 'virStorageBackendFileSystemBuild');
     }
     const mode = pool.mode ?? DEFAULT_POOL_MODE;
     let exists = false;
@@ -401,6 +397,7 @@ export class StorageDriver {
     }
     if (exists) {
       if (pool.mode !== null) await fsp.chmod(pool.target, mode).catch((err) => { throw systemError(`cannot set mode of '${pool.target}'`, err); });
+      formatRefused(pool, flags);
       return;
     }
     try {
@@ -411,6 +408,7 @@ export class StorageDriver {
       if (!isErrno(err, 'EEXIST')) throw systemError(`cannot create path '${pool.target}'`, err);
     }
     this.log.info('pool built', { pool: pool.name, target: pool.target });
+    formatRefused(pool, flags);
   }
 
   async start(pool: Pool, flags: number, opts: { save?: boolean } = {}): Promise<void> {
@@ -941,9 +939,18 @@ async function reflinkInto(from: string, to: string): Promise<void> {
   }
 }
 
-/** STORAGE_POOL_CREATE(_XML)'s build flags as STORAGE_POOL_BUILD's. */
+/** STORAGE_POOL_CREATE(_XML)'s build flags as STORAGE_POOL_BUILD's: overwrite wins, as in libvirt. */
 function buildFlagsOf(createFlags: number): number {
-  return (createFlags & PoolCreateFlags.WITH_BUILD_OVERWRITE ? 8 : 0) | (createFlags & PoolCreateFlags.WITH_BUILD_NO_OVERWRITE ? 4 : 0);
+  if (createFlags & PoolCreateFlags.WITH_BUILD_OVERWRITE) return 8;
+  return createFlags & PoolCreateFlags.WITH_BUILD_NO_OVERWRITE ? 4 : 0;
+}
+
+/**
+ * libvirt builds a dir pool's directory, then takes (no-)overwrite as a request to format its
+ * source device, which a dir pool has none of.
+ */
+function formatRefused(pool: Pool, buildFlags: number): void {
+  if (buildFlags & (4 | 8)) throw storageError(CODE.OPERATION_INVALID, `No source device specified when formatting pool '${pool.name}'`);
 }
 
 /** Allocate [offset, offset + length) (fallocate mode 0), or write zeros where that is unsupported. */

@@ -9,7 +9,7 @@ import {
 
 export const STRING_MAX = 4194304;
 export const AUTH_TYPE_LIST_MAX = 20;
-export const STORAGE_POOL_LIST_MAX = 4096;
+export const STORAGE_POOL_LIST_MAX = 16384;
 export const STORAGE_VOL_LIST_MAX = 16384;
 
 const str = string(STRING_MAX);
