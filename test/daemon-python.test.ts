@@ -125,6 +125,8 @@ rec('isSecure', conn.isSecure)
 rec('isEncrypted', conn.isEncrypted)
 rec('capabilities', lambda: conn.getStoragePoolCapabilities(0))
 rec('capabilities bad flags', lambda: conn.getStoragePoolCapabilities(1))
+rec('find pool sources, dir', lambda: conn.findStoragePoolSources('dir', None, 0))
+rec('find pool sources, unknown type', lambda: conn.findStoragePoolSources('bogus', None, 0))
 
 A, B, T = PFX + 'a', PFX + 'b', PFX + 't'
 adir, bdir, tdir = os.path.join(DIR, 'a'), os.path.join(DIR, 'b'), os.path.join(DIR, 't')
@@ -297,6 +299,8 @@ rec('edge4.img after offset upload', lambda: os.stat(vb4.path()).st_size)
 
 # clones
 pb = rec('define b', lambda: conn.storagePoolDefineXML(pxml(B, bdir), 0))
+b_events = []
+cb_b = rec('register lifecycle of b', lambda: conn.storagePoolEventRegisterAny(pb, libvirt.VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE, lambda c, p, e, d, o: b_events.append([p.name(), e]), None))
 rec('b create with build', lambda: pb.create(libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD))
 cl = lambda name, extra='': "<volume><name>%s</name>%s</volume>" % (name, extra)
 c1 = rec('clone sparse (allocation 0)', lambda: pa.createXMLFrom(cl('c1.img', '<capacity>0</capacity><allocation>0</allocation>'), va, 0))
@@ -375,9 +379,11 @@ deadline = time.time() + 5
 while time.time() < deadline and not (events and events[-1][0] == 'lifecycle' and events[-1][1] == A and events[-1][2] == libvirt.VIR_STORAGE_POOL_EVENT_UNDEFINED):
     time.sleep(0.05)
 rec('deregister lifecycle', lambda: conn.storagePoolEventDeregisterAny(cb_life))
+rec('deregister lifecycle of b', lambda: conn.storagePoolEventDeregisterAny(cb_b))
 rec('deregister refresh', lambda: conn.storagePoolEventDeregisterAny(cb_ref))
 rec('deregister again', lambda: conn.storagePoolEventDeregisterAny(cb_ref))
 out.append(['events', {'ok': events}])
+out.append(['events of b', {'ok': b_events}])
 conn.close()
 print(json.dumps(out))
 `;
@@ -590,6 +596,7 @@ describe('python3-libvirt: the storage API against sparsevirtd and libvirtd', ()
       ['lifecycle', tp, L.STARTED, 0], ['refresh', tp], ['lifecycle', tp, L.STOPPED, 0],
       ['lifecycle', a, L.STOPPED, 0], ['lifecycle', a, L.DELETED, 0], ['lifecycle', a, L.UNDEFINED, 0],
     ]);
+    assert.deepEqual(okOf(s, 'events of b'), [[b, L.STARTED], [b, L.STOPPED], [b, L.UNDEFINED]], 'a callback for one pool gets its events only');
   });
 
   test('virsh pool-event --loop: the same lifecycle and refresh events from sparsevirtd as from libvirtd', { timeout: 180_000 }, async (t) => {

@@ -30,6 +30,7 @@ const REF: Record<number, [name: string, args: Fields, ret: Fields]> = {
   72: ['CONNECT_LIST_STORAGE_POOLS', [['maxnames', 'int']], [['names', 'string<4096>']]],
   73: ['CONNECT_NUM_OF_DEFINED_STORAGE_POOLS', [], [['num', 'int']]],
   74: ['CONNECT_LIST_DEFINED_STORAGE_POOLS', [['maxnames', 'int']], [['names', 'string<4096>']]],
+  75: ['CONNECT_FIND_STORAGE_POOL_SOURCES', [['type', 'string'], ['srcSpec', 'optstring'], flags], [['xml', 'string']]],
   76: ['STORAGE_POOL_CREATE_XML', [['xml', 'string'], flags], [pool]],
   77: ['STORAGE_POOL_DEFINE_XML', [['xml', 'string'], flags], [pool]],
   78: ['STORAGE_POOL_CREATE', [pool, flags], []],

@@ -160,6 +160,7 @@ describe('read-only connections', () => {
       const defineXml = `<pool type='dir'><name>ro-pool</name><target><path>${path.join(d.dir, 'ro-pool')}</path></target></pool>`;
       existing.push({ h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.STORAGE_POOL_DEFINE_XML.num, type: 0, serial: 0, status: 0 }, payload: encode(P.STORAGE_POOL_DEFINE_XML.args, { xml: defineXml, flags: 0 }), marks: [] });
       existing.push({ h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.STORAGE_POOL_CREATE_XML.num, type: 0, serial: 0, status: 0 }, payload: encode(P.STORAGE_POOL_CREATE_XML.args, { xml: defineXml, flags: 1 }), marks: [] });
+      existing.push({ h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.CONNECT_FIND_STORAGE_POOL_SOURCES.num, type: 0, serial: 0, status: 0 }, payload: encode(P.CONNECT_FIND_STORAGE_POOL_SOURCES.args, { type: 'dir', srcSpec: null, flags: 0 }), marks: [] });
       const anchorRef = { name: 'anchor', uuid: Buffer.from(pool.uuidString.replace(/-/g, ''), 'hex') };
       existing.push({
         h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.STORAGE_VOL_CREATE_XML_FROM.num, type: 0, serial: 0, status: 0 },

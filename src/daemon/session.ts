@@ -131,6 +131,10 @@ const HANDLERS = new Map<number, Handler>([
   [P.CONNECT_LIST_DEFINED_STORAGE_POOLS.num, {
     run: ({ session }, a: { maxnames: number }) => ({ names: firstNames(() => session.driver.poolNames(false), a.maxnames, STORAGE_POOL_LIST_MAX, 'REMOTE_STORAGE_POOL_LIST_MAX') }),
   }],
+  [P.CONNECT_FIND_STORAGE_POOL_SOURCES.num, {
+    api: 'virConnectFindStoragePoolSources',
+    run: ({ session }, a: { type: string; srcSpec: string | null; flags: number }) => session.driver.findPoolSources(a.type, a.flags),
+  }],
   [P.STORAGE_POOL_LOOKUP_BY_TARGET_PATH.num, { run: ({ session }, a: { path: string }) => poolRet(session.driver.poolByTargetPath(a.path)) }],
   [P.STORAGE_POOL_CREATE_XML.num, {
     api: 'virStoragePoolCreateXML',

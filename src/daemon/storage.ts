@@ -25,7 +25,7 @@ import * as sys from '../sparse/sys.js';
 import { CODE, DOMAIN, checkFlags, exclusiveFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';
-import { formatPoolXml, formatVolXml, parsePoolXml, parseVolXml, sanitizePath, type PoolXmlDef } from './xml.js';
+import { POOL_TYPES, formatPoolXml, formatVolXml, parsePoolXml, parseVolXml, sanitizePath, type PoolXmlDef } from './xml.js';
 
 const { O_WRONLY, O_RDONLY, O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
 
@@ -256,6 +256,16 @@ export class StorageDriver {
     throw storageError(CODE.NO_STORAGE_POOL, clean === p
       ? `no storage pool with matching target path '${p}'`
       : `no storage pool with matching target path '${p}' (${clean})`);
+  }
+
+  /**
+   * CONNECT_FIND_STORAGE_POOL_SOURCES: libvirt's dir pools have nothing to discover, and sparsevirtd
+   * has no other kind.
+   */
+  findPoolSources(type: string, flags: number): never {
+    checkFlags(flags, 0, 'storageConnectFindStoragePoolSources');
+    if (!POOL_TYPES.includes(type)) throw storageError(CODE.INTERNAL_ERROR, `unknown storage pool type ${type}`);
+    throw storageError(CODE.NO_SUPPORT, `pool type '${type}' does not support source discovery`);
   }
 
   /** Names of the running (`active`) or inactive pools, sorted (CONNECT_LIST_(DEFINED_)STORAGE_POOLS). */

@@ -193,7 +193,8 @@ export interface PoolXmlDef {
   mode: number | null;
 }
 
-const POOL_TYPES = new Set(['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage']);
+/** libvirt's pool types, in its order. */
+export const POOL_TYPES: readonly string[] = ['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage'];
 
 /**
  * Collapse repeated slashes and drop a trailing one, as libvirt's virFileSanitizePath; a path
@@ -213,7 +214,7 @@ export function parsePoolXml(xml: string): PoolXmlDef {
   }
   const type = root.attrs.type;
   if (type === undefined) throw virError(CODE.XML_ERROR, DOMAIN.XML, "Missing required attribute 'type' in element 'pool'");
-  if (!POOL_TYPES.has(type)) throw virError(CODE.XML_ERROR, DOMAIN.XML, `Invalid value for attribute 'type' in element 'pool': '${type}'.`);
+  if (!POOL_TYPES.includes(type)) throw virError(CODE.XML_ERROR, DOMAIN.XML, `Invalid value for attribute 'type' in element 'pool': '${type}'.`);
   const name = textAt(root, 'name');
   if (!name) throw storageError(CODE.XML_ERROR, 'missing pool source name element');
   if (name.includes('/')) throw storageError(CODE.XML_ERROR, `name ${name} cannot contain '/'`);

@@ -70,6 +70,8 @@ export const P = {
   CONNECT_LIST_STORAGE_POOLS: proc(72, 'CONNECT_LIST_STORAGE_POOLS', listNames, retPoolNames),
   CONNECT_NUM_OF_DEFINED_STORAGE_POOLS: proc(73, 'CONNECT_NUM_OF_DEFINED_STORAGE_POOLS', voidCodec, retNum),
   CONNECT_LIST_DEFINED_STORAGE_POOLS: proc(74, 'CONNECT_LIST_DEFINED_STORAGE_POOLS', listNames, retPoolNames),
+  CONNECT_FIND_STORAGE_POOL_SOURCES: proc(75, 'CONNECT_FIND_STORAGE_POOL_SOURCES', struct({ type: str, srcSpec: optStr, flags: uint }), struct({ xml: str }),
+    { writes: true }),
   STORAGE_POOL_CREATE_XML: proc(76, 'STORAGE_POOL_CREATE_XML', struct({ xml: str, flags: uint }), retPool, { writes: true }),
   STORAGE_POOL_DEFINE_XML: proc(77, 'STORAGE_POOL_DEFINE_XML', struct({ xml: str, flags: uint }), retPool, { writes: true }),
   STORAGE_POOL_CREATE: proc(78, 'STORAGE_POOL_CREATE', poolFlags, voidCodec, { writes: true }),
