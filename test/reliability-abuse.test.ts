@@ -244,6 +244,62 @@ describe('semantic abuse of sparsevirtd', () => {
     }
   });
 
+  test('vol-clone: a 1 TiB sparse source clones at once through its data only; names with path tricks and a symlinked source get libvirt errors and create nothing', async () => {
+    const TiB = 2 ** 40;
+    const huge = path.join(poolDir, 'huge.img');
+    const fh = await fsp.open(huge, 'w', 0o600);
+    const blocks: Array<[number, Buffer]> = [[0, Buffer.alloc(4096, 0x11)], [TiB / 2, Buffer.alloc(4096, 0x22)], [TiB - 4096, Buffer.alloc(4096, 0x33)]];
+    for (const [at, b] of blocks) await fh.write(b, 0, b.length, at);
+    await fh.close();
+    const c = await client();
+    const clone = (name: string, from = vol('huge.img')) => c.call(P.STORAGE_VOL_CREATE_XML_FROM, {
+      pool: poolRef, xml: `<volume><name>${name}</name><capacity>0</capacity><allocation>0</allocation></volume>`, clonevol: from, flags: 0,
+    });
+    const outsideBefore = (await fsp.readdir(outside)).sort();
+    try {
+      const t0 = Date.now();
+      const r = await clone('huge-clone.img');
+      assert.equal(r.status, Status.OK, r.status === Status.ERROR ? errorOf(r).message : '');
+      const ms = Date.now() - t0;
+      assert.ok(ms < 10_000, `took ${ms} ms: the holes were read`);
+      const copy = path.join(poolDir, 'huge-clone.img');
+      assert.equal(fs.statSync(copy).size, TiB);
+      assert.equal(fs.statSync(copy).blocks, fs.statSync(huge).blocks, 'the same allocation: holes stay holes');
+      const got = await fsp.open(copy, 'r');
+      try {
+        for (const [at, b] of blocks) {
+          const back = Buffer.alloc(4096);
+          await got.read(back, 0, 4096, at);
+          assert.ok(back.equals(b), `the data at ${at}`);
+        }
+      } finally {
+        await got.close();
+      }
+      await fsp.rm(copy);
+      await fsp.rm(huge);
+
+      // names that would leave the pool, and a source that is a symlink out of it
+      await fsp.writeFile(path.join(poolDir, 'small.img'), Buffer.alloc(4096, 9));
+      const poolBefore = (await fsp.readdir(poolDir)).sort();
+      for (const [name, code] of [['../escape.img', 55], ['sub/x.img', 55], [`${outside}/x.img`, 55], ['..', 8], ['.', 8]] as const) {
+        assertClearError(await clone(name, vol('small.img')), `clone named ${name}`, [code]);
+      }
+      await fsp.symlink(path.join(outside, 'secret'), path.join(poolDir, 'link.img'));
+      const e = assertClearError(await clone('from-link.img', vol('link.img')), 'a symlinked source', [8]);
+      assert.match(e.message, /symbolic link/);
+      assert.ok(!fs.existsSync(path.join(poolDir, 'from-link.img')), 'no clone of a symlink');
+      assertClearError(await clone('x.img', vol('missing.img')), 'a missing source', [50]);
+      assertClearError(await clone('y.img', { pool: 'no-such-pool', name: 'small.img', key: '' }), 'a missing source pool', [49]);
+      assert.deepEqual((await fsp.readdir(outside)).sort(), outsideBefore, 'nothing made outside the pool');
+      assert.equal(await fsp.readFile(path.join(outside, 'secret'), 'utf8'), 'do not touch');
+      assert.deepEqual((await fsp.readdir(poolDir)).sort(), [...poolBefore, 'link.img'].sort(), 'no volume was made');
+    } finally {
+      c.close();
+      await fsp.rm(path.join(poolDir, 'link.img'), { force: true });
+      await fsp.rm(path.join(poolDir, 'small.img'), { force: true });
+    }
+  });
+
   test('hole lengths that are zero, negative or past 2^53, and hole flags: a clear STREAM/ERROR, nothing written, the connection stays', async () => {
     const name = 'holes.img';
     const file = path.join(poolDir, name);
