@@ -72,7 +72,7 @@ print(json.dumps(gone))
  * pool events seen meanwhile (of pools named SV_PFX…) come last.
  */
 const TOUR = String.raw`
-import errno, hashlib, json, os, random, sys, threading, time
+import errno, hashlib, json, os, random, sys, threading, time, uuid
 import libvirt
 
 URI, DIR, PFX = os.environ['SV_URI'], os.environ['SV_DIR'], os.environ['SV_PFX']
@@ -366,6 +366,17 @@ rec('t destroy', lambda: pt.destroy())
 rec('t lookup after destroy', lambda: conn.storagePoolLookupByName(T).name())
 rec('t in list after destroy', lambda: T in conn.listStoragePools() + conn.listDefinedStoragePools())
 
+# a transient pool defined while it runs becomes persistent
+U2, u2dir, u2id = PFX + 'u', os.path.join(DIR, 'u'), str(uuid.uuid4())
+uxml = "<pool type='dir'><name>%s</name><uuid>%s</uuid><target><path>%s</path></target></pool>" % (U2, u2id, u2dir)
+pu = rec('createXML transient with a uuid', lambda: conn.storagePoolCreateXML(uxml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD))
+rec('define it while it runs', lambda: conn.storagePoolDefineXML(uxml, 0).name())
+rec('u isPersistent', pu.isPersistent)
+rec('u isActive', pu.isActive)
+rec('u destroy', pu.destroy)
+rec('u still there, inactive', lambda: conn.storagePoolLookupByName(U2).isActive())
+rec('u undefine', pu.undefine)
+
 rec('create keep.img', lambda: pa.createXML(vxml('keep.img', 4096), 0).name())
 rec('a destroy', lambda: pa.destroy())
 rec('a delete non-empty', lambda: pa.delete(0))
@@ -594,6 +605,7 @@ describe('python3-libvirt: the storage API against sparsevirtd and libvirtd', ()
       ...Array.from({ length: 5 }, () => ['refresh', a]), // each upload's end: 1 sparse, 2 at the capacity, 1 refused, 1 at an offset
       ['lifecycle', b, L.DEFINED, 0], ['lifecycle', b, L.STARTED, 0], ['lifecycle', b, L.STOPPED, 0], ['lifecycle', b, L.UNDEFINED, 0],
       ['lifecycle', tp, L.STARTED, 0], ['refresh', tp], ['lifecycle', tp, L.STOPPED, 0],
+      ['lifecycle', `${pfx}u`, L.STARTED, 0], ['lifecycle', `${pfx}u`, L.DEFINED, 0], ['lifecycle', `${pfx}u`, L.STOPPED, 0], ['lifecycle', `${pfx}u`, L.UNDEFINED, 0],
       ['lifecycle', a, L.STOPPED, 0], ['lifecycle', a, L.DELETED, 0], ['lifecycle', a, L.UNDEFINED, 0],
     ]);
     assert.deepEqual(okOf(s, 'events of b'), [[b, L.STARTED], [b, L.STOPPED], [b, L.UNDEFINED]], 'a callback for one pool gets its events only');
