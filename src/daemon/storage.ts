@@ -18,9 +18,9 @@ import type { RemoteError } from '../errors.js';
 import {
   ListPoolsFlags, PoolCreateFlags, PoolLifecycle, PoolState, VolCreateFlags, VolResizeFlags, VolType, WipeAlgorithm,
 } from '../protocol/remote.js';
-import { writeChunks } from '../sparse/index.js';
 import { ExtentWalker } from '../sparse/extents.js';
 import { readFully, zeroes } from '../sparse/file.js';
+import { writeChunks } from '../sparse/index.js';
 import * as sys from '../sparse/sys.js';
 import { CODE, DOMAIN, checkFlags, exclusiveFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';

@@ -17,11 +17,11 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
-import type { DirectTarget, StreamInbound } from '../stream/channel.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
 import { bufferStats, releaseFramePayloads, type WireStream } from '../rpc/peer.js';
 import { fileSendBatches, writeChunks } from '../sparse/index.js';
 import { releaseFreeMemory } from '../sparse/sys.js';
+import type { DirectTarget, StreamInbound } from '../stream/channel.js';
 import { Stream } from '../stream/index.js';
 import { CODE, DOMAIN, streamNoSpace, systemError, virError } from './errors.js';
 import type { Logger } from './log.js';
