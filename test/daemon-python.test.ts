@@ -440,6 +440,26 @@ const XML_ERRORS = new Set(['create bad xml', 'clone bad xml', 'createXML bad xm
  */
 const OWN_ANSWER = new Set(['capabilities', 'clone name ..', 'wipe pattern nnsa']);
 
+/**
+ * libvirtd's events against ours: the lifecycle events the same and in the same order; refresh
+ * events of the same pools, in the same places, but libvirtd may send fewer in a row: it refreshes
+ * after an upload in a thread of its own, and now and then (1 run in ~15 here) one is not sent.
+ */
+function sameEvents(ours: unknown[][], theirs: unknown[][]): boolean {
+  const runs = (evs: unknown[][]) => {
+    const out: Array<{ e: unknown[]; n: number }> = [];
+    for (const e of evs) {
+      const last = out[out.length - 1];
+      if (last && e[0] === 'refresh' && JSON.stringify(last.e) === JSON.stringify(e)) last.n++;
+      else out.push({ e, n: 1 });
+    }
+    return out;
+  };
+  const a = runs(ours);
+  const b = runs(theirs);
+  return a.length === b.length && a.every((r, i) => JSON.stringify(r.e) === JSON.stringify(b[i]!.e) && (r.e[0] === 'refresh' ? b[i]!.n >= 1 && b[i]!.n <= r.n : r.n === b[i]!.n));
+}
+
 function outcome(steps: Step[], name: string): Outcome {
   const s = steps.find(([n]) => n === name);
   assert.ok(s, `no step '${name}'`);
@@ -490,7 +510,7 @@ async function until(what: string, cond: () => boolean, ms = 15_000): Promise<vo
  * transient pool through its (pool-create --build, pool-destroy). Lines of these pools only,
  * with the prefix as <P>.
  */
-async function poolEventLines(uri: string, pfx: string): Promise<{ lifecycle: string[]; refresh: string[] }> {
+async function poolEventLines(uri: string, pfx: string, uploadRefresh: 'wait' | 'may miss'): Promise<{ lifecycle: string[]; refresh: string[] }> {
   const dir = await scratchDir(SCRATCH_ROOT, 'sparsevirt-pe-');
   const life = watchEvents(uri, 'lifecycle');
   const refresh = watchEvents(uri, 'refresh');
@@ -519,7 +539,9 @@ async function poolEventLines(uri: string, pfx: string): Promise<{ lifecycle: st
     await ok(['pool-refresh', pe]);
     await ok(['vol-create-as', pe, 'v.img', '64K', '--allocation', '0', '--format', 'raw']);
     await ok(['vol-upload', '--pool', pe, 'v.img', img]);
-    await until('the refresh after the upload', () => refresh.lines().filter((l) => l.includes(pe)).length >= 2);
+    const refreshed = until('the refresh after the upload', () => refresh.lines().filter((l) => l.includes(pe)).length >= 2, 5000);
+    if (uploadRefresh === 'wait') await refreshed;
+    else await refreshed.catch(() => undefined);
     await ok(['vol-delete', '--pool', pe, 'v.img']);
     await ok(['pool-destroy', pe]);
     await ok(['pool-delete', pe]);
@@ -566,6 +588,11 @@ describe('python3-libvirt: the storage API against sparsevirtd and libvirtd', ()
       const [name, mine] = ours.steps[i]!;
       const other = theirs.steps[i]![1];
       if (OWN_ANSWER.has(name)) continue;
+      if (name === 'events' && 'ok' in mine && 'ok' in other) {
+        const [a, b] = [normalise(mine, ours.dir, pfx), normalise(other, theirs.dir, pfx)] as Array<{ ok: unknown[][] }>;
+        if (!sameEvents(a.ok, b.ok)) diffs.push(`events:\n  sparsevirtd ${JSON.stringify(a.ok)}\n  libvirtd    ${JSON.stringify(b.ok)}`);
+        continue;
+      }
       let a = normalise(mine, ours.dir, pfx);
       let b = normalise(other, theirs.dir, pfx);
       if (XML_ERRORS.has(name) && 'err' in a && 'err' in b) {
@@ -614,7 +641,7 @@ describe('python3-libvirt: the storage API against sparsevirtd and libvirtd', ()
   test('virsh pool-event --loop: the same lifecycle and refresh events from sparsevirtd as from libvirtd', { timeout: 180_000 }, async (t) => {
     if (!(await requireLibvirt(t))) return;
     const pfx = prefix();
-    const ours = await poolEventLines(d.virshUri, pfx);
+    const ours = await poolEventLines(d.virshUri, pfx, 'wait');
     assert.deepEqual(ours, {
       lifecycle: [
         "event 'lifecycle' for storage pool <P>e: Defined",
@@ -629,7 +656,10 @@ describe('python3-libvirt: the storage API against sparsevirtd and libvirtd', ()
       // pool-refresh, then the end of the upload
       refresh: ["event 'refresh' for storage pool <P>e", "event 'refresh' for storage pool <P>e"],
     });
-    assert.deepEqual(await poolEventLines(LIBVIRTD_URI, pfx), ours, 'libvirtd');
+    // libvirtd refreshes after an upload in a thread of its own, and now and then that refresh is not sent
+    const theirs = await poolEventLines(LIBVIRTD_URI, pfx, 'may miss');
+    assert.deepEqual(theirs.lifecycle, ours.lifecycle, 'libvirtd');
+    assert.ok(theirs.refresh.length >= 1 && theirs.refresh.length <= 2 && theirs.refresh.every((l) => l === ours.refresh[0]), `libvirtd: ${theirs.refresh.join(' | ')}`);
   });
 
   test('virsh vol-upload one byte past the capacity: the volume grows by that byte, as with libvirtd (plain and sparse)', { timeout: 120_000 }, async (t) => {
