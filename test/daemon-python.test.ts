@@ -19,7 +19,8 @@ import type { Codec } from '../src/xdr/index.js';
 import { RawClient, decodeWith, errorOf, run, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { scratchDir } from './helpers/images.js';
 import {
-  LIBVIRTD_PKI_DIR, LIBVIRTD_SOCKET, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, LIBVIRTD_URI, SCRATCH_ROOT, libvirtdListenersAvailable, requireLibvirt, virsh, virshOk,
+  LIBVIRTD_PKI_DIR, LIBVIRTD_SOCKET, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, LIBVIRTD_URI, SCRATCH_ROOT,
+  libvirtdListenersAvailable, requireLibvirt, virsh, virshOk,
 } from './helpers/libvirt.js';
 
 const PYTHON = '/usr/bin/python3';
@@ -91,7 +92,8 @@ def rec(step, fn):
         return v
     except libvirt.libvirtError as e:
         out.append([step, {'err': [e.get_error_code(), e.get_error_domain(), e.get_error_message()]}])
-        if os.environ.get('SV_DEBUG'): print(step, e.get_error_message(), file=sys.stderr)
+        if os.environ.get('SV_DEBUG'):  # each error on stderr, when looking into a run
+            print(step, e.get_error_message(), file=sys.stderr)
         return None
 
 def blocks(path):
