@@ -4,7 +4,8 @@
 # `libvirtd -d` with its own config file, so a distro /etc/libvirt/libvirtd.conf is never edited.
 #
 #   1. installs (apt, noninteractive, --no-install-recommends) what is missing of
-#      libvirt-daemon libvirt-clients nbdkit libnbd-bin qemu-utils time (+ openssl with --tcp-tls)
+#      libvirt-daemon libvirt-clients nbdkit libnbd-bin qemu-utils time python3-libvirt
+#      (+ openssl with --tcp-tls); python3-libvirt is libvirt's Python client, for /usr/bin/python3
 #   2. creates /var/log/libvirt, /var/run/libvirt and the qemu driver's user libvirt-qemu (groups
 #      libvirt-qemu, kvm): without them the qemu driver, and so libvirtd, refuses to start
 #   3. writes /etc/libvirt/sparsevirt-libvirtd.conf and starts libvirtd unless one answers already
@@ -60,6 +61,10 @@ missing=()
 for bin in "${!pkg_of[@]}"; do
   command -v "$bin" >/dev/null 2>&1 || missing+=("${pkg_of[$bin]}")
 done
+# libvirt's Python binding, for Debian's own interpreter (test/daemon-python.test.ts)
+if ! /usr/bin/python3 -c 'import libvirt' >/dev/null 2>&1; then
+  missing+=(python3-libvirt)
+fi
 if [ "$tcp_tls" = 1 ] && ! command -v openssl >/dev/null 2>&1 && ! command -v certtool >/dev/null 2>&1; then
   missing+=(openssl)
 fi
@@ -71,7 +76,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/setup-libvirt-apt.log 2>&1 \
     || { tail -n 30 /tmp/setup-libvirt-apt.log >&2; die "apt-get install failed"; }
 else
-  say "packages present (libvirtd virsh nbdkit nbdcopy qemu-img time)"
+  say "packages present (libvirtd virsh nbdkit nbdcopy qemu-img time python3-libvirt)"
 fi
 
 # ---------------------------------------------------------------------------- helpers

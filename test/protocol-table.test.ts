@@ -1,16 +1,17 @@
 /**
  * The procedure table against an independent transcription of the wire reference
- * (shared/reference/libvirt-protocol.md §6.2; 91 from libvirt's remote_protocol.x). Every
- * field gets a distinct value, so a swapped field order or a wrong XDR type changes the bytes —
- * the captures cannot catch all of these (e.g. every captured vol-info reply has
- * capacity == allocation, and procedures 81, 85, 90, 91, 165 never appear).
+ * (shared/reference/libvirt-protocol.md §6.2; 71-76, 91, 92, 125, 149, 368-373, 391 and 403 from
+ * libvirt's remote_protocol.x). Every field gets a distinct value, so a swapped field order or a
+ * wrong XDR type changes the bytes — the captures cannot catch all of these (e.g. every captured
+ * vol-info reply has capacity == allocation, and procedures 81, 85, 90, 91, 165 never appear).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { P, PROCEDURES_BY_NUM } from '../src/protocol/remote.js';
 import { decode, encode, XdrWriter } from '../src/xdr/index.js';
 
-type T = 'int' | 'uint' | 'u64' | 'string' | 'optstring' | 'uuid' | 'pool' | 'vol' | 'int<20>' | 'pool<4096>' | 'vol<16384>';
+type T = 'int' | 'uint' | 'u64' | 'string' | 'optstring' | 'uuid' | 'pool' | 'optpool' | 'vol' | 'int<20>' | 'pool<4096>' | 'vol<16384>'
+  | 'string<4096>' | 'string<16384>';
 type Fields = [string, T][];
 
 const pool: [string, T] = ['pool', 'pool'];
@@ -25,6 +26,12 @@ const REF: Record<number, [name: string, args: Fields, ret: Fields]> = {
   59: ['CONNECT_GET_HOSTNAME', [], [['hostname', 'string']]],
   60: ['CONNECT_SUPPORTS_FEATURE', [['feature', 'int']], [['supported', 'int']]],
   66: ['AUTH_LIST', [], [['types', 'int<20>']]],
+  71: ['CONNECT_NUM_OF_STORAGE_POOLS', [], [['num', 'int']]],
+  72: ['CONNECT_LIST_STORAGE_POOLS', [['maxnames', 'int']], [['names', 'string<4096>']]],
+  73: ['CONNECT_NUM_OF_DEFINED_STORAGE_POOLS', [], [['num', 'int']]],
+  74: ['CONNECT_LIST_DEFINED_STORAGE_POOLS', [['maxnames', 'int']], [['names', 'string<4096>']]],
+  75: ['CONNECT_FIND_STORAGE_POOL_SOURCES', [['type', 'string'], ['srcSpec', 'optstring'], flags], [['xml', 'string']]],
+  76: ['STORAGE_POOL_CREATE_XML', [['xml', 'string'], flags], [pool]],
   77: ['STORAGE_POOL_DEFINE_XML', [['xml', 'string'], flags], [pool]],
   78: ['STORAGE_POOL_CREATE', [pool, flags], []],
   79: ['STORAGE_POOL_BUILD', [pool, flags], []],
@@ -40,6 +47,7 @@ const REF: Record<number, [name: string, args: Fields, ret: Fields]> = {
   89: ['STORAGE_POOL_GET_AUTOSTART', [pool], [['autostart', 'int']]],
   90: ['STORAGE_POOL_SET_AUTOSTART', [pool, ['autostart', 'int']], []],
   91: ['STORAGE_POOL_NUM_OF_VOLUMES', [pool], [['num', 'int']]],
+  92: ['STORAGE_POOL_LIST_VOLUMES', [pool, ['maxnames', 'int']], [['names', 'string<16384>']]],
   93: ['STORAGE_VOL_CREATE_XML', [pool, ['xml', 'string'], flags], [vol]],
   94: ['STORAGE_VOL_DELETE', [vol, flags], []],
   95: ['STORAGE_VOL_LOOKUP_BY_NAME', [pool, ['name', 'string']], [vol]],
@@ -49,6 +57,8 @@ const REF: Record<number, [name: string, args: Fields, ret: Fields]> = {
   99: ['STORAGE_VOL_GET_XML_DESC', [vol, flags], [['xml', 'string']]],
   100: ['STORAGE_VOL_GET_PATH', [vol], [['name', 'string']]],
   110: ['CONNECT_GET_URI', [], [['uri', 'string']]],
+  125: ['STORAGE_VOL_CREATE_XML_FROM', [pool, ['xml', 'string'], ['clonevol', 'vol'], flags], [vol]],
+  149: ['CONNECT_IS_SECURE', [], [['secure', 'int']]],
   154: ['STORAGE_POOL_IS_ACTIVE', [pool], [['active', 'int']]],
   155: ['STORAGE_POOL_IS_PERSISTENT', [pool], [['persistent', 'int']]],
   157: ['CONNECT_GET_LIB_VERSION', [], [['libVer', 'u64']]],
@@ -61,7 +71,14 @@ const REF: Record<number, [name: string, args: Fields, ret: Fields]> = {
   282: ['STORAGE_POOL_LIST_ALL_VOLUMES', [pool, ['needResults', 'int'], flags], [['vols', 'vol<16384>'], ['ret', 'uint']]],
   360: ['CONNECT_REGISTER_CLOSE_CALLBACK', [], []],
   361: ['CONNECT_UNREGISTER_CLOSE_CALLBACK', [], []],
+  368: ['CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY', [['eventID', 'int'], ['pool', 'optpool']], [['callbackID', 'int']]],
+  369: ['CONNECT_STORAGE_POOL_EVENT_DEREGISTER_ANY', [['callbackID', 'int']], []],
+  // events (MESSAGE from the daemon): the message body as `args`
+  370: ['STORAGE_POOL_EVENT_LIFECYCLE', [['callbackID', 'int'], pool, ['event', 'int'], ['detail', 'int']], []],
+  373: ['STORAGE_POOL_EVENT_REFRESH', [['callbackID', 'int'], pool], []],
   378: ['STORAGE_VOL_GET_INFO_FLAGS', [vol, flags], [['type', 'int'], ['capacity', 'u64'], ['allocation', 'u64']]],
+  391: ['STORAGE_POOL_LOOKUP_BY_TARGET_PATH', [['path', 'string']], [pool]],
+  403: ['CONNECT_GET_STORAGE_POOL_CAPABILITIES', [flags], [['capabilities', 'string']]],
 };
 
 /** A sample value for a field, distinct for every `k`, written by hand into `w`. */
@@ -84,10 +101,13 @@ function sample(t: T, k: number, w: XdrWriter): unknown {
     case 'optstring': { const v = `o${k}`; w.uint(1).string(v); return v; }
     case 'uuid': { const v = Buffer.alloc(16, 0x40 + k); w.fixedOpaque(v); return v; }
     case 'pool': return poolV(k);
+    case 'optpool': w.uint(1); return poolV(k);
     case 'vol': return volV(k);
     case 'int<20>': w.uint(2).int(k).int(k + 1); return [k, k + 1];
     case 'pool<4096>': w.uint(2); return [poolV(k), poolV(k + 50)];
     case 'vol<16384>': w.uint(2); return [volV(k), volV(k + 50)];
+    case 'string<4096>':
+    case 'string<16384>': w.uint(2).string(`n${k}`).string(`n${k + 50}`); return [`n${k}`, `n${k + 50}`];
   }
 }
 

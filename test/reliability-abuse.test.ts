@@ -1,8 +1,8 @@
 /**
  * Issue 6, semantic abuse: well-formed frames that ask for something they must not get.
  * Each gets a clear error (a libvirt code other than "internal error", with a message) and
- * changes nothing it should not: files outside the pool, the volume beyond its capacity or
- * beyond the written range, other streams on the same connection.
+ * changes nothing it should not: files outside the pool, the volume beyond the written range,
+ * other streams on the same connection. (An upload past the volume's end grows it, as libvirt's.)
  *
  * (Already covered elsewhere and not repeated here: a hole past an upload's `length` is clipped
  * and data past it gets ENOSPC, raw-hole-negative/flags/nonsparse captures, the basic orphan
@@ -15,7 +15,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { connect } from '../src/client/index.js';
 import { RemoteError } from '../src/errors.js';
-import { MessageType, Status } from '../src/rpc/message.js';
+import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, buildFrame, type Header } from '../src/rpc/message.js';
 import { P } from '../src/protocol/remote.js';
 import { XdrReader, XdrWriter, encode } from '../src/xdr/index.js';
 import { RawClient, errorOf, run, startTestDaemon, type Frame, type TestDaemon } from './helpers/daemon.js';
@@ -27,6 +27,11 @@ const DOWN = 209;
 
 function hole(length: bigint, flags = 0): Buffer {
   return Buffer.from(new XdrWriter(12).hyper(length).uint(flags).view());
+}
+
+/** One frame of the REMOTE program, for writing many at once. */
+function frame(h: Pick<Header, 'proc' | 'serial' | 'type' | 'status'>, payload?: Buffer): Buffer {
+  return buildFrame({ prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, ...h }, payload);
 }
 
 /** A clear refusal: an error reply that is not libvirt's catch-all "internal error", with a message. */
@@ -92,75 +97,206 @@ describe('semantic abuse of sparsevirtd', () => {
     return s;
   }
 
-  test('uploads never run past the capacity: data or a hole past it fails clearly, the volume keeps its size', async () => {
+  test('uploads past the end grow the volume, as libvirt\'s do (data, a hole, an offset past it, exactly one byte past it); --length and 2^53 still limit', async () => {
     const name = 'cap.img';
     const file = path.join(poolDir, name);
     await makeFilledFile(file, MiB, 11);
     const original = await fsp.readFile(file);
     const c = await client();
+    const finish = async (s: number): Promise<Frame> => {
+      c.send({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.OK });
+      return streamEnd(c, s);
+    };
     try {
-      // data that would cross the end: what fits is written, then a clear STREAM/ERROR
+      // data that crosses the end: all of it lands, the volume grows to its end
       let s = await openUpload(c, name, MiB - 4096);
       c.send({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.CONTINUE }, Buffer.alloc(8192, 0x5a));
-      let e = assertClearError(await streamEnd(c, s), 'data past capacity', [8]);
-      assert.match(e.message, /upload to volume 'cap\.img' runs past its capacity \(1048576 bytes\)/);
+      assert.equal((await finish(s)).status, Status.OK, 'data past the end');
       let now = await fsp.readFile(file);
-      assert.equal(now.length, MiB, 'size unchanged');
+      assert.equal(now.length, MiB + 4096);
       assert.ok(now.subarray(0, MiB - 4096).equals(original.subarray(0, MiB - 4096)), 'bytes before the offset untouched');
+      assert.ok(now.subarray(MiB - 4096).equals(Buffer.alloc(8192, 0x5a)));
 
-      // a hole that would cross the end (sparse upload at 0: data, then a 2 MiB hole)
+      // exactly one byte past the capacity (the boundary): the volume is one byte longer
+      await makeFilledFile(file, MiB, 11);
+      s = await openUpload(c, name, 0, { sparse: false });
+      const oneMore = Buffer.alloc(MiB + 1, 0x3c);
+      for (let at = 0; at < oneMore.length; at += 262120) {
+        c.send({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.CONTINUE }, oneMore.subarray(at, Math.min(at + 262120, oneMore.length)));
+      }
+      assert.equal((await finish(s)).status, Status.OK, 'one byte past the end');
+      now = await fsp.readFile(file);
+      assert.equal(now.length, MiB + 1);
+      assert.ok(now.equals(oneMore));
+
+      // a hole that crosses the end (sparse upload at 0: data, then a 2 MiB hole): zeros, grown to its end
       await makeFilledFile(file, MiB, 11);
       s = await openUpload(c, name, 0);
       c.send({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.CONTINUE }, Buffer.alloc(4096, 1));
       c.send({ proc: UP, serial: s, type: MessageType.STREAM_HOLE, status: Status.CONTINUE }, hole(2n * BigInt(MiB)));
-      e = assertClearError(await streamEnd(c, s), 'hole past capacity', [8]);
-      assert.match(e.message, /runs past its capacity/);
-      assert.equal(fs.statSync(file).size, MiB, 'a hole does not grow it either');
-
-      // an offset past the end is refused at the CALL: no stream, nothing opened
-      await makeFilledFile(file, MiB, 11);
-      const r = await c.call(P.STORAGE_VOL_UPLOAD, { vol: vol(name), offset: BigInt(MiB + 1), length: 0n, flags: 1 });
-      e = assertClearError(r, 'offset past capacity', [8]);
-      assert.match(e.message, /at byte 1048577/);
-      assert.equal(fdsOn(file), 0, 'the volume was closed again');
-
-      // exactly up to the end is fine, and so is an empty upload at the end
-      s = await openUpload(c, name, MiB - 4096);
-      c.send({ proc: UP, serial: s, type: MessageType.STREAM_HOLE, status: Status.CONTINUE }, hole(4096n));
-      c.send({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.OK });
-      assert.equal((await streamEnd(c, s)).status, Status.OK);
-      s = await openUpload(c, name, MiB);
-      c.send({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.OK });
-      assert.equal((await streamEnd(c, s)).status, Status.OK);
+      assert.equal((await finish(s)).status, Status.OK, 'a hole past the end');
       now = await fsp.readFile(file);
-      assert.equal(now.length, MiB);
-      assert.ok(now.subarray(MiB - 4096).equals(Buffer.alloc(4096)), 'the hole at the end reads as zeros');
-      assert.ok(now.subarray(0, MiB - 4096).equals(original.subarray(0, MiB - 4096)));
+      assert.equal(now.length, 2 * MiB + 4096);
+      assert.ok(now.subarray(0, 4096).equals(Buffer.alloc(4096, 1)));
+      assert.ok(now.subarray(4096).equals(Buffer.alloc(2 * MiB)), 'the hole reads as zeros, over the old data too');
+
+      // an offset past the end: accepted; the gap reads as zeros
+      await makeFilledFile(file, MiB, 11);
+      s = await openUpload(c, name, MiB + 1);
+      c.send({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.CONTINUE }, Buffer.from([0x77]));
+      assert.equal((await finish(s)).status, Status.OK, 'an offset past the end');
+      now = await fsp.readFile(file);
+      assert.equal(now.length, MiB + 2);
+      assert.ok(now.subarray(0, MiB).equals(original));
+      assert.equal(now[MiB], 0);
+      assert.equal(now[MiB + 1], 0x77);
+
+      // --length still limits: up to the end of the volume, and not one byte more
+      await makeFilledFile(file, MiB, 11);
+      s = await openUpload(c, name, MiB - 4096, { length: 4096 });
+      c.send({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.CONTINUE }, Buffer.alloc(4097, 0x5a));
+      const e = assertClearError(await streamEnd(c, s), 'data past --length', [38]);
+      assert.match(e.message, /No space left on device/);
+      now = await fsp.readFile(file);
+      assert.equal(now.length, MiB, 'not grown past --length');
+      assert.ok(now.subarray(MiB - 4096).equals(Buffer.alloc(4096, 0x5a)), 'what fits in --length is written');
+
+      // and so does 2^53, the largest offset sparsevirtd handles
+      await makeFilledFile(file, MiB, 11);
+      s = await openUpload(c, name, Number.MAX_SAFE_INTEGER - 4095);
+      c.send({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.CONTINUE }, Buffer.alloc(8192, 0x5a));
+      assertClearError(await streamEnd(c, s), 'data past 2^53', [38, 84]);
+      assert.equal(fdsOn(file), 0, 'every stream closed its file');
     } finally {
       c.close();
     }
 
-    // the client library and a non-sparse stream: the same clear error
+    // the client library, sparse and not, and virsh: the volume takes the whole image
     const src = path.join(d.dir, 'big.src');
     await makeImage(src, [{ kind: 'data', length: 700000 }, { kind: 'hole', length: MiB }, { kind: 'data', length: 5 }], 3);
+    const want = await sha256File(src);
+    const size = fs.statSync(src).size;
     const conn = await connect(d.uri);
     try {
       const v = await (await conn.storagePoolLookupByName('abuse')).volLookupByName(name);
       for (const sparse of [true, false]) {
-        await assert.rejects(v.uploadFile(src, { sparse }), (err: RemoteError) => err.virCode === 8 && /runs past its capacity/.test(err.message));
-        assert.equal(fs.statSync(file).size, MiB, `sparse=${sparse}: size unchanged`);
+        await makeFilledFile(file, MiB, 11);
+        await v.uploadFile(src, { sparse });
+        assert.equal(await sha256File(file), want, `sparse=${sparse}: the image`);
+        assert.equal((await v.info()).capacity, size);
       }
-      assert.equal((await v.info()).capacity, MiB, 'the connection is fine');
     } finally {
       await conn.close();
     }
-
-    // what virsh shows
-    const vr = await run('virsh', ['-q', '-c', d.virshUri, 'vol-upload', '--pool', 'abuse', name, src], { timeoutMs: 30000 });
+    await makeFilledFile(file, MiB, 11);
+    const vr = await run('virsh', ['-q', '-c', d.virshUri, 'vol-upload', '--pool', 'abuse', name, src, '--sparse'], { timeoutMs: 30000 });
     if (vr.code !== -1 || process.env.CI) {
-      assert.equal(vr.code, 1, vr.stderr);
-      assert.match(vr.stderr, /runs past its capacity/);
-      assert.equal(fs.statSync(file).size, MiB);
+      assert.equal(vr.code, 0, vr.stderr);
+      assert.equal(await sha256File(file), want, 'virsh: the image');
+    }
+  });
+
+  test('a packet refused mid-upload (past --length, a bad hole, a hole on a plain stream): every byte sent before it is written, always, then the stream fails', async () => {
+    const name = 'refused.img';
+    const file = path.join(poolDir, name);
+    const PACKETS = 300;
+    const SIZE = 4096;
+    const packet = (i: number) => Buffer.alloc(SIZE, (i % 250) + 1);
+    const cases: Array<{ what: string; sparse: boolean; length: number; bad: (s: number) => Buffer; pattern: RegExp }> = [
+      { what: 'data past --length', sparse: true, length: PACKETS * SIZE, pattern: /No space left on device/,
+        bad: (s) => frame({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.CONTINUE }, Buffer.alloc(SIZE, 0xfe)) },
+      { what: 'a hole with flags', sparse: true, length: 0, pattern: /flags 0x1/,
+        bad: (s) => frame({ proc: UP, serial: s, type: MessageType.STREAM_HOLE, status: Status.CONTINUE }, hole(4096n, 1)) },
+      { what: 'a hole of negative length', sparse: true, length: 0, pattern: /invalid length -4096/,
+        bad: (s) => frame({ proc: UP, serial: s, type: MessageType.STREAM_HOLE, status: Status.CONTINUE }, hole(-4096n)) },
+      { what: 'a hole on a plain stream', sparse: false, length: 0, pattern: /not opened with the sparse flag/,
+        bad: (s) => frame({ proc: UP, serial: s, type: MessageType.STREAM_HOLE, status: Status.CONTINUE }, hole(4096n)) },
+    ];
+    const c = await client();
+    try {
+      for (const k of cases) {
+        for (let round = 0; round < 4; round++) {
+          await makeFilledFile(file, 2 * PACKETS * SIZE, 17);
+          const original = await fsp.readFile(file);
+          const failed = d.logs.filter((l) => /"upload failed"/.test(l)).length;
+          const s = await openUpload(c, name, 0, { sparse: k.sparse, length: k.length });
+          // all of it in one write: the daemon has packets queued, not yet written, when the bad one comes
+          const frames: Buffer[] = [];
+          for (let i = 0; i < PACKETS; i++) frames.push(frame({ proc: UP, serial: s, type: MessageType.STREAM, status: Status.CONTINUE }, packet(i)));
+          frames.push(k.bad(s));
+          c.write(Buffer.concat(frames));
+          const e = assertClearError(await streamEnd(c, s), `${k.what}, round ${round}`);
+          assert.match(e.message, k.pattern);
+          // the transfer's end (its log line) comes once the file is written and closed
+          for (let i = 0; i < 250 && d.logs.filter((l) => /"upload failed"/.test(l)).length <= failed; i++) await new Promise((r) => setTimeout(r, 20));
+          assert.ok(d.logs.filter((l) => /"upload failed"/.test(l)).length > failed, `${k.what}: the daemon logged the failed upload`);
+          const now = await fsp.readFile(file);
+          let stored = 0;
+          while (stored < PACKETS && now.subarray(stored * SIZE, (stored + 1) * SIZE).equals(packet(stored))) stored++;
+          assert.equal(stored, PACKETS, `${k.what}, round ${round}: packets before the refused one stored`);
+          assert.ok(now.subarray(PACKETS * SIZE).equals(original.subarray(PACKETS * SIZE)), `${k.what}: nothing of or after the refused packet`);
+          assert.equal((await c.call(P.CONNECT_GET_LIB_VERSION, undefined)).status, Status.OK, 'the connection goes on');
+        }
+      }
+      assert.equal(fdsOn(file), 0, 'every stream closed its file');
+    } finally {
+      c.close();
+    }
+  });
+
+  test('vol-clone: a 1 TiB sparse source clones at once through its data only; names with path tricks and a symlinked source get libvirt errors and create nothing', async () => {
+    const TiB = 2 ** 40;
+    const huge = path.join(poolDir, 'huge.img');
+    const fh = await fsp.open(huge, 'w', 0o600);
+    const blocks: Array<[number, Buffer]> = [[0, Buffer.alloc(4096, 0x11)], [TiB / 2, Buffer.alloc(4096, 0x22)], [TiB - 4096, Buffer.alloc(4096, 0x33)]];
+    for (const [at, b] of blocks) await fh.write(b, 0, b.length, at);
+    await fh.close();
+    const c = await client();
+    const clone = (name: string, from = vol('huge.img')) => c.call(P.STORAGE_VOL_CREATE_XML_FROM, {
+      pool: poolRef, xml: `<volume><name>${name}</name><capacity>0</capacity><allocation>0</allocation></volume>`, clonevol: from, flags: 0,
+    });
+    const outsideBefore = (await fsp.readdir(outside)).sort();
+    try {
+      const t0 = Date.now();
+      const r = await clone('huge-clone.img');
+      assert.equal(r.status, Status.OK, r.status === Status.ERROR ? errorOf(r).message : '');
+      const ms = Date.now() - t0;
+      assert.ok(ms < 10_000, `took ${ms} ms: the holes were read`);
+      const copy = path.join(poolDir, 'huge-clone.img');
+      assert.equal(fs.statSync(copy).size, TiB);
+      assert.equal(fs.statSync(copy).blocks, fs.statSync(huge).blocks, 'the same allocation: holes stay holes');
+      const got = await fsp.open(copy, 'r');
+      try {
+        for (const [at, b] of blocks) {
+          const back = Buffer.alloc(4096);
+          await got.read(back, 0, 4096, at);
+          assert.ok(back.equals(b), `the data at ${at}`);
+        }
+      } finally {
+        await got.close();
+      }
+      await fsp.rm(copy);
+      await fsp.rm(huge);
+
+      // names that would leave the pool, and a source that is a symlink out of it
+      await fsp.writeFile(path.join(poolDir, 'small.img'), Buffer.alloc(4096, 9));
+      const poolBefore = (await fsp.readdir(poolDir)).sort();
+      for (const [name, code] of [['../escape.img', 55], ['sub/x.img', 55], [`${outside}/x.img`, 55], ['..', 8], ['.', 8]] as const) {
+        assertClearError(await clone(name, vol('small.img')), `clone named ${name}`, [code]);
+      }
+      await fsp.symlink(path.join(outside, 'secret'), path.join(poolDir, 'link.img'));
+      const e = assertClearError(await clone('from-link.img', vol('link.img')), 'a symlinked source', [8]);
+      assert.match(e.message, /symbolic link/);
+      assert.ok(!fs.existsSync(path.join(poolDir, 'from-link.img')), 'no clone of a symlink');
+      assertClearError(await clone('x.img', vol('missing.img')), 'a missing source', [50]);
+      assertClearError(await clone('y.img', { pool: 'no-such-pool', name: 'small.img', key: '' }), 'a missing source pool', [49]);
+      assert.deepEqual((await fsp.readdir(outside)).sort(), outsideBefore, 'nothing made outside the pool');
+      assert.equal(await fsp.readFile(path.join(outside, 'secret'), 'utf8'), 'do not touch');
+      assert.deepEqual((await fsp.readdir(poolDir)).sort(), [...poolBefore, 'link.img'].sort(), 'no volume was made');
+    } finally {
+      c.close();
+      await fsp.rm(path.join(poolDir, 'link.img'), { force: true });
+      await fsp.rm(path.join(poolDir, 'small.img'), { force: true });
     }
   });
 

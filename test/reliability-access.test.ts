@@ -159,6 +159,16 @@ describe('read-only connections', () => {
       const existing = synthesizedSessions({ anchor: poolDir, proto: path.join(d.dir, 'proto') }).map((s) => s.frames[0]!);
       const defineXml = `<pool type='dir'><name>ro-pool</name><target><path>${path.join(d.dir, 'ro-pool')}</path></target></pool>`;
       existing.push({ h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.STORAGE_POOL_DEFINE_XML.num, type: 0, serial: 0, status: 0 }, payload: encode(P.STORAGE_POOL_DEFINE_XML.args, { xml: defineXml, flags: 0 }), marks: [] });
+      existing.push({ h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.STORAGE_POOL_CREATE_XML.num, type: 0, serial: 0, status: 0 }, payload: encode(P.STORAGE_POOL_CREATE_XML.args, { xml: defineXml, flags: 1 }), marks: [] });
+      existing.push({ h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.CONNECT_FIND_STORAGE_POOL_SOURCES.num, type: 0, serial: 0, status: 0 }, payload: encode(P.CONNECT_FIND_STORAGE_POOL_SOURCES.args, { type: 'dir', srcSpec: null, flags: 0 }), marks: [] });
+      const anchorRef = { name: 'anchor', uuid: Buffer.from(pool.uuidString.replace(/-/g, ''), 'hex') };
+      existing.push({
+        h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.STORAGE_VOL_CREATE_XML_FROM.num, type: 0, serial: 0, status: 0 },
+        payload: encode(P.STORAGE_VOL_CREATE_XML_FROM.args, {
+          pool: anchorRef, xml: "<volume><name>ro-clone.img</name><capacity>0</capacity></volume>", clonevol: { pool: 'anchor', name: 'proto-sparse.img', key: '' }, flags: 0,
+        }),
+        marks: [],
+      });
       const writes = [...PROCEDURES_BY_NUM.values()].filter((p) => p.writes && p.num !== P.STORAGE_VOL_DOWNLOAD.num);
       assert.ok(writes.length >= 14, `${writes.length} procedures change something`);
       let serial = 500;

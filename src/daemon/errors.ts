@@ -73,6 +73,15 @@ export function unsupportedFlags(flags: number, fn: string): RemoteError {
   });
 }
 
+/** VIR_EXCLUSIVE_FLAGS_RET: `Flags 'A' and 'B' are mutually exclusive` (no prefix; str1 = function, str2 = "ctl", ints 0). */
+export function exclusiveFlags(a: string, b: string, fn: string): RemoteError {
+  return new RemoteError({
+    code: CODE.INVALID_ARG, domain: DOMAIN.STORAGE,
+    message: `Flags '${a}' and '${b}' are mutually exclusive`, level: 2,
+    str1: fn, str2: 'ctl', str3: null, int1: 0, int2: 0,
+  });
+}
+
 /** Throws `unsupportedFlags` when `flags` has a bit outside `allowed`. */
 export function checkFlags(flags: number, allowed: number, fn: string): void {
   const extra = (flags & ~allowed) >>> 0;

@@ -15,7 +15,7 @@ import { Peer } from '../rpc/peer.js';
 import { adoptWithReadHook } from '../transport/connect.js';
 import { serverTlsFiles } from '../transport/uri.js';
 import { Logger, type LogLevel } from './log.js';
-import { Session } from './session.js';
+import { Session, type SessionTransport } from './session.js';
 import { StateDirLock } from './state.js';
 import { StorageDriver } from './storage.js';
 
@@ -171,7 +171,7 @@ class Daemon implements DaemonHandle {
     } else {
       // Paused: the socket is re-created with a read hook before anything is read from it.
       server = net.createServer({ pauseOnConnect: true }, (sock) => {
-        const info = spec.kind === 'unix' ? { transport: 'unix' } : { transport: 'tcp', remote: `${sock.remoteAddress}:${sock.remotePort}` };
+        const info = spec.kind === 'unix' ? { transport: 'unix' as const } : { transport: 'tcp' as const, remote: `${sock.remoteAddress}:${sock.remotePort}` };
         this.accept(this.closing ? sock : adoptWithReadHook(sock), info);
       });
     }
@@ -212,7 +212,7 @@ class Daemon implements DaemonHandle {
     this.accept(sock, { transport: 'tls', remote, cn });
   }
 
-  private accept(sock: net.Socket, info: { transport: string; remote?: string; cn?: string }): void {
+  private accept(sock: net.Socket, info: { transport: SessionTransport; remote?: string; cn?: string }): void {
     if (this.closing) {
       sock.destroy();
       return;
@@ -223,7 +223,7 @@ class Daemon implements DaemonHandle {
       keepaliveInterval: this.opts.keepaliveInterval ?? 5,
       keepaliveCount: this.opts.keepaliveCount ?? 5,
     });
-    const session = new Session(peer, { driver: this.driver, log: this.log, hvVersion: this.hvVersion }, this.log);
+    const session = new Session(peer, { driver: this.driver, log: this.log, hvVersion: this.hvVersion }, this.log, false, info.transport);
     this.sessions.add(session);
     this.sockets.add(sock);
     session.log.info('client connected', info);

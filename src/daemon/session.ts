@@ -12,13 +12,15 @@ import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Message } fro
 import type { Peer } from '../rpc/peer.js';
 import { encodeRemoteError } from '../rpc/structs.js';
 import {
-  AuthType, CONNECT_RO, Feature, P, PROCEDURES_BY_NUM, SPARSE_STREAM, type PoolRef, type Procedure, type VolRef,
+  AuthType, CONNECT_RO, Feature, P, PROCEDURES_BY_NUM, PoolEventId, SPARSE_STREAM, STORAGE_POOL_LIST_MAX, STORAGE_VOL_LIST_MAX,
+  type PoolRef, type Procedure, type VolRef,
 } from '../protocol/remote.js';
-import { XdrReader } from '../xdr/index.js';
+import { XdrReader, encode } from '../xdr/index.js';
 import { CODE, DOMAIN, checkFlags, readOnlyError, rpcError, storageError, toRemoteError, virError } from './errors.js';
 import type { Logger } from './log.js';
-import type { Pool, StorageDriver, Volume } from './storage.js';
-import { Transfer, transferLength, uploadPastCapacity } from './transfer.js';
+import type { Pool, PoolEvent, StorageDriver, Volume } from './storage.js';
+import { Transfer, transferLength } from './transfer.js';
+import { formatPoolCapabilities } from './xml.js';
 
 /** What virsh gets from CONNECT_GET_LIB_VERSION: libvirt 9.0.0, the version we are compatible with. */
 export const LIB_VERSION = 9000000n;
@@ -49,7 +51,13 @@ interface Handler {
   run(call: Call, args: any): unknown;
 }
 
+/** libvirtd's serial on the event messages it sends. */
+const EVENT_SERIAL = 1;
+
 const FEATURES_SUPPORTED = new Set<number>([Feature.PROGRAM_KEEPALIVE, Feature.REMOTE_EVENT_CALLBACK, Feature.REMOTE_CLOSE_CALLBACK]);
+
+/** How the client reached us: what CONNECT_IS_SECURE answers for. */
+export type SessionTransport = 'unix' | 'tcp' | 'tls';
 
 const poolRet = (p: Pool) => ({ pool: poolRef(p) });
 const volRet = (v: Volume) => ({ vol: volRef(v) });
@@ -92,6 +100,21 @@ const HANDLERS = new Map<number, Handler>([
   [P.CONNECT_GET_VERSION.num, { hypervisor: true, run: ({ session }) => ({ hvVer: session.ctx.hvVersion }) }],
   [P.CONNECT_GET_LIB_VERSION.num, { hypervisor: true, run: () => ({ libVer: LIB_VERSION }) }],
   [P.CONNECT_GET_HOSTNAME.num, { hypervisor: true, run: () => ({ hostname: os.hostname() }) }],
+  // libvirt's client asks this for both virConnectIsSecure and virConnectIsEncrypted and adds
+  // what it knows of its own transport (encrypted: TLS, ssh).
+  [P.CONNECT_IS_SECURE.num, { hypervisor: true, run: ({ session }) => ({ secure: session.transport === 'tcp' ? 0 : 1 }) }],
+  [P.CONNECT_GET_STORAGE_POOL_CAPABILITIES.num, {
+    run: (_call, a: { flags: number }) => {
+      checkFlags(a.flags, 0, 'storageConnectGetStoragePoolCapabilities');
+      return { capabilities: formatPoolCapabilities() };
+    },
+  }],
+  [P.CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY.num, {
+    run: ({ session }, a: { eventID: number; pool: PoolRef | null }) => ({ callbackID: session.registerPoolEvents(a.eventID, a.pool) }),
+  }],
+  [P.CONNECT_STORAGE_POOL_EVENT_DEREGISTER_ANY.num, {
+    run: ({ session }, a: { callbackID: number }) => session.deregisterPoolEvents(a.callbackID),
+  }],
 
   // ------------------------------------------------------------ pools
   [P.CONNECT_LIST_ALL_STORAGE_POOLS.num, {
@@ -99,6 +122,23 @@ const HANDLERS = new Map<number, Handler>([
       const pools = session.driver.listPools(a.flags);
       return { pools: a.needResults ? pools.map(poolRef) : [], ret: pools.length };
     },
+  }],
+  [P.CONNECT_NUM_OF_STORAGE_POOLS.num, { run: ({ session }) => ({ num: session.driver.poolNames(true).length }) }],
+  [P.CONNECT_NUM_OF_DEFINED_STORAGE_POOLS.num, { run: ({ session }) => ({ num: session.driver.poolNames(false).length }) }],
+  [P.CONNECT_LIST_STORAGE_POOLS.num, {
+    run: ({ session }, a: { maxnames: number }) => ({ names: firstNames(() => session.driver.poolNames(true), a.maxnames, STORAGE_POOL_LIST_MAX, 'REMOTE_STORAGE_POOL_LIST_MAX') }),
+  }],
+  [P.CONNECT_LIST_DEFINED_STORAGE_POOLS.num, {
+    run: ({ session }, a: { maxnames: number }) => ({ names: firstNames(() => session.driver.poolNames(false), a.maxnames, STORAGE_POOL_LIST_MAX, 'REMOTE_STORAGE_POOL_LIST_MAX') }),
+  }],
+  [P.CONNECT_FIND_STORAGE_POOL_SOURCES.num, {
+    api: 'virConnectFindStoragePoolSources',
+    run: ({ session }, a: { type: string; srcSpec: string | null; flags: number }) => session.driver.findPoolSources(a.type, a.flags),
+  }],
+  [P.STORAGE_POOL_LOOKUP_BY_TARGET_PATH.num, { run: ({ session }, a: { path: string }) => poolRet(session.driver.poolByTargetPath(a.path)) }],
+  [P.STORAGE_POOL_CREATE_XML.num, {
+    api: 'virStoragePoolCreateXML',
+    run: async ({ session }, a: { xml: string; flags: number }) => poolRet(await session.driver.createTransient(a.xml, a.flags)),
   }],
   [P.STORAGE_POOL_LOOKUP_BY_NAME.num, { run: ({ session }, a: { name: string }) => poolRet(session.driver.poolByName(a.name)) }],
   [P.STORAGE_POOL_LOOKUP_BY_UUID.num, { run: ({ session }, a: { uuid: Buffer }) => poolRet(session.driver.poolByUuid(a.uuid)) }],
@@ -148,13 +188,17 @@ const HANDLERS = new Map<number, Handler>([
     run: ({ session }, a: { pool: PoolRef }) => ({ active: session.driver.poolByRef(a.pool).active ? 1 : 0 }),
   }],
   [P.STORAGE_POOL_IS_PERSISTENT.num, {
-    run: ({ session }, a: { pool: PoolRef }) => {
-      session.driver.poolByRef(a.pool);
-      return { persistent: 1 };
-    },
+    run: ({ session }, a: { pool: PoolRef }) => ({ persistent: session.driver.poolByRef(a.pool).persistent ? 1 : 0 }),
   }],
   [P.STORAGE_POOL_NUM_OF_VOLUMES.num, {
     run: async ({ session }, a: { pool: PoolRef }) => ({ num: (await session.driver.listVolumes(session.driver.poolByRef(a.pool))).length }),
+  }],
+  [P.STORAGE_POOL_LIST_VOLUMES.num, {
+    run: async ({ session }, a: { pool: PoolRef; maxnames: number }) => {
+      checkMaxnames(a.maxnames, STORAGE_VOL_LIST_MAX, 'REMOTE_STORAGE_VOL_LIST_MAX');
+      const names = await session.driver.listVolumes(session.driver.poolByRef(a.pool));
+      return { names: names.slice(0, a.maxnames) };
+    },
   }],
   [P.STORAGE_POOL_LIST_ALL_VOLUMES.num, {
     run: async ({ session }, a: { pool: PoolRef; needResults: number; flags: number }) => {
@@ -175,6 +219,11 @@ const HANDLERS = new Map<number, Handler>([
     api: 'virStorageVolCreateXML',
     run: async ({ session }, a: { pool: PoolRef; xml: string; flags: number }) =>
       volRet(await session.driver.createVol(session.driver.poolByRef(a.pool), a.xml, a.flags)),
+  }],
+  [P.STORAGE_VOL_CREATE_XML_FROM.num, {
+    api: 'virStorageVolCreateXMLFrom',
+    run: async ({ session }, a: { pool: PoolRef; xml: string; clonevol: VolRef; flags: number }) =>
+      volRet(await session.driver.createVolFrom(session.driver.poolByRef(a.pool), a.xml, a.clonevol, a.flags)),
   }],
   [P.STORAGE_VOL_DELETE.num, {
     api: 'virStorageVolDelete',
@@ -227,6 +276,21 @@ const HANDLERS = new Map<number, Handler>([
   [P.STORAGE_VOL_DOWNLOAD.num, { run: (call, a: TransferArgs) => call.session.openTransfer(call, 'download', a) }],
 ]);
 
+/** libvirt's checks of `maxnames` in the old list calls, made before anything is looked up. */
+function checkMaxnames(maxnames: number, max: number, maxName: string): void {
+  if (maxnames > max) throw rpcError(CODE.RPC, `maxnames > ${maxName}`);
+  if (maxnames < 0) throw rpcError(CODE.RPC, 'maxnames must be non-negative');
+}
+
+/** The first `maxnames` of `names`, `maxnames` checked first. */
+function firstNames(names: () => string[], maxnames: number, max: number, maxName: string): string[] {
+  checkMaxnames(maxnames, max, maxName);
+  return names().slice(0, maxnames);
+}
+
+/** Storage pool event callback ids, unique in the process as libvirt's are in its daemon. */
+let nextCallbackId = 1;
+
 interface TransferArgs {
   vol: VolRef;
   offset: bigint;
@@ -246,6 +310,9 @@ export class Session {
   private readonly reportedOrphans = new Set<string>();
   /** Handlers still running (awaited at shutdown). */
   private inFlight = 0;
+  /** This client's storage pool event callbacks: id → event id and the uuid it is limited to. */
+  private readonly poolCallbacks = new Map<number, { eventID: number; uuid: string | null }>();
+  private stopPoolEvents: (() => void) | null = null;
 
   constructor(
     readonly peer: Peer,
@@ -253,11 +320,13 @@ export class Session {
     log: Logger,
     /** Forced read-only (a read-only listener); a client may also ask with CONNECT_OPEN flag 1. */
     private readonly forceReadonly = false,
+    readonly transport: SessionTransport = 'unix',
   ) {
     this.log = log.child({ client: this.id });
     peer.on('call', (m: Message) => this.onCall(m));
     peer.on('orphanStreamPacket', (m: Message) => this.onOrphan(m));
     peer.on('unexpected', (m: Message) => this.onUnexpected(m));
+    peer.on('close', () => this.dropPoolEvents());
   }
 
   get driver(): StorageDriver {
@@ -292,6 +361,58 @@ export class Session {
 
   closeConnection(): void {
     this.opened = false;
+    this.dropPoolEvents();
+  }
+
+  // ------------------------------------------------------------ storage pool events
+
+  /** CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY: events of one kind, of every pool or of `pool` (by uuid). */
+  registerPoolEvents(eventID: number, pool: PoolRef | null): number {
+    if (eventID !== PoolEventId.LIFECYCLE && eventID !== PoolEventId.REFRESH) {
+      throw rpcError(CODE.INTERNAL_ERROR, `unsupported storage pool event ID ${eventID}`);
+    }
+    const id = nextCallbackId++;
+    this.poolCallbacks.set(id, { eventID, uuid: pool ? pool.uuid.toString('hex') : null });
+    this.stopPoolEvents ??= this.driver.onPoolEvent((e) => this.onPoolEvent(e));
+    this.log.debug('pool event callback registered', { callbackID: id, eventID, pool: pool?.name ?? null });
+    return id;
+  }
+
+  deregisterPoolEvents(callbackID: number): void {
+    if (!this.poolCallbacks.delete(callbackID)) {
+      throw rpcError(CODE.INTERNAL_ERROR, `storage pool event callback ${callbackID} not registered`);
+    }
+    if (this.poolCallbacks.size === 0) this.dropPoolEvents();
+  }
+
+  private dropPoolEvents(): void {
+    this.poolCallbacks.clear();
+    this.stopPoolEvents?.();
+    this.stopPoolEvents = null;
+  }
+
+  /**
+   * A pool event for each matching callback, as a MESSAGE. Sent on the next turn of the event
+   * loop: after the reply to the call that caused it, as libvirtd queues its events.
+   */
+  private onPoolEvent(e: PoolEvent): void {
+    const eventID = e.kind === 'lifecycle' ? PoolEventId.LIFECYCLE : PoolEventId.REFRESH;
+    const uuid = e.pool.uuidBytes;
+    const hex = uuid.toString('hex');
+    const ids: number[] = [];
+    for (const [id, cb] of this.poolCallbacks) if (cb.eventID === eventID && (cb.uuid === null || cb.uuid === hex)) ids.push(id);
+    if (ids.length === 0) return;
+    const pool = { name: e.pool.name, uuid };
+    setImmediate(() => {
+      for (const callbackID of ids) {
+        if (this.peer.closed || !this.poolCallbacks.has(callbackID)) continue;
+        const payload = e.kind === 'lifecycle'
+          ? encode(P.STORAGE_POOL_EVENT_LIFECYCLE.args, { callbackID, pool, event: e.event, detail: e.detail })
+          : encode(P.STORAGE_POOL_EVENT_REFRESH.args, { callbackID, pool });
+        const proc = e.kind === 'lifecycle' ? P.STORAGE_POOL_EVENT_LIFECYCLE.num : P.STORAGE_POOL_EVENT_REFRESH.num;
+        this.peer.sendFrame({ prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc, type: MessageType.MESSAGE, serial: EVENT_SERIAL, status: Status.OK }, payload);
+      }
+    });
   }
 
   // ------------------------------------------------------------ dispatch
@@ -403,18 +524,11 @@ export class Session {
     const fh = await this.driver.openForTransfer(vol, kind === 'upload');
     let transfer: Transfer;
     try {
-      let capacity: number | null = null;
-      if (kind === 'upload') {
-        // An upload never grows a volume (libvirt's would): what runs past the capacity fails.
-        capacity = (await fh.stat()).size;
-        if (offset > capacity) throw uploadPastCapacity(vol.name, capacity, offset);
-      }
       if (this.peer.closed) throw new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed');
       if (this.peer.hasStream(m.proc, m.serial)) throw busy(); // opened while we looked the volume up
       const wire = this.peer.openStream(m.proc, m.serial, { sparse: (a.flags & SPARSE_STREAM) !== 0, sending: kind === 'download' });
       transfer = new Transfer({
-        kind, vol, fh, wire, offset, length: transferLength(a.length), sparse: (a.flags & SPARSE_STREAM) !== 0,
-        capacity, log: this.log,
+        kind, vol, fh, wire, offset, length: transferLength(a.length), sparse: (a.flags & SPARSE_STREAM) !== 0, log: this.log,
       });
     } catch (err) {
       await fh.close().catch(() => undefined);
@@ -422,7 +536,10 @@ export class Session {
     }
     this.transfers.add(transfer);
     call.after = () => {
-      void transfer.run().finally(() => this.transfers.delete(transfer));
+      void transfer.run().finally(() => {
+        this.transfers.delete(transfer);
+        if (kind === 'upload') this.driver.uploadEnded(vol.pool);
+      });
     };
   }
 

@@ -15,13 +15,17 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import type { RemoteError } from '../errors.js';
-import { ListPoolsFlags, PoolState, VolResizeFlags, VolType, WipeAlgorithm } from '../protocol/remote.js';
+import {
+  ListPoolsFlags, PoolCreateFlags, PoolLifecycle, PoolState, VolCreateFlags, VolResizeFlags, VolType, WipeAlgorithm,
+} from '../protocol/remote.js';
+import { ExtentWalker } from '../sparse/extents.js';
+import { readFully, zeroes } from '../sparse/file.js';
 import { writeChunks } from '../sparse/index.js';
 import * as sys from '../io/sys.js';
-import { CODE, checkFlags, storageError, systemError } from './errors.js';
+import { CODE, DOMAIN, checkFlags, exclusiveFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';
-import { formatPoolXml, formatVolXml, parsePoolXml, parseVolXml, sanitizePath } from './xml.js';
+import { POOL_TYPES, formatPoolXml, formatVolXml, parsePoolXml, parseVolXml, sanitizePath, type PoolXmlDef } from './xml.js';
 
 const { O_WRONLY, O_RDONLY, O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
 
@@ -44,6 +48,8 @@ export class Pool {
   mode: number | null;
   autostart = false;
   active = false;
+  /** False for a pool made by STORAGE_POOL_CREATE_XML: never saved, gone once stopped. */
+  persistent = true;
   /** Last values seen while running: libvirt keeps showing them after a destroy. */
   stats: PoolStats = { capacity: 0n, allocation: 0n, available: 0n };
   perms: { mode: number; owner: number; group: number } | null = null;
@@ -101,6 +107,11 @@ function isErrno(err: unknown, code: string): boolean {
   return (err as NodeJS.ErrnoException | undefined)?.code === code;
 }
 
+/** What the driver tells its listeners (the sessions' storage pool event callbacks). */
+export type PoolEvent =
+  | { kind: 'lifecycle'; pool: Pool; event: number; detail: number }
+  | { kind: 'refresh'; pool: Pool };
+
 export interface StorageDriverOptions {
   stateDir: string;
   log: Logger;
@@ -110,6 +121,7 @@ export class StorageDriver {
   readonly store: PoolStore;
   private readonly log: Logger;
   private readonly pools = new Map<string, Pool>();
+  private readonly listeners = new Set<(e: PoolEvent) => void>();
 
   constructor(opts: StorageDriverOptions) {
     this.store = new PoolStore(opts.stateDir);
@@ -154,12 +166,42 @@ export class StorageDriver {
     this.log.info('default pool created', { pool: 'default', target });
   }
 
+  /** Listen to pool events; returns the function that stops listening. */
+  onPoolEvent(fn: (e: PoolEvent) => void): () => void {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  private lifecycle(pool: Pool, event: number): void {
+    this.emit({ kind: 'lifecycle', pool, event, detail: 0 });
+  }
+
+  private emit(e: PoolEvent): void {
+    for (const fn of this.listeners) {
+      try {
+        fn(e);
+      } catch (err) {
+        this.log.error('pool event listener failed', { pool: e.pool.name, error: (err as Error).message });
+      }
+    }
+  }
+
+  /**
+   * An upload into a volume of `pool` ended (either way): libvirt refreshes the pool then and
+   * tells the pool's refresh listeners.
+   */
+  uploadEnded(pool: Pool): void {
+    if (this.pools.get(pool.name) !== pool || !pool.active) return;
+    this.emit({ kind: 'refresh', pool });
+  }
+
   private record(pool: Pool): PoolRecord {
     return { version: 1, name: pool.name, uuid: pool.uuid, type: 'dir', target: pool.target, mode: pool.mode, autostart: pool.autostart, active: pool.active };
   }
 
-  /** Persist the pool's current state; saves of one pool run in order. */
+  /** Persist the pool's current state; saves of one pool run in order. A transient pool has nothing to save. */
   private persist(pool: Pool): Promise<void> {
+    if (!pool.persistent) return Promise.resolve();
     const next = pool.saving.catch(() => undefined).then(async () => {
       if (this.pools.get(pool.name) !== pool) return; // undefined meanwhile
       try {
@@ -182,7 +224,9 @@ export class StorageDriver {
         if (flags & (F.ACTIVE | F.INACTIVE)) {
           if (!((flags & F.ACTIVE && p.active) || (flags & F.INACTIVE && !p.active))) return false;
         }
-        if (flags & (F.PERSISTENT | F.TRANSIENT) && !(flags & F.PERSISTENT)) return false;
+        if (flags & (F.PERSISTENT | F.TRANSIENT)) {
+          if (!((flags & F.PERSISTENT && p.persistent) || (flags & F.TRANSIENT && !p.persistent))) return false;
+        }
         if (flags & (F.AUTOSTART | F.NO_AUTOSTART)) {
           if (!((flags & F.AUTOSTART && p.autostart) || (flags & F.NO_AUTOSTART && !p.autostart))) return false;
         }
@@ -205,6 +249,30 @@ export class StorageDriver {
     throw storageError(CODE.NO_STORAGE_POOL, `no storage pool with matching uuid '${want}'`);
   }
 
+  /** STORAGE_POOL_LOOKUP_BY_TARGET_PATH: the running pool whose target is `p` (sanitized). */
+  poolByTargetPath(p: string): Pool {
+    const clean = sanitizePath(p);
+    for (const pool of this.pools.values()) if (pool.active && pool.target === clean) return pool;
+    throw storageError(CODE.NO_STORAGE_POOL, clean === p
+      ? `no storage pool with matching target path '${p}'`
+      : `no storage pool with matching target path '${p}' (${clean})`);
+  }
+
+  /**
+   * CONNECT_FIND_STORAGE_POOL_SOURCES: libvirt's dir pools have nothing to discover, and sparsevirtd
+   * has no other kind.
+   */
+  findPoolSources(type: string, flags: number): never {
+    checkFlags(flags, 0, 'storageConnectFindStoragePoolSources');
+    if (!POOL_TYPES.includes(type)) throw storageError(CODE.INTERNAL_ERROR, `unknown storage pool type ${type}`);
+    throw storageError(CODE.NO_SUPPORT, `pool type '${type}' does not support source discovery`);
+  }
+
+  /** Names of the running (`active`) or inactive pools, sorted (CONNECT_LIST_(DEFINED_)STORAGE_POOLS). */
+  poolNames(active: boolean): string[] {
+    return this.listPools(active ? ListPoolsFlags.ACTIVE : ListPoolsFlags.INACTIVE).map((p) => p.name);
+  }
+
   /** A pool reference from the wire: libvirt resolves it by UUID. */
   poolByRef(ref: { name: string; uuid: Buffer }): Pool {
     const want = uuidString(ref.uuid);
@@ -220,9 +288,12 @@ export class StorageDriver {
     if (pool.active) throw storageError(CODE.OPERATION_INVALID, `storage pool '${pool.name}' is ${word} active`);
   }
 
-  async define(xml: string, flags: number): Promise<Pool> {
-    checkFlags(flags, 1 /* VALIDATE */, 'storagePoolDefineXML');
-    const def = parsePoolXml(xml);
+  /**
+   * libvirt's duplicate checks for a new definition: the same uuid under another name, the same
+   * name with another uuid (a definition without a uuid gets a new one), another pool on the
+   * same target. Returns the pool of the same name and uuid, if there is one.
+   */
+  private checkDuplicate(def: PoolXmlDef): Pool | undefined {
     const existing = this.pools.get(def.name);
     if (existing) {
       if (def.uuid === null || def.uuid !== existing.uuid) {
@@ -241,13 +312,29 @@ export class StorageDriver {
         throw storageError(CODE.OPERATION_FAILED, `Storage source conflict with pool: '${p.name}'`);
       }
     }
+    return existing;
+  }
+
+  async define(xml: string, flags: number): Promise<Pool> {
+    checkFlags(flags, 1 /* VALIDATE */, 'storagePoolDefineXML');
+    const def = parsePoolXml(xml);
+    const existing = this.checkDuplicate(def);
     if (existing) {
-      // Redefinition of the same pool (same name and uuid): takes effect now if inactive.
+      // Redefinition of the same pool (same name and uuid): takes effect now if inactive; a
+      // running transient pool becomes persistent.
+      const was = { target: existing.target, mode: existing.mode, persistent: existing.persistent };
       if (!existing.active) {
         existing.target = def.target;
         existing.mode = def.mode;
       }
-      await this.persist(existing);
+      existing.persistent = true;
+      try {
+        await this.persist(existing);
+      } catch (err) {
+        Object.assign(existing, was);
+        throw err;
+      }
+      this.lifecycle(existing, PoolLifecycle.DEFINED);
       return existing;
     }
     const pool = new Pool({ name: def.name, uuid: def.uuid ?? randomUUID(), target: def.target, mode: def.mode });
@@ -259,16 +346,54 @@ export class StorageDriver {
       throw err;
     }
     this.log.info('pool defined', { pool: pool.name, target: pool.target });
+    this.lifecycle(pool, PoolLifecycle.DEFINED);
     return pool;
   }
 
+  /**
+   * STORAGE_POOL_CREATE_XML: a transient pool, started at once (built first if asked), never
+   * saved; it is gone once stopped.
+   */
+  async createTransient(xml: string, flags: number): Promise<Pool> {
+    const F = PoolCreateFlags;
+    checkFlags(flags, F.WITH_BUILD | F.WITH_BUILD_OVERWRITE | F.WITH_BUILD_NO_OVERWRITE, 'storagePoolCreateXML');
+    const def = parsePoolXml(xml);
+    const existing = this.checkDuplicate(def);
+    if (existing) {
+      // the same name and uuid as a defined pool: that pool is started
+      if (existing.active) throw storageError(CODE.OPERATION_INVALID, `pool is already active as '${existing.name}'`);
+      await this.start(existing, flags);
+      return existing;
+    }
+    const pool = new Pool({ name: def.name, uuid: def.uuid ?? randomUUID(), target: def.target, mode: def.mode });
+    pool.persistent = false;
+    this.pools.set(pool.name, pool);
+    try {
+      if (flags) await this.buildTarget(pool, buildFlagsOf(flags));
+      await this.scanTarget(pool);
+    } catch (err) {
+      if (this.pools.get(pool.name) === pool) this.pools.delete(pool.name);
+      throw err;
+    }
+    pool.active = true;
+    this.log.info('transient pool started', { pool: pool.name, target: pool.target });
+    this.lifecycle(pool, PoolLifecycle.STARTED);
+    return pool;
+  }
+
+  /** STORAGE_POOL_BUILD: make the target directory. */
   async build(pool: Pool, flags: number): Promise<void> {
+    await this.buildTarget(pool, flags);
+    this.lifecycle(pool, PoolLifecycle.CREATED);
+  }
+
+  private async buildTarget(pool: Pool, flags: number): Promise<void> {
     const OVERWRITE = 8;
     const NO_OVERWRITE = 4;
     checkFlags(flags, OVERWRITE | NO_OVERWRITE, 'virStorageBackendFileSystemBuild');
     this.requireInactive(pool, 'already');
     if (flags & OVERWRITE && flags & NO_OVERWRITE) {
-      throw storageError(CODE.INVALID_ARG, "Flags 'VIR_STORAGE_POOL_BUILD_OVERWRITE' and 'VIR_STORAGE_POOL_BUILD_NO_OVERWRITE' are mutually exclusive");
+      throw exclusiveFlags('VIR_STORAGE_POOL_BUILD_OVERWRITE', 'VIR_STORAGE_POOL_BUILD_NO_OVERWRITE', 'virStorageBackendFileSystemBuild');
     }
     const mode = pool.mode ?? DEFAULT_POOL_MODE;
     let exists = false;
@@ -282,6 +407,7 @@ export class StorageDriver {
     }
     if (exists) {
       if (pool.mode !== null) await fsp.chmod(pool.target, mode).catch((err) => { throw systemError(`cannot set mode of '${pool.target}'`, err); });
+      formatRefused(pool, flags);
       return;
     }
     try {
@@ -292,17 +418,14 @@ export class StorageDriver {
       if (!isErrno(err, 'EEXIST')) throw systemError(`cannot create path '${pool.target}'`, err);
     }
     this.log.info('pool built', { pool: pool.name, target: pool.target });
+    formatRefused(pool, flags);
   }
 
   async start(pool: Pool, flags: number, opts: { save?: boolean } = {}): Promise<void> {
-    const WITH_BUILD = 1;
-    const WITH_BUILD_OVERWRITE = 2;
-    const WITH_BUILD_NO_OVERWRITE = 4;
-    checkFlags(flags, WITH_BUILD | WITH_BUILD_OVERWRITE | WITH_BUILD_NO_OVERWRITE, 'storagePoolCreate');
+    const F = PoolCreateFlags;
+    checkFlags(flags, F.WITH_BUILD | F.WITH_BUILD_OVERWRITE | F.WITH_BUILD_NO_OVERWRITE, 'storagePoolCreate');
     this.requireInactive(pool, 'already');
-    if (flags) {
-      await this.build(pool, (flags & WITH_BUILD_OVERWRITE ? 8 : 0) | (flags & WITH_BUILD_NO_OVERWRITE ? 4 : 0));
-    }
+    if (flags) await this.buildTarget(pool, buildFlagsOf(flags));
     await this.scanTarget(pool);
     pool.active = true;
     if (opts.save !== false) {
@@ -313,6 +436,7 @@ export class StorageDriver {
         throw err;
       }
     }
+    this.lifecycle(pool, PoolLifecycle.STARTED);
   }
 
   /** What libvirt's refresh of a dir pool finds out: the target is a readable directory; its filesystem's sizes. */
@@ -323,7 +447,8 @@ export class StorageDriver {
       if (!st.isDirectory()) throw Object.assign(new Error('not a directory'), { code: 'ENOTDIR', errno: -20 });
       await fsp.access(pool.target, fs.constants.R_OK | fs.constants.X_OK);
     } catch (err) {
-      throw systemError(`cannot open directory '${pool.target}'`, err);
+      // (libvirt reports this from its file utilities: no error domain)
+      throw systemError(`cannot open directory '${pool.target}'`, err, DOMAIN.NONE);
     }
     pool.perms = { mode: st.mode & 0o7777, owner: st.uid, group: st.gid };
     await this.updateStats(pool);
@@ -350,6 +475,16 @@ export class StorageDriver {
       pool.active = true;
       throw err;
     }
+    this.stopped(pool);
+  }
+
+  /** A pool just stopped: tell the listeners; a transient pool is gone with it. */
+  private stopped(pool: Pool): void {
+    this.lifecycle(pool, PoolLifecycle.STOPPED);
+    if (!pool.persistent && this.pools.get(pool.name) === pool) {
+      this.pools.delete(pool.name);
+      this.log.info('transient pool removed', { pool: pool.name });
+    }
   }
 
   /** STORAGE_POOL_DELETE: remove the (empty) target directory of an inactive pool. */
@@ -361,6 +496,7 @@ export class StorageDriver {
     } catch (err) {
       if (!isErrno(err, 'ENOENT')) throw systemError(`failed to remove pool '${pool.target}'`, err);
     }
+    this.lifecycle(pool, PoolLifecycle.DELETED);
   }
 
   async undefine(pool: Pool): Promise<void> {
@@ -375,6 +511,7 @@ export class StorageDriver {
       throw systemError(`cannot remove config file for pool '${pool.name}'`, err);
     }
     this.log.info('pool undefined', { pool: pool.name });
+    this.lifecycle(pool, PoolLifecycle.UNDEFINED);
   }
 
   async refresh(pool: Pool, flags: number): Promise<void> {
@@ -386,11 +523,14 @@ export class StorageDriver {
       // libvirt stops a pool whose refresh fails.
       pool.active = false;
       await this.persist(pool).catch(() => undefined);
+      this.stopped(pool);
       throw err;
     }
+    this.emit({ kind: 'refresh', pool });
   }
 
   async setAutostart(pool: Pool, on: boolean): Promise<void> {
+    if (!pool.persistent) throw storageError(CODE.INTERNAL_ERROR, 'pool has no config file');
     if (pool.autostart === on) return;
     pool.autostart = on;
     try {
@@ -506,6 +646,7 @@ export class StorageDriver {
     checkFlags(flags, 1 | 2 | 4 /* PREALLOC_METADATA | REFLINK | VALIDATE */, 'storageVolCreateXML');
     this.requireActive(pool);
     const def = parseVolXml(xml);
+    const capacity = def.capacity ?? 0;
     checkVolNameForCreate(def.name);
     if (flags & 1) throw storageError(CODE.CONFIG_UNSUPPORTED, 'metadata preallocation is only available with qcow2');
     const p = pool.volPath(def.name);
@@ -517,8 +658,8 @@ export class StorageDriver {
       throw systemError(`cannot create volume '${p}'`, err);
     }
     try {
-      await fh.truncate(def.capacity);
-      const alloc = Math.min(def.allocation ?? 0, def.capacity);
+      await fh.truncate(capacity);
+      const alloc = Math.min(def.allocation ?? 0, capacity);
       if (alloc > 0) await allocate(fh.fd, 0, alloc, p);
       await fh.chmod(VOLUME_MODE);
     } catch (err) {
@@ -529,6 +670,73 @@ export class StorageDriver {
     }
     await fh.close();
     this.log.info('volume created', { pool: pool.name, vol: def.name, capacity: def.capacity, allocation: def.allocation ?? null });
+    return { pool, name: def.name, path: p };
+  }
+
+  /**
+   * STORAGE_VOL_CREATE_XML_FROM (vol-clone, vol-create-from): a new raw volume with the content
+   * of `src`, which may be in another pool. As libvirt: the capacity is at least the source's (the
+   * XML may omit it); an `<allocation>` below the source's capacity makes a sparse clone, where
+   * the source's holes and its all-zero blocks stay unallocated; otherwise (also when
+   * `<allocation>` is absent) that many bytes are allocated first. The copy walks the source's
+   * data extents through one 1 MiB buffer.
+   */
+  async createVolFrom(pool: Pool, xml: string, srcRef: { pool: string; name: string }, flags: number): Promise<Volume> {
+    checkFlags(flags, VolCreateFlags.PREALLOC_METADATA | VolCreateFlags.REFLINK, 'storageVolCreateXMLFrom');
+    let srcPool = pool;
+    if (srcRef.pool !== pool.name) {
+      const other = this.pools.get(srcRef.pool);
+      if (!other) throw storageError(CODE.NO_STORAGE_POOL, `no storage pool with matching name '${srcRef.pool}'`);
+      srcPool = other;
+    }
+    this.requireActive(pool);
+    this.requireActive(srcPool);
+    const src = await this.volByName(srcPool, srcRef.name);
+    const def = parseVolXml(xml, { capacityOptional: true });
+    checkVolNameForCreate(def.name);
+    const p = pool.volPath(def.name);
+    if (await fsp.lstat(p).then(() => true, () => false)) {
+      throw storageError(CODE.INTERNAL_ERROR, `storage volume name '${def.name}' already in use.`);
+    }
+    if (flags & VolCreateFlags.PREALLOC_METADATA) {
+      throw storageError(CODE.CONFIG_UNSUPPORTED, 'metadata preallocation is not supported for raw volumes');
+    }
+    const input = await this.openVol(src, O_RDONLY);
+    let fh: fsp.FileHandle | undefined;
+    try {
+      const size = (await input.stat()).size;
+      const capacity = Math.max(def.capacity ?? 0, size);
+      const allocation = def.allocation ?? capacity;
+      try {
+        fh = await fsp.open(p, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, VOLUME_MODE);
+      } catch (err) {
+        if (isErrno(err, 'EEXIST')) throw storageError(CODE.INTERNAL_ERROR, `storage volume name '${def.name}' already in use.`);
+        throw systemError(`cannot create volume '${p}'`, err);
+      }
+      try {
+        await fh.chmod(VOLUME_MODE);
+        if (flags & VolCreateFlags.REFLINK) {
+          await reflinkInto(src.path, p);
+        } else {
+          await fh.truncate(capacity).catch((err) => { throw systemError(`cannot extend file '${p}'`, err); });
+          // libvirt: an allocation below the source's capacity asks for a sparse clone
+          const sparse = allocation < size;
+          if (!sparse) await allocate(fh.fd, 0, Math.min(allocation, capacity), p);
+          await copyData(input.fd, src.path, fh, p, size);
+        }
+        if ((await fh.stat()).size < capacity) await fh.truncate(capacity);
+      } catch (err) {
+        await fh.close().catch(() => undefined);
+        fh = undefined;
+        await fsp.unlink(p).catch(() => undefined);
+        if ((err as RemoteError).virCode !== undefined) throw err;
+        throw systemError(`cannot clone volume '${src.path}' to '${p}'`, err);
+      }
+    } finally {
+      await input.close().catch(() => undefined);
+      await fh?.close();
+    }
+    this.log.info('volume cloned', { pool: pool.name, vol: def.name, from: `${srcPool.name}/${src.name}` });
     return { pool, name: def.name, path: p };
   }
 
@@ -676,6 +884,83 @@ export class StorageDriver {
   openForTransfer(vol: Volume, upload: boolean): Promise<fsp.FileHandle> {
     return this.openVol(vol, upload ? O_WRONLY : O_RDONLY);
   }
+}
+
+/** Read and write size for copying a volume. */
+const COPY_BUFFER = 1 << 20;
+
+/**
+ * Copy the data of [0, size) of `fromFd` into `to` at the same offsets, as libvirt's sparse
+ * copy does: holes are skipped, and so is each all-zero block (the target's block size,
+ * aligned to the file) of the data, so that they stay unallocated where nothing else put blocks.
+ */
+async function copyData(fromFd: number, fromName: string, to: fsp.FileHandle, toName: string, size: number): Promise<void> {
+  const block = Math.max(512, Number((await to.stat()).blksize) || 4096);
+  const buf = Buffer.allocUnsafe(COPY_BUFFER);
+  const walker = new ExtentWalker(fromFd, fromName, 0, size, true);
+  for (let e = walker.next(); e; e = walker.next()) {
+    if (e.kind === 'hole') continue;
+    for (let at = e.offset; at < e.offset + e.length;) {
+      const want = Math.min(buf.length, e.offset + e.length - at);
+      const n = await readFully(fromFd, buf.subarray(0, want), at);
+      if (n === 0) return; // the source shrank meanwhile
+      // write the runs of blocks that are not all zero
+      let runStart = -1;
+      const flush = async (end: number): Promise<void> => {
+        if (runStart < 0) return;
+        await writeAll(to, buf.subarray(runStart, end), at + runStart, toName);
+        runStart = -1;
+      };
+      for (let off = 0; off < n;) {
+        const next = Math.min(n, (Math.floor((at + off) / block) + 1) * block - at);
+        if (isZero(buf, off, next)) await flush(off);
+        else if (runStart < 0) runStart = off;
+        off = next;
+      }
+      await flush(n);
+      at += n;
+    }
+  }
+}
+
+function isZero(buf: Buffer, from: number, to: number): boolean {
+  return buf.subarray(from, to).equals(zeroes(to - from));
+}
+
+async function writeAll(fh: fsp.FileHandle, data: Buffer, at: number, name: string): Promise<void> {
+  for (let done = 0; done < data.length;) {
+    let n: number;
+    try {
+      n = (await fh.write(data, done, data.length - done, at + done)).bytesWritten;
+    } catch (err) {
+      throw systemError(`cannot write to '${name}'`, err);
+    }
+    if (n === 0) throw systemError(`cannot write to '${name}'`, Object.assign(new Error('short write'), { code: 'EIO', errno: -5 }));
+    done += n;
+  }
+}
+
+/** libvirt's reflink clone (FICLONE): the filesystem shares the source's blocks, or it fails. */
+async function reflinkInto(from: string, to: string): Promise<void> {
+  try {
+    await fsp.copyFile(from, to, fs.constants.COPYFILE_FICLONE_FORCE);
+  } catch (err) {
+    throw systemError(`failed to clone files from '${from}'`, err);
+  }
+}
+
+/** STORAGE_POOL_CREATE(_XML)'s build flags as STORAGE_POOL_BUILD's: overwrite wins, as in libvirt. */
+function buildFlagsOf(createFlags: number): number {
+  if (createFlags & PoolCreateFlags.WITH_BUILD_OVERWRITE) return 8;
+  return createFlags & PoolCreateFlags.WITH_BUILD_NO_OVERWRITE ? 4 : 0;
+}
+
+/**
+ * libvirt builds a dir pool's directory, then takes (no-)overwrite as a request to format its
+ * source device, which a dir pool has none of.
+ */
+function formatRefused(pool: Pool, buildFlags: number): void {
+  if (buildFlags & (4 | 8)) throw storageError(CODE.OPERATION_INVALID, `No source device specified when formatting pool '${pool.name}'`);
 }
 
 /** Allocate [offset, offset + length) (fallocate mode 0), or write zeros where that is unsupported. */

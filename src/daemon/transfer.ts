@@ -9,10 +9,11 @@
  *
  * Upload: `Stream.recvBatch` → `writeChunks` at `offset`: holes read back as zeros even over old
  * data and the volume is never truncated (libvirt 9.0 does both wrong, B1). Bytes past `length`
- * fail the stream with libvirt's ENOSPC error. Nor is it ever grown: data or a hole that would
- * run past the volume's capacity fails the stream with a clear error, after what fits was
- * written (libvirt grows the file instead). The client's finish is confirmed only once every
- * byte is written and the file closed; a failure there is reported instead of the OK.
+ * fail the stream with libvirt's ENOSPC error. Data or a hole past the volume's end grows it, as
+ * libvirt does (up to 2^53 bytes). A packet that fails the stream (past `length`, or one the rpc
+ * layer refuses) never costs what came before it: all of that is written first. The client's
+ * finish is confirmed only once every byte is written and the file closed; a failure there is
+ * reported instead of the OK.
  */
 import type { FileHandle } from 'node:fs/promises';
 import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
@@ -21,6 +22,7 @@ import { bufferStats, releaseFramePayloads } from '../io/pools.js';
 import { releaseFreeMemory } from '../io/sys.js';
 import type { WireStream } from '../rpc/peer.js';
 import { fileSendBatches, writeChunks } from '../sparse/index.js';
+import { kDeliver, kDeliverEnd, kDeliverError, kDirectTarget, type DirectTarget, type StreamInbound } from '../channel.js';
 import { Stream, type ReceiveTarget } from '../stream/index.js';
 import { CODE, DOMAIN, streamNoSpace, systemError, virError } from './errors.js';
 import type { Logger } from './log.js';
@@ -38,8 +40,6 @@ export interface TransferSpec {
   offset: number;
   /** Bytes to move; null = no limit (length 0, or ≥ 2^53). */
   length: number | null;
-  /** Upload: the volume's size when the stream opened; nothing is written at or past it. */
-  capacity?: number | null;
   sparse: boolean;
   log: Logger;
 }
@@ -100,6 +100,11 @@ export class Transfer {
   holeBytes = 0;
   private pacer: Pacer | null = null;
   private readonly batchesAtStart: number;
+  /**
+   * Upload: the error of a packet the rpc layer refused, held back until every chunk that came
+   * before it is written (the stream itself would drop what it still queues).
+   */
+  private refused: Error | null = null;
 
   constructor(readonly spec: TransferSpec) {
     this.stream = new Stream(spec.wire, {
@@ -107,8 +112,32 @@ export class Transfer {
       direction: spec.kind === 'upload' ? 'recv' : 'send',
       highWaterMark: UPLOAD_WINDOW,
     });
-    spec.wire.attach(this.stream);
+    spec.wire.attach(spec.kind === 'upload' ? this.uploadInbound() : this.stream);
     this.batchesAtStart = bufferStats.outputBatches;
+  }
+
+  /**
+   * What the wire delivers to, for an upload: the stream, except that a packet the wire refused
+   * ends the stream's data like a finish would, and `received()` raises the refusal once the
+   * chunks before it are taken. Anything else that ends the wire (the client's abort, a lost
+   * connection) still drops what is queued, as libvirt does.
+   */
+  private uploadInbound(): StreamInbound {
+    const stream = this.stream;
+    return {
+      [kDeliver]: (chunk) => stream[kDeliver](chunk),
+      [kDirectTarget]: (length: number): DirectTarget | null => stream[kDirectTarget](length),
+      [kDeliverEnd]: () => stream[kDeliverEnd](),
+      [kDeliverError]: (err: Error) => {
+        const code = (err as SparsevirtError).code;
+        if ((code !== 'ERR_PROTOCOL' && code !== 'ERR_STREAM_NOT_SPARSE') || this.refused !== null) {
+          stream[kDeliverError](err);
+          return;
+        }
+        this.refused = err;
+        stream[kDeliverEnd]();
+      },
+    };
   }
 
   /** Runs the transfer to its end; never rejects (outcomes are logged). Closes the file. */
@@ -203,10 +232,15 @@ export class Transfer {
     const source = this.received();
     try {
       // large packets go into the volume in place, up to where the upload's limits stop them
-      const limit = Math.min(spec.offset + (spec.length ?? Number.MAX_SAFE_INTEGER), spec.capacity ?? Number.MAX_SAFE_INTEGER);
+      const limit = Math.min(spec.offset + (spec.length ?? Number.MAX_SAFE_INTEGER), Number.MAX_SAFE_INTEGER);
       const receiveInto = (t: ReceiveTarget | null): boolean => stream.receiveInto(t && { ...t, limit });
       await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset, release: releaseFramePayloads, receiveInto });
     } catch (err) {
+      if (err === this.refused) {
+        // the wire has told the client already; the stream goes too
+        await this.fail(toRemote(err));
+        throw err;
+      }
       if (stream.state !== 'open') return this.endedByPeer(err);
       const e = err instanceof RemoteError ? err : systemError('cannot write to stream', (err as { cause?: unknown }).cause ?? err, DOMAIN.STREAMS);
       await this.fail(e); // STREAM/ERROR to the client, also in place of the OK to its finish
@@ -224,19 +258,22 @@ export class Transfer {
    * The received chunks, held to the upload's limits; ends at the client's finish without
    * acknowledging it yet. `length` bytes at most: holes past it are clipped (as libvirt does),
    * data past it fails with libvirt's ENOSPC error ("cannot write to stream: No space left on
-   * device"). Nothing at or past the volume's capacity: the first byte past it (data or hole)
-   * fails the upload, after what fits was passed on, and the volume keeps its size. One
-   * generator for all of it, in batches (`recvBatch`): a layer per check, or a promise per
-   * packet, costs more than the checks.
+   * device"), after what fits was passed on. Nothing past 2^53 bytes. After a packet the wire
+   * refused, it fails with that error once the chunks before it are passed on. One generator for
+   * all of it, in batches (`recvBatch`): a layer per check, or a promise per packet, costs more
+   * than the checks.
    */
   private async *received(): AsyncGenerator<Array<Chunk | WrittenRange>> {
     const { spec, stream } = this;
     let left = spec.length ?? Number.POSITIVE_INFINITY;
-    const capacity = spec.capacity ?? Number.POSITIVE_INFINITY;
+    const end = Number.MAX_SAFE_INTEGER;
     let at = spec.offset;
     for (;;) {
       const batch = await stream.recvBatch();
-      if (batch === null) return;
+      if (batch === null) {
+        if (this.refused !== null) throw this.refused;
+        return;
+      }
       const out: Array<Chunk | WrittenRange> = [];
       for (let chunk of batch) {
         let n = chunkLength(chunk);
@@ -250,10 +287,10 @@ export class Transfer {
           chunk = cut(chunk, n);
         }
         left -= n;
-        if (at + n > capacity) {
-          if (capacity > at) out.push(cut(chunk, capacity - at));
+        if (at + n > end) {
+          if (end > at) out.push(cut(chunk, end - at));
           yield out;
-          throw uploadPastCapacity(spec.vol.name, capacity, capacity);
+          throw uploadPastLimit(spec.vol.name);
         }
         at += n;
         if (n > 0) out.push(chunk);
@@ -283,8 +320,13 @@ function cut(chunk: Chunk | WrittenRange, n: number): Chunk | WrittenRange {
   return { ...chunk, length: n };
 }
 
-/** The refusal for an upload that would write at or past the end of its volume. */
-export function uploadPastCapacity(vol: string, capacity: number, at: number): RemoteError {
-  return virError(CODE.INVALID_ARG, DOMAIN.STREAMS,
-    `upload to volume '${vol}' runs past its capacity (${capacity} bytes) at byte ${at}; resize the volume first`);
+/** The refusal for an upload that would write past 2^53 bytes, the largest offset sparsevirtd handles. */
+export function uploadPastLimit(vol: string): RemoteError {
+  return virError(CODE.OPERATION_UNSUPPORTED, DOMAIN.STREAMS,
+    `upload to volume '${vol}' runs past 2^53 bytes, the largest volume sparsevirtd supports`);
+}
+
+/** A refusal from the rpc layer as the libvirt error it was sent as. */
+function toRemote(err: unknown): RemoteError {
+  return err instanceof RemoteError ? err : virError(CODE.RPC, DOMAIN.STREAMS, (err as Error).message);
 }

@@ -193,13 +193,18 @@ export interface PoolXmlDef {
   mode: number | null;
 }
 
-const POOL_TYPES = new Set(['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage']);
+/** libvirt's pool types, in its order. */
+export const POOL_TYPES: readonly string[] = ['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage'];
 
-/** Collapse repeated slashes and drop a trailing one, as libvirt's virFileSanitizePath. */
+/**
+ * Collapse repeated slashes and drop a trailing one, as libvirt's virFileSanitizePath; a path
+ * that starts with exactly two slashes keeps them (POSIX gives `//` a meaning of its own).
+ */
 export function sanitizePath(p: string): string {
+  const lead = /^\/\/(?!\/)/.test(p) ? '/' : '';
   let s = p.replace(/\/{2,}/g, '/');
   if (s.length > 1 && s.endsWith('/')) s = s.slice(0, -1);
-  return s;
+  return lead + s;
 }
 
 export function parsePoolXml(xml: string): PoolXmlDef {
@@ -209,7 +214,7 @@ export function parsePoolXml(xml: string): PoolXmlDef {
   }
   const type = root.attrs.type;
   if (type === undefined) throw virError(CODE.XML_ERROR, DOMAIN.XML, "Missing required attribute 'type' in element 'pool'");
-  if (!POOL_TYPES.has(type)) throw virError(CODE.XML_ERROR, DOMAIN.XML, `Invalid value for attribute 'type' in element 'pool': '${type}'.`);
+  if (!POOL_TYPES.includes(type)) throw virError(CODE.XML_ERROR, DOMAIN.XML, `Invalid value for attribute 'type' in element 'pool': '${type}'.`);
   const name = textAt(root, 'name');
   if (!name) throw storageError(CODE.XML_ERROR, 'missing pool source name element');
   if (name.includes('/')) throw storageError(CODE.XML_ERROR, `name ${name} cannot contain '/'`);
@@ -276,7 +281,8 @@ function octal(mode: number): string {
 
 export interface VolXmlDef {
   name: string;
-  capacity: number;
+  /** null only when the caller allowed it to be absent (a clone takes its source's). */
+  capacity: number | null;
   /** undefined when `<allocation>` is absent. */
   allocation: number | undefined;
   format: string;
@@ -284,7 +290,7 @@ export interface VolXmlDef {
 
 const VOL_FORMATS = new Set(['raw', 'dir', 'bochs', 'cloop', 'dmg', 'iso', 'vpc', 'vdi', 'fat', 'vhd', 'ploop', 'cow', 'qcow', 'qcow2', 'qed', 'vmdk']);
 
-export function parseVolXml(xml: string): VolXmlDef {
+export function parseVolXml(xml: string, opts: { capacityOptional?: boolean } = {}): VolXmlDef {
   const root = parseXml(xml, 'storage_volume_definition');
   if (root.name !== 'volume') throw storageError(CODE.XML_ERROR, 'unknown root element for storage volume');
   const nameEl = child(root, 'name');
@@ -292,8 +298,8 @@ export function parseVolXml(xml: string): VolXmlDef {
   const name = nameEl?.text ?? '';
   if (name === '') throw storageError(CODE.XML_ERROR, 'missing volume name element');
   const capEl = child(root, 'capacity');
-  if (!capEl) throw storageError(CODE.XML_ERROR, 'missing capacity element');
-  const capacity = scaledBytes(capEl.text, capEl.attrs.unit, 'capacity');
+  if (!capEl && !opts.capacityOptional) throw storageError(CODE.XML_ERROR, 'missing capacity element');
+  const capacity = capEl ? scaledBytes(capEl.text, capEl.attrs.unit, 'capacity') : null;
   const allocEl = child(root, 'allocation');
   const allocation = allocEl ? scaledBytes(allocEl.text, allocEl.attrs.unit, 'allocation') : undefined;
   const formatEl = child(child(root, 'target'), 'format');
@@ -347,4 +353,29 @@ export function formatVolXml(v: VolXmlState): string {
   s += `    </timestamps>\n`;
   s += `  </target>\n</volume>\n`;
   return s;
+}
+
+// ------------------------------------------------------------------ capabilities
+
+/**
+ * CONNECT_GET_STORAGE_POOL_CAPABILITIES in libvirt's layout: every pool type libvirt knows, in
+ * its order; sparsevirtd supports `dir` pools of raw volumes and nothing else.
+ */
+export function formatPoolCapabilities(): string {
+  let s = '<storagepoolCapabilities>\n';
+  for (const type of POOL_TYPES) {
+    if (type === 'dir') {
+      s += `  <pool type='dir' supported='yes'>\n`;
+      s += `    <volOptions>\n`;
+      s += `      <defaultFormat type='raw'/>\n`;
+      s += `      <enum name='targetFormatType'>\n`;
+      s += `        <value>raw</value>\n`;
+      s += `      </enum>\n`;
+      s += `    </volOptions>\n`;
+      s += `  </pool>\n`;
+    } else {
+      s += `  <pool type='${type}' supported='no'>\n  </pool>\n`;
+    }
+  }
+  return `${s}</storagepoolCapabilities>\n`;
 }

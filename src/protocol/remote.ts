@@ -9,7 +9,7 @@ import {
 
 export const STRING_MAX = 4194304;
 export const AUTH_TYPE_LIST_MAX = 20;
-export const STORAGE_POOL_LIST_MAX = 4096;
+export const STORAGE_POOL_LIST_MAX = 16384;
 export const STORAGE_VOL_LIST_MAX = 16384;
 
 const str = string(STRING_MAX);
@@ -35,6 +35,11 @@ export interface Procedure<A, R> {
    * read-only), sparsevirtd lets a read-only connection download: reading is what RO is for.
    */
   readonly writes?: boolean;
+  /**
+   * An event the daemon sends (MESSAGE type, never a CALL): `args` is the message body, `ret`
+   * is void. A CALL of it gets "unknown procedure", as from libvirtd.
+   */
+  readonly event?: boolean;
 }
 
 function proc<A, R>(num: number, name: string, args: Codec<A>, ret: Codec<R>, extra: Partial<Procedure<A, R>> = {}): Procedure<A, R> {
@@ -49,6 +54,9 @@ const retPool = struct({ pool: poolRef });
 const retVol = struct({ vol: volRef });
 const volInfo = struct({ type: int, capacity: uhyper, allocation: uhyper });
 const transfer = struct({ vol: volRef, offset: uhyper, length: uhyper, flags: uint });
+const retNum = struct({ num: int });
+const listNames = struct({ maxnames: int });
+const retPoolNames = struct({ names: array(str, STORAGE_POOL_LIST_MAX) });
 
 export const P = {
   CONNECT_OPEN: proc(1, 'CONNECT_OPEN', struct({ name: optStr, flags: uint }), voidCodec),
@@ -58,6 +66,13 @@ export const P = {
   CONNECT_GET_HOSTNAME: proc(59, 'CONNECT_GET_HOSTNAME', voidCodec, struct({ hostname: str })),
   CONNECT_SUPPORTS_FEATURE: proc(60, 'CONNECT_SUPPORTS_FEATURE', struct({ feature: int }), struct({ supported: int })),
   AUTH_LIST: proc(66, 'AUTH_LIST', voidCodec, struct({ types: array(int, AUTH_TYPE_LIST_MAX) })),
+  CONNECT_NUM_OF_STORAGE_POOLS: proc(71, 'CONNECT_NUM_OF_STORAGE_POOLS', voidCodec, retNum),
+  CONNECT_LIST_STORAGE_POOLS: proc(72, 'CONNECT_LIST_STORAGE_POOLS', listNames, retPoolNames),
+  CONNECT_NUM_OF_DEFINED_STORAGE_POOLS: proc(73, 'CONNECT_NUM_OF_DEFINED_STORAGE_POOLS', voidCodec, retNum),
+  CONNECT_LIST_DEFINED_STORAGE_POOLS: proc(74, 'CONNECT_LIST_DEFINED_STORAGE_POOLS', listNames, retPoolNames),
+  CONNECT_FIND_STORAGE_POOL_SOURCES: proc(75, 'CONNECT_FIND_STORAGE_POOL_SOURCES', struct({ type: str, srcSpec: optStr, flags: uint }), struct({ xml: str }),
+    { writes: true }),
+  STORAGE_POOL_CREATE_XML: proc(76, 'STORAGE_POOL_CREATE_XML', struct({ xml: str, flags: uint }), retPool, { writes: true }),
   STORAGE_POOL_DEFINE_XML: proc(77, 'STORAGE_POOL_DEFINE_XML', struct({ xml: str, flags: uint }), retPool, { writes: true }),
   STORAGE_POOL_CREATE: proc(78, 'STORAGE_POOL_CREATE', poolFlags, voidCodec, { writes: true }),
   STORAGE_POOL_BUILD: proc(79, 'STORAGE_POOL_BUILD', poolFlags, voidCodec, { writes: true }),
@@ -74,6 +89,8 @@ export const P = {
   STORAGE_POOL_GET_AUTOSTART: proc(89, 'STORAGE_POOL_GET_AUTOSTART', poolArg, struct({ autostart: int })),
   STORAGE_POOL_SET_AUTOSTART: proc(90, 'STORAGE_POOL_SET_AUTOSTART', struct({ pool: poolRef, autostart: int }), voidCodec, { writes: true }),
   STORAGE_POOL_NUM_OF_VOLUMES: proc(91, 'STORAGE_POOL_NUM_OF_VOLUMES', poolArg, struct({ num: int })),
+  STORAGE_POOL_LIST_VOLUMES: proc(92, 'STORAGE_POOL_LIST_VOLUMES', struct({ pool: poolRef, maxnames: int }),
+    struct({ names: array(str, STORAGE_VOL_LIST_MAX) })),
   STORAGE_VOL_CREATE_XML: proc(93, 'STORAGE_VOL_CREATE_XML', struct({ pool: poolRef, xml: str, flags: uint }), retVol, { writes: true }),
   STORAGE_VOL_DELETE: proc(94, 'STORAGE_VOL_DELETE', volFlags, voidCodec, { writes: true }),
   STORAGE_VOL_LOOKUP_BY_NAME: proc(95, 'STORAGE_VOL_LOOKUP_BY_NAME', struct({ pool: poolRef, name: str }), retVol),
@@ -83,6 +100,8 @@ export const P = {
   STORAGE_VOL_GET_XML_DESC: proc(99, 'STORAGE_VOL_GET_XML_DESC', volFlags, struct({ xml: str })),
   STORAGE_VOL_GET_PATH: proc(100, 'STORAGE_VOL_GET_PATH', volArg, struct({ name: str })),
   CONNECT_GET_URI: proc(110, 'CONNECT_GET_URI', voidCodec, struct({ uri: str })),
+  STORAGE_VOL_CREATE_XML_FROM: proc(125, 'STORAGE_VOL_CREATE_XML_FROM', struct({ pool: poolRef, xml: str, clonevol: volRef, flags: uint }), retVol, { writes: true }),
+  CONNECT_IS_SECURE: proc(149, 'CONNECT_IS_SECURE', voidCodec, struct({ secure: int })),
   STORAGE_POOL_IS_ACTIVE: proc(154, 'STORAGE_POOL_IS_ACTIVE', poolArg, struct({ active: int })),
   STORAGE_POOL_IS_PERSISTENT: proc(155, 'STORAGE_POOL_IS_PERSISTENT', poolArg, struct({ persistent: int })),
   CONNECT_GET_LIB_VERSION: proc(157, 'CONNECT_GET_LIB_VERSION', voidCodec, struct({ libVer: uhyper })),
@@ -97,7 +116,15 @@ export const P = {
     struct({ vols: array(volRef, STORAGE_VOL_LIST_MAX), ret: uint })),
   CONNECT_REGISTER_CLOSE_CALLBACK: proc(360, 'CONNECT_REGISTER_CLOSE_CALLBACK', voidCodec, voidCodec),
   CONNECT_UNREGISTER_CLOSE_CALLBACK: proc(361, 'CONNECT_UNREGISTER_CLOSE_CALLBACK', voidCodec, voidCodec),
+  CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY: proc(368, 'CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY',
+    struct({ eventID: int, pool: optional(poolRef) }), struct({ callbackID: int })),
+  CONNECT_STORAGE_POOL_EVENT_DEREGISTER_ANY: proc(369, 'CONNECT_STORAGE_POOL_EVENT_DEREGISTER_ANY', struct({ callbackID: int }), voidCodec),
+  STORAGE_POOL_EVENT_LIFECYCLE: proc(370, 'STORAGE_POOL_EVENT_LIFECYCLE',
+    struct({ callbackID: int, pool: poolRef, event: int, detail: int }), voidCodec, { event: true }),
+  STORAGE_POOL_EVENT_REFRESH: proc(373, 'STORAGE_POOL_EVENT_REFRESH', struct({ callbackID: int, pool: poolRef }), voidCodec, { event: true }),
   STORAGE_VOL_GET_INFO_FLAGS: proc(378, 'STORAGE_VOL_GET_INFO_FLAGS', volFlags, volInfo),
+  STORAGE_POOL_LOOKUP_BY_TARGET_PATH: proc(391, 'STORAGE_POOL_LOOKUP_BY_TARGET_PATH', struct({ path: str }), retPool),
+  CONNECT_GET_STORAGE_POOL_CAPABILITIES: proc(403, 'CONNECT_GET_STORAGE_POOL_CAPABILITIES', struct({ flags: uint }), struct({ capabilities: str })),
 } as const;
 
 export type ProcedureName = keyof typeof P;
@@ -128,6 +155,11 @@ export const CONNECT_RO = 1;
 
 export const PoolState = { INACTIVE: 0, BUILDING: 1, RUNNING: 2, DEGRADED: 3, INACCESSIBLE: 4 } as const;
 export const VolType = { FILE: 0, BLOCK: 1, DIR: 2, NETWORK: 3, NETDIR: 4, PLOOP: 5 } as const;
+
+/** virStoragePoolEventID and virStoragePoolEventLifecycleType. */
+export const PoolEventId = { LIFECYCLE: 0, REFRESH: 1 } as const;
+export const PoolLifecycle = { DEFINED: 0, UNDEFINED: 1, STARTED: 2, STOPPED: 3, CREATED: 4, DELETED: 5 } as const;
+export const PoolCreateFlags = { WITH_BUILD: 1, WITH_BUILD_OVERWRITE: 2, WITH_BUILD_NO_OVERWRITE: 4 } as const;
 
 export const ListPoolsFlags = {
   INACTIVE: 1, ACTIVE: 2, PERSISTENT: 4, TRANSIENT: 8, AUTOSTART: 16, NO_AUTOSTART: 32, DIR: 64,
