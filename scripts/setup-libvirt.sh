@@ -4,7 +4,7 @@
 # `libvirtd -d` with its own config file, so a distro /etc/libvirt/libvirtd.conf is never edited.
 #
 #   1. installs (apt, noninteractive, --no-install-recommends) what is missing of
-#      libvirt-daemon libvirt-clients nbdkit libnbd-bin qemu-utils time python3-libvirt
+#      libvirt-daemon libvirt-clients nbdkit libnbd-bin qemu-utils time strace bsdutils python3-libvirt
 #      (+ openssl with --tcp-tls); python3-libvirt is libvirt's Python client, for /usr/bin/python3
 #   2. creates /var/log/libvirt, /var/run/libvirt and the qemu driver's user libvirt-qemu (groups
 #      libvirt-qemu, kvm): without them the qemu driver, and so libvirtd, refuses to start
@@ -55,7 +55,7 @@ die() { echo "setup-libvirt: ERROR: $*" >&2; exit 1; }
 # ---------------------------------------------------------------------------- 1. packages
 declare -A pkg_of=(
   [libvirtd]=libvirt-daemon [virsh]=libvirt-clients [nbdkit]=nbdkit [nbdcopy]=libnbd-bin
-  [qemu-img]=qemu-utils [/usr/bin/time]=time
+  [qemu-img]=qemu-utils [/usr/bin/time]=time [strace]=strace [script]=bsdutils
 )
 missing=()
 for bin in "${!pkg_of[@]}"; do
@@ -76,7 +76,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/setup-libvirt-apt.log 2>&1 \
     || { tail -n 30 /tmp/setup-libvirt-apt.log >&2; die "apt-get install failed"; }
 else
-  say "packages present (libvirtd virsh nbdkit nbdcopy qemu-img time python3-libvirt)"
+  say "packages present (libvirtd virsh nbdkit nbdcopy qemu-img time strace script python3-libvirt)"
 fi
 
 # ---------------------------------------------------------------------------- helpers
