@@ -86,6 +86,12 @@ test('sparsevirtd → sparsevirtd: identical bytes and holes, the digest verifie
     assert.equal(r.digest, fileDigest(srcFile, 0, SIZE));
     assert.ok(seen.length > 1 && seen.at(-1) === SIZE, 'progress went up to the whole size');
 
+    // the daemon's own digest, without reading holes, equals the definition's
+    assert.equal(await src.contentDigestOffered(), true);
+    assert.equal(await src.contentDigest(0, SIZE), fileDigest(srcFile, 0, SIZE));
+    assert.equal(await src.contentDigest(3 * MiB + 5, 47 * MiB), fileDigest(srcFile, 3 * MiB + 5, 47 * MiB));
+    await assert.rejects(src.contentDigest(SIZE - 10, 11), /runs past the end/);
+
     // a range: only it is written
     const part = await b.pool.createVol({ name: 'part.img', capacity: SIZE, allocation: 0, format: 'raw' });
     const r2 = await copyVolume(src, part, { sparse: true, verify: true, offset: 4 * MiB, length: 50 * MiB });
@@ -150,6 +156,8 @@ test('libvirtd → sparsevirtd: identical bytes and holes, verified', { timeout:
       try {
         const src = await (await lv.storagePoolLookupByName(sp.name)).volLookupByName('disk.img');
         const dst = await b.pool.createVol({ name: 'disk.img', capacity: SIZE, allocation: 0, format: 'raw' });
+        assert.equal(await src.contentDigestOffered(), false, 'libvirtd does not offer content digests');
+        assert.equal(await src.contentDigest(0, SIZE), null);
         const r = await copyVolume(src, dst, { sparse: true, verify: true });
         const dstFile = path.join(b.poolDir, 'disk.img');
         assert.equal(await sha256File(dstFile), await sha256File(srcFile));

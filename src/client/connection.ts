@@ -48,6 +48,7 @@ export class Connection {
    * arrives, and with libvirtd.
    */
   sparsevirtDaemon = false;
+  #digestOffered: Promise<boolean> | null = null;
 
   private constructor(uri: ParsedUri, peer: Peer, readonly: boolean) {
     this.uri = uri;
@@ -108,6 +109,16 @@ export class Connection {
       },
       () => {},
     );
+  }
+
+  /**
+   * Whether the daemon computes content digests of volume ranges (sparsevirtd does; libvirtd
+   * answers 0 to the feature). Asked once per connection.
+   */
+  contentDigestOffered(): Promise<boolean> {
+    this.#digestOffered ??= this.#peer.call(P.CONNECT_SUPPORTS_FEATURE, { feature: Feature.SPARSEVIRT_CONTENT_DIGEST }, {})
+      .then((r) => r.supported === 1, () => false);
+    return this.#digestOffered;
   }
 
   /** Call a procedure; RemoteErrors keep libvirt's code, domain and message. */

@@ -43,12 +43,6 @@ export interface CopyResult extends CopyProgress {
 
 type Side = 'source' | 'destination';
 
-/** What a volume offers where its daemon computes content digests (sparsevirtd). */
-interface DigestCapable {
-  contentDigestOffered?: () => Promise<boolean>;
-  contentDigest?: (offset: number, length: number) => Promise<string | null>;
-}
-
 /** An error of one side of the copy, named as such. */
 function sideError(side: Side, err: unknown): SparsevirtError {
   if (err instanceof SparsevirtError && (err as { side?: Side }).side) return err;
@@ -73,7 +67,7 @@ async function onSide<T>(side: Side, p: Promise<T>): Promise<T> {
  * offers it, else computed here from a sparse download (holes cost nothing).
  */
 export async function volumeDigest(vol: StorageVol, offset: number, length: number, opts: { signal?: AbortSignal } = {}): Promise<string> {
-  const asked = await (vol as DigestCapable).contentDigest?.(offset, length);
+  const asked = await vol.contentDigest(offset, length);
   if (typeof asked === 'string') return asked;
   const d = new ContentDigest(offset, length);
   if (length === 0) return d.digest();
@@ -168,6 +162,6 @@ export async function compareVolumes(src: StorageVol, dst: StorageVol, opts: { o
     `verification failed: the destination differs from the source${at === null ? '' : ` from the 1 MiB block at byte ${at}`} (source ${a}, destination ${b})`);
 }
 
-async function digestOffered(vol: StorageVol): Promise<boolean> {
-  return (await (vol as DigestCapable).contentDigestOffered?.()) === true;
+function digestOffered(vol: StorageVol): Promise<boolean> {
+  return vol.contentDigestOffered();
 }

@@ -156,6 +156,24 @@ export class StorageVol {
     await this.conn.call(P.STORAGE_VOL_WIPE_PATTERN, { vol: this.ref, algorithm, flags });
   }
 
+  /** Whether this volume's daemon computes content digests (`contentDigest`). */
+  contentDigestOffered(): Promise<boolean> {
+    return this.conn.contentDigestOffered();
+  }
+
+  /**
+   * The content digest (`sparsevirt-content-sha256`, see the package's `digest` module) of
+   * `length` bytes from `offset`, computed by the daemon without reading holes; null where the
+   * daemon does not offer it (libvirtd): `copy.volumeDigest` then computes it from a download.
+   */
+  async contentDigest(offset: number, length: number): Promise<string | null> {
+    if (!(await this.contentDigestOffered())) return null;
+    const r = await this.conn.call(P.SPARSEVIRT_VOL_CONTENT_DIGEST, {
+      vol: this.ref, offset: BigInt(checkByteCount('offset', offset)), length: BigInt(checkByteCount('length', length)), flags: 0,
+    });
+    return r.digest;
+  }
+
   /** Open an upload stream: what is sent on it is written into the volume at `offset`. */
   upload(opts: TransferOptions = {}): Promise<Stream> {
     return this.openStream(P.STORAGE_VOL_UPLOAD, true, opts);

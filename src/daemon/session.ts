@@ -19,6 +19,7 @@ import { XdrReader, encode } from '../xdr/index.js';
 import { CODE, DOMAIN, checkFlags, readOnlyError, rpcError, storageError, toRemoteError, virError } from './errors.js';
 import type { Logger } from './log.js';
 import type { Pool, PoolEvent, StorageDriver, Volume } from './storage.js';
+import { fileContentDigest } from './digest.js';
 import { Transfer, transferLength } from './transfer.js';
 import { formatPoolCapabilities } from './xml.js';
 
@@ -54,7 +55,7 @@ interface Handler {
 /** libvirtd's serial on the event messages it sends. */
 const EVENT_SERIAL = 1;
 
-const FEATURES_SUPPORTED = new Set<number>([Feature.PROGRAM_KEEPALIVE, Feature.REMOTE_EVENT_CALLBACK, Feature.REMOTE_CLOSE_CALLBACK]);
+const FEATURES_SUPPORTED = new Set<number>([Feature.PROGRAM_KEEPALIVE, Feature.REMOTE_EVENT_CALLBACK, Feature.REMOTE_CLOSE_CALLBACK, Feature.SPARSEVIRT_CONTENT_DIGEST]);
 
 /** How the client reached us: what CONNECT_IS_SECURE answers for. */
 export type SessionTransport = 'unix' | 'tcp' | 'tls';
@@ -271,6 +272,17 @@ const HANDLERS = new Map<number, Handler>([
   [P.STORAGE_VOL_UPLOAD.num, {
     api: 'virStorageVolUpload',
     run: (call, a: TransferArgs) => call.session.openTransfer(call, 'upload', a),
+  }],
+  [P.SPARSEVIRT_VOL_CONTENT_DIGEST.num, {
+    run: async ({ session }, a: { vol: VolRef; offset: bigint; length: bigint; flags: number }) => {
+      checkFlags(a.flags, 0, 'sparsevirtVolContentDigest');
+      const fh = await session.driver.openForTransfer(await session.driver.volByRef(a.vol), false);
+      try {
+        return await fileContentDigest(fh.fd, (await fh.stat()).size, a.offset, a.length);
+      } finally {
+        await fh.close();
+      }
+    },
   }],
   // libvirt refuses downloads on a read-only connection; sparsevirtd allows them (no `api`).
   [P.STORAGE_VOL_DOWNLOAD.num, { run: (call, a: TransferArgs) => call.session.openTransfer(call, 'download', a) }],

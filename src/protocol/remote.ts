@@ -125,6 +125,13 @@ export const P = {
   STORAGE_VOL_GET_INFO_FLAGS: proc(378, 'STORAGE_VOL_GET_INFO_FLAGS', volFlags, volInfo),
   STORAGE_POOL_LOOKUP_BY_TARGET_PATH: proc(391, 'STORAGE_POOL_LOOKUP_BY_TARGET_PATH', struct({ path: str }), retPool),
   CONNECT_GET_STORAGE_POOL_CAPABILITIES: proc(403, 'CONNECT_GET_STORAGE_POOL_CAPABILITIES', struct({ flags: uint }), struct({ capabilities: str })),
+  /**
+   * sparsevirt's own: the content digest (`src/digest.ts`) of a volume range, computed by the
+   * daemon without reading holes. Called only once the daemon took
+   * `Feature.SPARSEVIRT_CONTENT_DIGEST`; libvirtd answers it as an unknown procedure.
+   */
+  SPARSEVIRT_VOL_CONTENT_DIGEST: proc(0x53560001, 'SPARSEVIRT_VOL_CONTENT_DIGEST',
+    struct({ vol: volRef, offset: uhyper, length: uhyper, flags: uint }), struct({ algorithm: str, digest: str })),
 } as const;
 
 export type ProcedureName = keyof typeof P;
@@ -144,10 +151,13 @@ export const PROCEDURES_BY_NUM: ReadonlyMap<number, Procedure<any, any>> = new M
  * number of packets queued for it". libvirt's own client (9.0) walks its whole queue for each
  * packet it reads, so sparsevirtd keeps the socket's send buffer small for small packets unless
  * the client said this (see `Peer.deepQueue`).
+ *
+ * SPARSEVIRT_CONTENT_DIGEST: the daemon answers `P.SPARSEVIRT_VOL_CONTENT_DIGEST`.
  */
 export const Feature = {
   PROGRAM_KEEPALIVE: 10, REMOTE_EVENT_CALLBACK: 14, REMOTE_CLOSE_CALLBACK: 15,
   SPARSEVIRT_DEEP_QUEUE: 0x53560001,
+  SPARSEVIRT_CONTENT_DIGEST: 0x53560002,
 } as const;
 
 export const AuthType = { NONE: 0, SASL: 1, POLKIT: 2 } as const;
