@@ -66,6 +66,20 @@ export function isBatch<C>(v: C | readonly C[]): v is readonly C[] {
 /** Largest stream data payload libvirt ever sends (256 KiB − 24-byte header). */
 export const LEGACY_PAYLOAD_MAX = 262120;
 
+/** Largest zero slice a hole is materialised as at once (1 MiB, what virsh zeroes devices with). */
+export const ZERO_CHUNK_SIZE = 1 << 20;
+
+let zeroBuffer: Buffer | undefined;
+
+/**
+ * A read-only view of `n` zero bytes: one buffer shared process-wide (1 MiB, grown if a larger
+ * `n` is asked), so a hole read as zeros costs no memory of its own. Never write into it.
+ */
+export function zeroBytes(n: number): Buffer {
+  if (zeroBuffer === undefined || n > zeroBuffer.length) zeroBuffer = Buffer.alloc(Math.max(n, ZERO_CHUNK_SIZE));
+  return n === zeroBuffer.length ? zeroBuffer : zeroBuffer.subarray(0, n);
+}
+
 /** Byte counts are `number`: exact up to 2^53. */
 export const MAX_SAFE_BYTES = Number.MAX_SAFE_INTEGER;
 

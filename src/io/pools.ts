@@ -4,8 +4,10 @@
  * batches a connection packs small frames into.
  */
 
-/** A whole data packet of libvirt's size (262,120 bytes) with its 28-byte frame header. */
-export const FRAME_BUFFER_SIZE = 28 + 262120;
+import { LEGACY_PAYLOAD_MAX } from '../chunk.js';
+
+/** A whole data packet of libvirt's size with its 28-byte frame header. */
+export const FRAME_BUFFER_SIZE = 28 + LEGACY_PAYLOAD_MAX;
 
 /** A frame this big is stream data: it gets a buffer of its own, from the pool. */
 export const BIG_FRAME = 64 * 1024;

@@ -2,6 +2,8 @@
  * libvirt RPC framing: a 4-byte big-endian length word (counting itself), a 24-byte header
  * (prog, vers, proc, type, serial, status) and the payload.
  */
+import { LEGACY_PAYLOAD_MAX } from '../chunk.js';
+
 export const LEN_SIZE = 4;
 export const HEADER_SIZE = 24;
 export const FRAME_OVERHEAD = LEN_SIZE + HEADER_SIZE; // 28
@@ -10,8 +12,8 @@ export const MESSAGE_MAX = 33554432;
 export const FRAME_MAX = MESSAGE_MAX + LEN_SIZE; // 33554436
 /** Largest frame to send to a peer of unknown version (older libvirt used 16 MiB). */
 export const LEGACY_FRAME_MAX = 16777216 + LEN_SIZE;
-/** Stream data payload libvirt itself sends; we send the same. */
-export const STREAM_PAYLOAD_MAX = 262120;
+/** Stream data payload libvirt itself sends; we send the same (`LEGACY_PAYLOAD_MAX` of the base). */
+export const STREAM_PAYLOAD_MAX = LEGACY_PAYLOAD_MAX;
 
 export const REMOTE_PROGRAM = 0x20008086;
 export const REMOTE_VERSION = 1;

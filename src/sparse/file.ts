@@ -95,16 +95,11 @@ export function certainlyAllHole(file: OpenFile): boolean {
   }
 }
 
-let zeroBuffer = Buffer.alloc(1 << 20);
-
 /**
- * `n` zero bytes, a view of one shared buffer: callers must never write into it. Used for holes
- * materialised as data and for zeroing ranges by writes, so neither allocates per chunk.
+ * `n` zero bytes, a view of the base's one shared buffer (`zeroBytes`): callers must never write
+ * into it. Used for holes materialised as data and for zeroing ranges by writes.
  */
-export function zeroes(n: number): Buffer {
-  if (n > zeroBuffer.length) zeroBuffer = Buffer.alloc(n);
-  return zeroBuffer.subarray(0, n);
-}
+export { zeroBytes as zeroes } from '../chunk.js';
 
 /**
  * `fs.read` on a raw fd as a promise: fills `buf` from index `filled` on (`buf[0]` is at file
