@@ -89,8 +89,8 @@ export class ContentDigest {
     if (n === 0) return;
     const target = this.pos + n;
     if (this.pageStart >= 0) {
-      // the rest of the page being assembled is zero
-      const pageEnd = Math.min(this.pageStart + DIGEST_PAGE, this.end);
+      // the rest of the page being assembled is zero (its start may be the range's, inside the page)
+      const pageEnd = Math.min(this.pageStart - (this.pageStart % DIGEST_PAGE) + DIGEST_PAGE, this.end);
       const upto = Math.min(pageEnd, target);
       this.page.fill(0, this.pageFill, this.pageFill + (upto - this.pos));
       this.pageFill += upto - this.pos;

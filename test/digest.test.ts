@@ -122,3 +122,15 @@ test('bisection names the first differing 1 MiB block', async () => {
   }
   assert.equal(await firstDifferingBlock(0, size, async (_s, o, n) => digestOf([{ kind: 'data', bytes: src.subarray(o, o + n) }], o, n)), null);
 });
+
+test('a range that starts inside a page: a hole crossing that page\'s end leaves the next page to itself', () => {
+  const offset = 1.5 * DIGEST_BLOCK - 2;
+  const content = Buffer.alloc(3 * DIGEST_PAGE);
+  content[5000] = 1;
+  const chunks: Chunk[] = [
+    { kind: 'data', bytes: content.subarray(0, 1) },
+    { kind: 'hole', length: 1 },
+    { kind: 'data', bytes: content.subarray(2) },
+  ];
+  assert.equal(digestOf(chunks, offset, content.length), reference(content, offset));
+});

@@ -1,6 +1,6 @@
 /** Storage pool commands, with virsh 9.0's calls, output and messages. */
 import type { StoragePool } from '../client/index.js';
-import type { Ctl } from './ctl.js';
+import { DEBUG, type Ctl } from './ctl.js';
 import { labelLine, poolStateName, prettyCapacity, renderTable } from './format.js';
 import { lookupPool, quietOpt, requiredOpt, stringOpt } from './lookup.js';
 import { dumpXml } from './xml.js';
@@ -175,6 +175,7 @@ const poolInfo: Handler = async (ctl, cmd) => {
   const i = (info as { value: Awaited<ReturnType<StoragePool['info']>> }).value;
   ctl.print(labelLine('State:', poolStateName(i.state)));
   const pers = await settle(pool.isPersistent());
+  ctl.debug(DEBUG, `Pool persistent flag value: ${pers.ok ? (pers.value ? 1 : 0) : -1}\n`);
   ctl.print(labelLine('Persistent:', pers.ok ? (pers.value ? 'yes' : 'no') : 'unknown'));
   const auto = await settle(pool.autostart());
   ctl.print(labelLine('Autostart:', auto.ok ? (auto.value ? 'yes' : 'no') : 'no autostart'));

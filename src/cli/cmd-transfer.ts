@@ -2,7 +2,13 @@
  * vol-upload and vol-download: virsh 9.0's steps and messages, phase by phase (open the local
  * file, open the stream, move the data, close the file, finish), on the client library's
  * streams and the sparse module's file readers and writers. Plus, beyond virsh: a progress bar on
- * a terminal, a --verbose summary, --length honoured on upload, --sparse-fallback.
+ * a terminal, a --verbose summary, --json, --length honoured on upload, --sparse-fallback, and
+ * SIGINT, SIGTERM and SIGHUP stopping a transfer cleanly (the stream aborted on the wire, a
+ * file the download created removed).
+ *
+ * No call is made while a stream is open: everything the command needs from the server (the
+ * volume's size for the progress bar) is asked before the stream is opened, as virsh makes all
+ * its calls before it. A reply queued behind a stream's data would wait for the data to be read.
  */
 import fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
@@ -10,6 +16,7 @@ import { chunkLength, isBatch, tapChunks, type Chunk, type FileRange, type Writt
 import type { StorageVol } from '../client/index.js';
 import type { Stream } from '../stream/index.js';
 import { errorText, type Ctl } from './ctl.js';
+import { catchInterrupts, onAbandon } from './exit.js';
 import { strerror } from './format.js';
 import { lookupVol, requiredOpt } from './lookup.js';
 import { parseULongLong } from './numbers.js';
@@ -76,31 +83,110 @@ function metered<T extends Chunk | FileRange | WrittenRange | ReadonlyArray<Chun
   });
 }
 
-function makeMeter(ctl: Ctl, verb: string, total: () => Promise<number>): Promise<Meter> {
+function makeMeter(ctl: Ctl, verb: string, total: number | null): Meter {
   const tty = ctl.io.stderrTTY;
   const start = performance.now();
-  if (!tty || ctl.quiet) return Promise.resolve({ counts: { dataBytes: 0, holeBytes: 0 }, bar: null, start });
-  return total().catch(() => 0).then((t) => ({ counts: { dataBytes: 0, holeBytes: 0 }, bar: new ProgressBar(tty, { verb, total: t }), start }));
+  const bar = total !== null && tty ? new ProgressBar(tty, { verb, total }) : null;
+  ctl.statusLine = bar;
+  return { counts: { dataBytes: 0, holeBytes: 0 }, bar, start };
 }
 
-function finishMeter(ctl: Ctl, cmd: ParsedCmd, m: Meter, verb: string, ok: boolean): void {
+/** Whether a progress bar is drawn: on a terminal, not with -q. */
+function wantsBar(ctl: Ctl): boolean {
+  return !!ctl.io.stderrTTY && !ctl.quiet;
+}
+
+function finishMeter(ctl: Ctl, cmd: ParsedCmd, m: Meter, verb: string, ok: boolean, result: Omit<TransferJson, 'bytes' | 'data' | 'holes' | 'seconds' | 'rate'>): void {
   if (m.bar) {
     if (ok) m.bar.draw();
     m.bar.clear();
+    if (ctl.statusLine === m.bar) ctl.statusLine = null;
   }
-  if (ok && optBool(cmd, 'verbose')) ctl.io.err(summaryLine(verb, m.counts, (performance.now() - m.start) / 1000));
+  if (!ok) return;
+  const seconds = (performance.now() - m.start) / 1000;
+  if (optBool(cmd, 'verbose')) ctl.io.err(summaryLine(verb, m.counts, seconds));
+  if (optBool(cmd, 'json')) {
+    const { dataBytes, holeBytes } = m.counts;
+    const json: TransferJson = {
+      ...result, bytes: dataBytes + holeBytes, data: dataBytes, holes: holeBytes,
+      seconds: Math.round(seconds * 1e6) / 1e6, rate: seconds > 0 ? Math.round(dataBytes / seconds) : 0,
+    };
+    ctl.print(`${JSON.stringify(json, null, 2)}\n`);
+  }
 }
 
-/** Ctrl-C aborts the transfer (cleanly: the stream is aborted, a created file removed). */
-function onInterrupt(ctl: Ctl): () => void {
-  const handler = () => ctl.abort.abort(new Error('interrupted'));
-  process.once('SIGINT', handler);
-  return () => process.removeListener('SIGINT', handler);
+/** --json of vol-upload and vol-download (key names shared with the other commands: README). */
+interface TransferJson {
+  name: string;
+  pool: string;
+  file: string;
+  sparse: boolean;
+  offset: number;
+  /** Bytes the transfer covered: data + holes. */
+  bytes: number;
+  /** Bytes that travelled as data. */
+  data: number;
+  /** Bytes that travelled as holes. */
+  holes: number;
+  seconds: number;
+  /** Data bytes per second. */
+  rate: number;
 }
 
-async function* readSequential(fh: FileHandle, length: number): AsyncGenerator<Chunk> {
+/**
+ * SIGINT, SIGTERM and SIGHUP abort the transfer (its stream is aborted, a created file removed).
+ * The first one is remembered on the Ctl, which ends the run by it once the command cleaned up.
+ */
+function onInterrupt(ctl: Ctl, ac: AbortController): () => void {
+  return catchInterrupts(ac, (signal) => {
+    ctl.interrupted ??= signal;
+  });
+}
+
+/** The failure to report for an error of the data phase: the signal's, when one stopped it. */
+function dataDetail(err: unknown, signal: AbortSignal, which: 'send' | 'recv'): unknown {
+  if (signal.aborted && signal.reason instanceof Error) return signal.reason;
+  return handlerDetail(err, which);
+}
+
+/** `cannot read FILE: No such file or directory`: virsh's words, then the system's reason. */
+function withReason(msg: string, err: unknown): string {
+  return `${msg}: ${strerror(err)}`;
+}
+
+/**
+ * `src` until `signal` aborts: then the iteration fails with the signal's reason at once, also
+ * while a read or a packet is still awaited (a pipe or a server that sends nothing).
+ */
+async function* untilAborted<T>(src: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
+  const it = src[Symbol.asyncIterator]();
+  let onAbort = (): void => undefined;
+  const aborted = new Promise<never>((_, reject) => {
+    onAbort = () => reject(signal.reason);
+  });
+  aborted.catch(() => undefined);
+  signal.addEventListener('abort', onAbort, { once: true });
+  let done = false;
+  try {
+    for (;;) {
+      signal.throwIfAborted();
+      const r = await Promise.race([it.next(), aborted]);
+      if (r.done) {
+        done = true;
+        return;
+      }
+      yield r.value;
+    }
+  } finally {
+    signal.removeEventListener('abort', onAbort);
+    // (not awaited: a source stuck in a read finishes once that read returns)
+    if (!done) it.return?.().catch(() => undefined);
+  }
+}
+
+async function* readSequential(fh: FileHandle, length: number, signal: AbortSignal): AsyncGenerator<Chunk> {
   let left = length > 0 ? length : Infinity;
-  while (left > 0) {
+  while (left > 0 && !signal.aborted) {
     const buf = Buffer.allocUnsafe(Math.min(CHUNK, left));
     const { bytesRead } = await fh.read(buf, 0, buf.length, null);
     if (bytesRead === 0) return;
@@ -117,9 +203,10 @@ class HandlerError extends Error {}
  * lseek + ftruncate, which such targets refuse: a hole fails the same way here (a sparse
  * download to a pipe fails with virsh too; without --sparse there are no holes).
  */
-async function writeSequential(fh: FileHandle, st: fs.Stats, chunks: AsyncIterable<Chunk>): Promise<void> {
+async function writeSequential(fh: FileHandle, st: fs.Stats, chunks: AsyncIterable<Chunk>, signal: AbortSignal): Promise<void> {
   const { isatty } = await import('node:tty');
   for await (const c of chunks) {
+    signal.throwIfAborted();
     if (c.kind === 'data') {
       await writeFully(fh, c.bytes);
     } else {
@@ -144,37 +231,38 @@ const volUpload: Handler = async (ctl, cmd) => {
   let fh: FileHandle;
   try {
     fh = await fs.promises.open(file, fs.constants.O_RDONLY);
-  } catch {
-    return ctl.fail(`cannot read ${file}`);
+  } catch (err) {
+    return ctl.fail(withReason(`cannot read ${file}`, err));
   }
   let fileOpen = true;
-  const signal = ctl.abort.signal;
-  const stopInterrupt = onInterrupt(ctl);
+  const ac = new AbortController();
+  const signal = ac.signal;
+  const stopInterrupt = onInterrupt(ctl, ac);
   let meter: Meter | null = null;
   let ok = false;
   try {
     let st: fs.Stats;
     try {
       st = await fh.stat();
-    } catch {
-      return ctl.fail(`unable to stat ${file}`);
+    } catch (err) {
+      return ctl.fail(withReason(`unable to stat ${file}`, err));
     }
+    const seekable = st.isFile() || st.isBlockDevice();
+    const size = st.isFile() ? st.size : 0;
     let stream: Stream;
     try {
       stream = await vol.upload({ offset: toOffset(offset), length, sparse: optBool(cmd, 'sparse'), fallbackToPlain: optBool(cmd, 'sparse-fallback'), signal });
     } catch (err) {
-      return ctl.fail(`cannot upload to volume ${name}`, openStreamDetail(err, 'upload'));
+      return ctl.fail(`cannot upload to volume ${name}`, signal.aborted ? signal.reason : openStreamDetail(err, 'upload'));
     }
-    const seekable = st.isFile() || st.isBlockDevice();
-    const size = st.isFile() ? st.size : 0;
-    meter = await makeMeter(ctl, 'upload', async () => (length > 0 && (size === 0 || length < size) ? length : size));
+    meter = makeMeter(ctl, 'upload', wantsBar(ctl) ? (length > 0 && (size === 0 || length < size) ? length : size) : null);
     let source: AsyncIterable<Chunk | FileRange | ReadonlyArray<Chunk | FileRange>>;
     if (seekable) {
       const { fileSendBatches } = await import('../sparse/index.js');
       // Holes are read as holes even for a plain stream: the stream sends them as zeros.
-      source = fileSendBatches({ fd: fh.fd }, { sparse: true, length: length || undefined, signal });
+      source = untilAborted(fileSendBatches({ fd: fh.fd }, { sparse: true, length: length || undefined, signal }), signal);
     } else {
-      source = readSequential(fh, length);
+      source = untilAborted(readSequential(fh, length, signal), signal);
     }
     try {
       for await (const item of metered(source, meter, !stream.sparse)) {
@@ -182,16 +270,17 @@ const volUpload: Handler = async (ctl, cmd) => {
         else if (item.kind === 'file') await stream.sendFileRange(item.file, item.offset, item.length);
         else await stream.sendChunk(item);
       }
+      signal.throwIfAborted();
     } catch (err) {
       await stream.abort(err).catch(() => undefined);
-      return ctl.fail(`cannot send data to volume ${name}`, handlerDetail(err, 'send'));
+      return ctl.fail(`cannot send data to volume ${name}`, dataDetail(err, signal, 'send'));
     }
     fileOpen = false;
     try {
       await fh.close();
-    } catch {
+    } catch (err) {
       await stream.abort().catch(() => undefined);
-      return ctl.fail(`cannot close file ${file}`);
+      return ctl.fail(withReason(`cannot close file ${file}`, err));
     }
     try {
       await stream.finish();
@@ -201,7 +290,7 @@ const volUpload: Handler = async (ctl, cmd) => {
     ok = true;
   } finally {
     stopInterrupt();
-    if (meter) finishMeter(ctl, cmd, meter, 'upload', ok);
+    if (meter) finishMeter(ctl, cmd, meter, 'upload', ok, { name: vol.name, pool: vol.pool, file, sparse: optBool(cmd, 'sparse'), offset: Number(offset) });
     if (fileOpen) await fh.close().catch(() => undefined);
   }
 };
@@ -211,6 +300,9 @@ const volDownload: Handler = async (ctl, cmd) => {
   const length = toLength(numberOpt(ctl, cmd, 'length', true));
   const { vol, name } = await lookupVol(ctl, cmd);
   const file = requiredOpt(ctl, cmd, 'file');
+  // The progress bar's total, asked before the stream opens (see the top).
+  let total: number | null = null;
+  if (wantsBar(ctl)) total = await downloadTotal(vol, Number(offset), length).catch(() => 0);
   const { O_WRONLY, O_CREAT, O_EXCL, O_TRUNC } = fs.constants;
   let fh: FileHandle;
   let created = false;
@@ -218,53 +310,58 @@ const volDownload: Handler = async (ctl, cmd) => {
     fh = await fs.promises.open(file, O_WRONLY | O_CREAT | O_EXCL, 0o666);
     created = true;
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') return ctl.fail(`cannot create ${file}`);
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') return ctl.fail(withReason(`cannot create ${file}`, err));
     try {
       fh = await fs.promises.open(file, O_WRONLY | O_TRUNC, 0o666);
-    } catch {
-      return ctl.fail(`cannot create ${file}`);
+    } catch (err2) {
+      return ctl.fail(withReason(`cannot create ${file}`, err2));
     }
   }
+  // A process that ends before this command does still removes the file it created.
+  const keepFile = created ? onAbandon(() => fs.rmSync(file, { force: true })) : () => undefined;
   let fileOpen = true;
-  const signal = ctl.abort.signal;
-  const stopInterrupt = onInterrupt(ctl);
+  const ac = new AbortController();
+  const signal = ac.signal;
+  const stopInterrupt = onInterrupt(ctl, ac);
   let meter: Meter | null = null;
   let ok = false;
   try {
     let st: fs.Stats;
     try {
       st = await fh.stat();
-    } catch {
-      return ctl.fail(`unable to stat ${file}`);
+    } catch (err) {
+      return ctl.fail(withReason(`unable to stat ${file}`, err));
     }
     let stream: Stream;
     try {
       stream = await vol.download({ offset: toOffset(offset), length, sparse: optBool(cmd, 'sparse'), fallbackToPlain: optBool(cmd, 'sparse-fallback'), signal });
     } catch (err) {
-      return ctl.fail(`cannot download from volume ${name}`, openStreamDetail(err, 'download'));
+      return ctl.fail(`cannot download from volume ${name}`, signal.aborted ? signal.reason : openStreamDetail(err, 'download'));
     }
-    meter = await makeMeter(ctl, 'download', () => downloadTotal(vol, Number(offset), length));
+    meter = makeMeter(ctl, 'download', total);
+    if (process.env.SPARSEVIRT_TEST_HOOK === 'stall-download') await stallForTest(vol);
     try {
       if (st.isFile() || st.isBlockDevice()) {
         const { writeChunks } = await import('../sparse/index.js');
         // The file is empty (created or truncated): holes are simply skipped; a trailing one
         // sets the size, as virsh's lseek + ftruncate. Large packets go into it in place.
         const { releaseFramePayloads } = await import('../io/pools.js');
-        const chunks = metered(stream.batchesInPlace(), meter, false);
+        const chunks = metered(untilAborted(stream.batchesInPlace(), signal), meter, false);
         await writeChunks({ fd: fh.fd }, chunks, { signal, release: releaseFramePayloads, receiveInto: (t) => stream.receiveInto(t) });
       } else {
-        await writeSequential(fh, st, metered(stream, meter, false));
+        await writeSequential(fh, st, metered(untilAborted(stream, signal), meter, false), signal);
       }
+      signal.throwIfAborted();
     } catch (err) {
       await stream.abort(err).catch(() => undefined);
-      return ctl.fail(`cannot receive data from volume ${name}`, handlerDetail(err, 'recv'));
+      return ctl.fail(`cannot receive data from volume ${name}`, dataDetail(err, signal, 'recv'));
     }
     fileOpen = false;
     try {
       await fh.close();
-    } catch {
+    } catch (err) {
       await stream.abort().catch(() => undefined);
-      return ctl.fail(`cannot close file ${file}`);
+      return ctl.fail(withReason(`cannot close file ${file}`, err));
     }
     try {
       // (reading to the end already acknowledged the end of the stream)
@@ -275,11 +372,23 @@ const volDownload: Handler = async (ctl, cmd) => {
     ok = true;
   } finally {
     stopInterrupt();
-    if (meter) finishMeter(ctl, cmd, meter, 'download', ok);
+    if (meter) finishMeter(ctl, cmd, meter, 'download', ok, { name: vol.name, pool: vol.pool, file, sparse: optBool(cmd, 'sparse'), offset: Number(offset) });
     if (fileOpen) await fh.close().catch(() => undefined);
     if (!ok && created) await fs.promises.unlink(file).catch(() => undefined);
+    keepFile();
   }
 };
+
+/**
+ * Test hook (SPARSEVIRT_TEST_HOOK=stall-download): the command waits forever for something that
+ * never comes, with the connection no longer read, as when a reply is stuck behind unread stream
+ * data. Nothing is left for the event loop: the run must end as an error, not as a success.
+ */
+async function stallForTest(vol: StorageVol): Promise<never> {
+  const client = await import('../client/connection.js');
+  vol.conn[client.kPeer].pauseReading();
+  return new Promise<never>(() => undefined);
+}
 
 /** Bytes a download will cover: capacity − offset, or `length` when smaller (progress only). */
 async function downloadTotal(vol: StorageVol, offset: number, length: number): Promise<number> {

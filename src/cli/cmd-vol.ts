@@ -10,6 +10,30 @@ import { dumpXml } from './xml.js';
 
 type Handler = (ctl: Ctl, cmd: ParsedCmd) => Promise<void>;
 
+/**
+ * The --json form of a volume, the same in vol-info, vol-list and vol-create-as: sizes in bytes,
+ * null where the server did not say. `physical` replaces `allocation` for vol-info --physical.
+ */
+async function volJson(vol: StorageVol, info: VolInfo | null, physical = false): Promise<Record<string, string | number | null>> {
+  let path: string | null;
+  try {
+    path = await vol.path();
+  } catch {
+    path = null;
+  }
+  return {
+    name: vol.name, pool: vol.pool, key: vol.key, path,
+    type: info ? volTypeName(info.type) : null,
+    capacity: info?.capacity ?? null,
+    [physical ? 'physical' : 'allocation']: info?.allocation ?? null,
+  };
+}
+
+/** `{…}` or `[…]` as JSON, on its own lines. */
+export function printJson(ctl: Ctl, value: unknown): void {
+  ctl.print(`${JSON.stringify(value, null, 2)}\n`);
+}
+
 /** virshVolSize, or virsh's "Malformed size X" (plus libvirt's reason when it gave one). */
 function size(ctl: Ctl, s: string): bigint {
   const r = parseSize(s);
@@ -62,10 +86,15 @@ const volCreateAs: Handler = async (ctl, cmd) => {
     ctl.print(xml);
     return;
   }
+  let vol: StorageVol;
   try {
-    await pool.createVolXML(xml, flags);
+    vol = await pool.createVolXML(xml, flags);
   } catch (err) {
     return ctl.fail(`Failed to create vol ${name}`, err);
+  }
+  if (optBool(cmd, 'json')) {
+    printJson(ctl, await volJson(vol, await vol.info().catch(() => null)));
+    return;
   }
   ctl.printExtra(`Vol ${name} created\n`);
 };
@@ -121,9 +150,7 @@ const volInfo: Handler = async (ctl, cmd) => {
     return ctl.failWith(err);
   }
   if (json) {
-    const out: Record<string, string | number> = { name: vol.name, key: vol.key, pool: vol.pool, type: volTypeName(info.type), capacity: info.capacity };
-    out[physical ? 'physical' : 'allocation'] = info.allocation;
-    ctl.print(`${JSON.stringify(out, null, 2)}\n`);
+    printJson(ctl, await volJson(vol, info, physical));
     return;
   }
   ctl.print(labelLine('Type:', volTypeName(info.type)));
@@ -175,7 +202,8 @@ const volDumpxml: Handler = async (ctl, cmd) => {
 
 const volKey: Handler = async (ctl, cmd) => {
   const { vol } = await lookupVol(ctl, cmd);
-  ctl.print(`${vol.key}\n`);
+  if (optBool(cmd, 'json')) printJson(ctl, { name: vol.name, pool: vol.pool, key: vol.key });
+  else ctl.print(`${vol.key}\n`);
 };
 
 const volPath: Handler = async (ctl, cmd) => {
@@ -186,7 +214,8 @@ const volPath: Handler = async (ctl, cmd) => {
   } catch (err) {
     return ctl.failWith(err);
   }
-  ctl.print(`${path}\n`);
+  if (optBool(cmd, 'json')) printJson(ctl, { name: vol.name, pool: vol.pool, path });
+  else ctl.print(`${path}\n`);
 };
 
 const volList: Handler = async (ctl, cmd) => {
@@ -200,8 +229,13 @@ const volList: Handler = async (ctl, cmd) => {
   }
   vols.sort((a, b) => asciiCaseCompare(a.name, b.name));
   const json = optBool(cmd, 'json');
+  if (json) {
+    const objs = [];
+    for (const v of vols) objs.push(await volJson(v, await v.info().catch(() => null)));
+    printJson(ctl, objs);
+    return;
+  }
   const rows: string[][] = [];
-  const objs: Record<string, string | number | null>[] = [];
   for (const v of vols) {
     let path: string;
     try {
@@ -209,7 +243,7 @@ const volList: Handler = async (ctl, cmd) => {
     } catch {
       path = 'unknown';
     }
-    if (!details && !json) {
+    if (!details) {
       rows.push([v.name, path]);
       continue;
     }
@@ -219,17 +253,11 @@ const volList: Handler = async (ctl, cmd) => {
     } catch {
       info = null;
     }
-    if (json) {
-      objs.push({ name: v.name, key: v.key, path, type: info ? volTypeName(info.type) : 'unknown', capacity: info?.capacity ?? null, allocation: info?.allocation ?? null });
-    } else if (info) {
+    if (info) {
       rows.push([v.name, path, volTypeName(info.type), prettyCapacity(info.capacity), prettyCapacity(info.allocation)]);
     } else {
       rows.push([v.name, path, 'unknown', 'unknown', 'unknown']);
     }
-  }
-  if (json) {
-    ctl.print(`${JSON.stringify(objs, null, 2)}\n`);
-    return;
   }
   const headers = details ? ['Name', 'Path', 'Type', 'Capacity', 'Allocation'] : ['Name', 'Path'];
   ctl.print(renderTable(headers, rows, !ctl.quiet));

@@ -12,6 +12,7 @@ const json: OptDef = { name: 'json', type: 'bool', help: 'print JSON (sparsevirt
 const transferExtensions: OptDef[] = [
   { name: 'sparse-fallback', type: 'bool', help: 'if the server refuses --sparse, transfer without it (sparsevirt extension)', extension: true },
   { name: 'verbose', type: 'bool', help: 'print a summary line on stderr at the end (sparsevirt extension)', extension: true },
+  json,
 ];
 const noOverwrite: OptDef = { name: 'no-overwrite', type: 'bool', help: 'do not overwrite any existing data' };
 const overwrite: OptDef = { name: 'overwrite', type: 'bool', help: 'overwrite any existing data' };
@@ -35,11 +36,11 @@ export const GROUPS: CmdGroup[] = [
     name: 'Host and Hypervisor',
     keyword: 'host',
     commands: [
-      { name: 'hostname', help: 'print the hypervisor hostname', desc: '', opts: [] },
-      { name: 'uri', help: 'print the hypervisor canonical URI', desc: '', opts: [] },
+      { name: 'hostname', help: 'print the hypervisor hostname', desc: '', opts: [json] },
+      { name: 'uri', help: 'print the hypervisor canonical URI', desc: '', opts: [json] },
       {
         name: 'version', help: 'show version', desc: 'Display the system version information.',
-        opts: [{ name: 'daemon', type: 'bool', help: 'report daemon version too' }],
+        opts: [{ name: 'daemon', type: 'bool', help: 'report daemon version too' }, json],
       },
     ],
   },
@@ -128,6 +129,7 @@ export const GROUPS: CmdGroup[] = [
           { name: 'backing-vol-format', type: 'string', help: 'format of backing volume if taking a snapshot' },
           { name: 'prealloc-metadata', type: 'bool', help: 'preallocate metadata (for qcow2 instead of full allocation)' },
           { name: 'print-xml', type: 'bool', help: "print XML document, but don't define/create" },
+          json,
         ],
       },
       {
@@ -160,12 +162,12 @@ export const GROUPS: CmdGroup[] = [
           json,
         ],
       },
-      { name: 'vol-key', help: 'returns the volume key for a given volume name or path', desc: '', opts: [volData('volume name or path'), poolOptional] },
+      { name: 'vol-key', help: 'returns the volume key for a given volume name or path', desc: '', opts: [volData('volume name or path'), poolOptional, json] },
       {
         name: 'vol-list', help: 'list vols', desc: 'Returns list of vols by pool.',
         opts: [poolData(), { name: 'details', type: 'bool', help: 'display extended details for volumes' }, json],
       },
-      { name: 'vol-path', help: 'returns the volume path for a given volume name or key', desc: '', opts: [volData('volume name or key'), poolOptional] },
+      { name: 'vol-path', help: 'returns the volume path for a given volume name or key', desc: '', opts: [volData('volume name or key'), poolOptional, json] },
       {
         name: 'vol-resize', help: 'resize a vol',
         desc: 'Resizes a storage volume. This is safe only for storage volumes not in use by an active guest.\nSee blockresize for live resizing.',

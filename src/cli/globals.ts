@@ -133,11 +133,14 @@ export function parseGlobals(argv: readonly string[]): GlobalsResult {
           const n = parseInt32(value!);
           if (n === null) return err(`option -d takes a numeric argument`);
           if (n < 0 || n > 4) warnings += `error: ignoring debug level ${n} out of range [0-4]\n`;
+          else opts.debug = n;
           break;
         }
-        case 'e':
         case 'l':
-          break; // console escape and log file: accepted, nothing to do for storage commands
+          opts.logFile = value!;
+          break;
+        case 'e':
+          break; // the console's escape character: no console here
         case 'h':
           return { kind: 'exit', code: 0, out: usage() };
         case 'k':

@@ -6,7 +6,7 @@
  *   LOOKUP_BY_VOLUME to check it belongs to that pool; without --pool: by key, then by path.
  */
 import type { StoragePool, StorageVol } from '../client/index.js';
-import { Ctl, CommandFailed } from './ctl.js';
+import { Ctl, CommandFailed, DEBUG, INFO } from './ctl.js';
 import { parseUuid } from './numbers.js';
 import { optString, type ParsedCmd } from './vsh.js';
 
@@ -34,15 +34,18 @@ export function quietOpt(cmd: ParsedCmd, name: string): string | undefined {
 
 export async function lookupPool(ctl: Ctl, cmd: ParsedCmd, optName = 'pool'): Promise<{ pool: StoragePool; name: string }> {
   const name = requiredOpt(ctl, cmd, optName);
-  const pool = await poolByNameOrUuid(ctl, name);
+  const pool = await poolByNameOrUuid(ctl, name, cmd.def.name, optName);
   return { pool, name };
 }
 
-export async function poolByNameOrUuid(ctl: Ctl, n: string): Promise<StoragePool> {
+/** virshCommandOptPoolBy: by UUID (a 36-character UUID), then by name; its -d lines. */
+export async function poolByNameOrUuid(ctl: Ctl, n: string, cmdName: string, optName = 'pool'): Promise<StoragePool> {
+  ctl.debug(INFO, `${cmdName}: found option <${optName}>: ${n}\n`);
   const conn = await ctl.connection();
   let last: unknown;
   if (n.length === 36) {
     const uuid = parseUuid(n);
+    ctl.debug(DEBUG, `${cmdName}: <${optName}> trying as pool UUID\n`);
     if (uuid) {
       try {
         return await conn.storagePoolLookupByUUID(uuid);
@@ -51,6 +54,7 @@ export async function poolByNameOrUuid(ctl: Ctl, n: string): Promise<StoragePool
       }
     }
   }
+  ctl.debug(DEBUG, `${cmdName}: <${optName}> trying as pool NAME\n`);
   try {
     return await conn.storagePoolLookupByName(n);
   } catch (err) {
@@ -65,7 +69,7 @@ export async function lookupVol(ctl: Ctl, cmd: ParsedCmd): Promise<{ vol: Storag
   const conn = await ctl.connection();
   let pool: StoragePool | undefined;
   if (p !== undefined) {
-    pool = await poolByNameOrUuid(ctl, p);
+    pool = await poolByNameOrUuid(ctl, p, cmd.def.name);
     let active = false;
     let detail: unknown;
     try {
@@ -75,9 +79,11 @@ export async function lookupVol(ctl: Ctl, cmd: ParsedCmd): Promise<{ vol: Storag
     }
     if (!active) ctl.fail(`pool '${p}' is not active`, detail);
   }
+  ctl.debug(DEBUG, `${cmd.def.name}: found option <vol>: ${n}\n`);
   let vol: StorageVol | undefined;
   let last: unknown;
   if (pool) {
+    ctl.debug(DEBUG, `${cmd.def.name}: <vol> trying as vol name\n`);
     try {
       vol = await pool.volLookupByName(n);
     } catch (err) {
@@ -85,6 +91,7 @@ export async function lookupVol(ctl: Ctl, cmd: ParsedCmd): Promise<{ vol: Storag
     }
   }
   if (!vol) {
+    ctl.debug(DEBUG, `${cmd.def.name}: <vol> trying as vol key\n`);
     try {
       vol = await conn.storageVolLookupByKey(n);
     } catch (err) {
@@ -92,6 +99,7 @@ export async function lookupVol(ctl: Ctl, cmd: ParsedCmd): Promise<{ vol: Storag
     }
   }
   if (!vol) {
+    ctl.debug(DEBUG, `${cmd.def.name}: <vol> trying as vol path\n`);
     try {
       vol = await conn.storageVolLookupByPath(n);
     } catch (err) {

@@ -22,7 +22,7 @@ export interface ParsedUri {
   port: number;
   /** The URI's path: '/system', '/session'. */
   path: string;
-  /** unix socket path (unix transport). */
+  /** unix socket path (unix transport); '' when the URI says `socket=` with no path. */
   socket: string;
   /** Name sent in CONNECT_OPEN. */
   name: string;
@@ -102,8 +102,10 @@ export function parseUri(uri: string): ParsedUri {
   if (transport === 'unix' && host) throw new SparsevirtError('ERR_INVALID_ARG', `a unix URI cannot name a host: '${uri}'`);
   if (transport !== 'unix' && !host) host = 'localhost';
   if (!port && (transport === 'tcp' || transport === 'tls')) port = transport === 'tcp' ? DEFAULT_TCP_PORT : DEFAULT_TLS_PORT;
+  // `socket=` with no value names the empty path, as libvirt takes it (the connection then fails);
+  // only a URI without the parameter gets the default socket.
   let socket = params.get('socket') ?? '';
-  if (transport === 'unix' && !socket) {
+  if (transport === 'unix' && !params.has('socket')) {
     socket = p === '/session' && !isRoot() ? path.join(runtimeDir(), 'libvirt', 'libvirt-sock') : LIBVIRT_SYSTEM_SOCKET;
   }
   const forwarded = new URLSearchParams();
