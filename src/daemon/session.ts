@@ -30,6 +30,8 @@ export interface SessionContext {
   log: Logger;
   /** sparsevirt's version as libvirt encodes one: major·10⁶ + minor·10³ + micro. */
   hvVersion: bigint;
+  /** Throws the error to send when one more transfer is not allowed (`active` are open). */
+  admitTransfer?(active: number): void;
 }
 
 interface Call {
@@ -395,6 +397,7 @@ export class Session {
     // the stream already there goes on undisturbed.
     const busy = () => rpcError(CODE.RPC, `a stream is already open for procedure ${m.proc} serial ${m.serial}`);
     if (this.peer.hasStream(m.proc, m.serial)) throw busy();
+    this.ctx.admitTransfer?.(this.transfers.size);
     const vol = await this.driver.volByRef(a.vol);
     if (a.offset > BigInt(Number.MAX_SAFE_INTEGER)) {
       if (kind === 'upload') throw storageError(CODE.INVALID_ARG, `offset ${a.offset} is larger than sparsevirtd supports (2^53)`);
