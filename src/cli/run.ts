@@ -27,6 +27,7 @@ export async function run(argv: readonly string[], io: Io): Promise<number> {
     return g.code;
   }
   if (g.warnings) io.err(g.warnings);
+  if (g.rest[0] === 'complete') return (await import('./cmd-complete.js')).complete(new Ctl(io, g.opts), g.rest.slice(1));
   const onError = (msg: string) => io.err(`error: ${msg}\n`);
   if (g.rest.length === 0) return interactive(io, new Ctl(io, g.opts), onError);
   let cmds: ParsedCmd[];

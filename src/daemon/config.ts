@@ -204,16 +204,14 @@ function logLevel(v: ConfValue): LogLevel {
   return s;
 }
 
-const RUNTIME_SOCKET_DIR = path.dirname(defaultDaemonSocket());
-
 const KEY_TABLE: ReadonlyArray<Omit<ConfigKey, 'field'>> = [
   {
-    name: 'listen_tcp', type: 'boolean (0 or 1)', default: '0', reload: false,
+    name: 'listen_tcp', type: 'boolean: 0 or 1', default: '0', reload: false,
     doc: 'Listen for plain TCP connections on listen_addr and tcp_port. TCP has no encryption and no authentication: whoever reaches the port has read-write access. Use it on a trusted network only, or prefer listen_tls.',
     set: (c, v) => void (c.listenTcp = bool(v)),
   },
   {
-    name: 'listen_tls', type: 'boolean (0 or 1)', default: '0', reload: false,
+    name: 'listen_tls', type: 'boolean: 0 or 1', default: '0', reload: false,
     doc: 'Listen for TLS connections on listen_addr and tls_port. Clients need a certificate signed by ca_file (and, when set, allowed by tls_allowed_dn_list and tls_allowed_cn_list).',
     set: (c, v) => void (c.listenTls = bool(v)),
   },
@@ -227,37 +225,37 @@ const KEY_TABLE: ReadonlyArray<Omit<ConfigKey, 'field'>> = [
     },
   },
   {
-    name: 'tcp_port', type: 'port (string or integer)', default: '"16509"', reload: false,
+    name: 'tcp_port', type: 'port: string or integer', default: '"16509"', reload: false,
     doc: 'The TCP listener\'s port. 0 picks a free port (the log says which).',
     set: (c, v) => void (c.tcpPort = port(v)),
   },
   {
-    name: 'tls_port', type: 'port (string or integer)', default: '"16514"', reload: false,
+    name: 'tls_port', type: 'port: string or integer', default: '"16514"', reload: false,
     doc: 'The TLS listener\'s port. 0 picks a free port (the log says which).',
     set: (c, v) => void (c.tlsPort = port(v)),
   },
   {
-    name: 'unix_sock_dir', type: 'absolute path', default: `"${RUNTIME_SOCKET_DIR}"`, reload: false,
+    name: 'unix_sock_dir', type: 'absolute path', default: '"/run/sparsevirt"', reload: false,
     doc: `The directory of the unix sockets: ${RW_SOCKET_NAME} (read-write) and ${RO_SOCKET_NAME} (read-only, see unix_sock_ro). It is created (mode 0755) if missing. For users other than root the default is $XDG_RUNTIME_DIR/sparsevirt.`,
     set: (c, v) => void (c.unixSockDir = absPath(v)),
   },
   {
-    name: 'unix_sock_group', type: 'string (group name or number)', default: 'the daemon\'s group', reload: false,
+    name: 'unix_sock_group', type: 'string: group name or number', default: 'the daemon\'s group', reload: false,
     doc: 'The group that owns the unix sockets, so that unix_sock_rw_perms and unix_sock_ro_perms can open them to its members.',
     set: (c, v) => void (c.unixSockGroup = resolveGroup(str(v))),
   },
   {
-    name: 'unix_sock_rw_perms', type: 'octal mode (string)', default: '"0600"', reload: false,
+    name: 'unix_sock_rw_perms', type: 'octal mode: string', default: '"0600"', reload: false,
     doc: `The mode of ${RW_SOCKET_NAME}. Whoever may connect has read-write access to every pool.`,
     set: (c, v) => void (c.unixSockRwPerms = mode(v)),
   },
   {
-    name: 'unix_sock_ro_perms', type: 'octal mode (string)', default: '"0660"', reload: false,
+    name: 'unix_sock_ro_perms', type: 'octal mode: string', default: '"0660"', reload: false,
     doc: `The mode of ${RO_SOCKET_NAME}. Read-only connections can download volumes, so the default keeps it to the owner and unix_sock_group, not to everyone as libvirtd's "0777".`,
     set: (c, v) => void (c.unixSockRoPerms = mode(v)),
   },
   {
-    name: 'unix_sock_ro', type: 'boolean (0 or 1)', default: '0', reload: false,
+    name: 'unix_sock_ro', type: 'boolean: 0 or 1', default: '0', reload: false,
     doc: `Also listen on ${RO_SOCKET_NAME} beside ${RW_SOCKET_NAME}, as libvirtd's libvirt-sock-ro: every connection on it is read-only, whatever the client asks. It lists pools and volumes, reads their XML and information, and downloads volumes; everything that writes is refused with libvirt's "operation forbidden: read only access prevents …". For monitoring.`,
     set: (c, v) => void (c.unixSockRo = bool(v)),
   },
@@ -292,7 +290,7 @@ const KEY_TABLE: ReadonlyArray<Omit<ConfigKey, 'field'>> = [
     set: (c, v) => void (c.stateDir = absPath(v)),
   },
   {
-    name: 'log_level', type: 'integer 1-4, or string', default: '2 (info)', reload: true,
+    name: 'log_level', type: 'integer 1 to 4, or string', default: '2 (info)', reload: true,
     doc: 'The least level logged, as libvirtd\'s: 1 debug, 2 info, 3 warning, 4 error; or "debug", "info", "warn", "error", "silent". Each output of log_outputs may ask for a higher level, never a lower one.',
     set: (c, v) => void (c.logLevel = logLevel(v)),
   },
@@ -319,7 +317,7 @@ const KEY_TABLE: ReadonlyArray<Omit<ConfigKey, 'field'>> = [
     set: (c, v) => void (c.maxClientTransfers = int(v, 1, 1_000_000)),
   },
   {
-    name: 'keepalive_interval', type: 'integer (seconds)', default: '5', reload: true,
+    name: 'keepalive_interval', type: 'integer: seconds', default: '5', reload: true,
     doc: 'Seconds of silence from a client before sparsevirtd sends it a keepalive PING (once the client agreed to keepalive, as virsh does). -1 or 0 sends none. Applies to connections made after a change.',
     set: (c, v) => void (c.keepaliveInterval = int(v, -1, 86_400)),
   },
