@@ -266,7 +266,7 @@ const KEY_TABLE: ReadonlyArray<Omit<ConfigKey, 'field'>> = [
   },
   {
     name: 'cert_file', type: 'absolute path', default: '"/etc/pki/libvirt/servercert.pem"', reload: true,
-    doc: 'The TLS server\'s certificate (PEM).',
+    doc: 'The TLS server\'s certificate (PEM), signed by a CA the clients trust, for the host name they connect to.',
     set: (c, v) => void (c.certFile = absPath(v)),
   },
   {
