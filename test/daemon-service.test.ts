@@ -49,6 +49,14 @@ function start(args: string[], opts: { env?: NodeJS.ProcessEnv; stderrFd?: numbe
   };
 }
 
+/** The exit status, killing the process if it has not exited within `ms`. */
+async function exitedWithin(r: Running, ms = 15_000): Promise<number | null> {
+  const timer = setTimeout(() => r.child.kill('SIGKILL'), ms);
+  const code = await r.exited;
+  clearTimeout(timer);
+  return code;
+}
+
 async function stop(r: Running): Promise<number | null> {
   if (r.child.exitCode === null) r.child.kill('SIGTERM');
   const timer = setTimeout(() => r.child.kill('SIGKILL'), 10_000);
@@ -151,10 +159,14 @@ test('a configuration file with every key: socket modes and group, the read-only
     const rvol = await (await r.storagePoolLookupByName('p')).volLookupByName('v.img');
     await assert.rejects(rvol.delete(), /read only access prevents/);
 
-    // max_client_transfers = 1: a second transfer on the same connection is refused
-    const s1 = await vol.download({ sparse: true });
-    await assert.rejects(vol.download({ sparse: true }), /operation failed: too many transfers on this connection \(max_client_transfers is 1\)/);
-    await s1.abort();
+    // max_client_transfers = 1: of three transfers asked for at once on one connection, one opens
+    const asked = await Promise.allSettled([vol.download({ sparse: true }), vol.download({ sparse: true }), vol.download({ sparse: true })]);
+    const opened = asked.filter((a) => a.status === 'fulfilled');
+    assert.equal(opened.length, 1);
+    for (const a of asked.filter((x) => x.status === 'rejected')) {
+      assert.match(String((a as PromiseRejectedResult).reason), /operation failed: too many transfers on this connection \(max_client_transfers is 1\)/);
+    }
+    await (opened[0] as PromiseFulfilledResult<Awaited<ReturnType<typeof vol.download>>>).value.abort();
 
     // max_clients = 3 (two open): TCP is the third, TLS a fourth is closed at once
     const t = await connect(uris[2]);
@@ -198,7 +210,7 @@ test('bad files are refused at start with FILE:LINE: reason and exit status 78; 
     if (c.text !== undefined) await fsp.writeFile(f, c.text);
     const esc = f.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
     const d = start(['--config', f, '--state-dir', path.join(base, 'state'), '--listen', `unix:${path.join(base, 'sock')}`]);
-    assert.equal(await d.exited, 78, `${c.name}: ${d.stderr()}`);
+    assert.equal(await exitedWithin(d), 78, `${c.name}: ${d.stderr()}`);
     const rec = JSON.parse(d.stderr().trim().split('\n').pop()!) as { level: string; msg: string; error: string };
     assert.equal(rec.msg, 'configuration refused', c.name);
     assert.match(rec.error, c.re(esc), c.name);
@@ -223,9 +235,11 @@ test('a file the daemon\'s user cannot read is refused (run as nobody)', async (
     const child = spawn(process.execPath, [MAIN, '--check-config', '--config', f], { uid: 65534, gid: 65534, stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';
     child.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+    child.once('error', (e) => resolve({ code: null, stderr: `${e.message}\n` }));
     child.once('exit', (code) => resolve({ code, stderr: err }));
   });
-  if (/Cannot find module|EACCES.*sparsevirtd\.mjs/.test(r.stderr)) return t.skip(`nobody cannot run the checkout: ${r.stderr.trim()}`);
+  // node or the checkout may live where nobody cannot go (a home directory)
+  if (/Cannot find module|EACCES|permission denied/i.test(r.stderr) && !r.stderr.includes(f)) return t.skip(`nobody cannot run this node or checkout: ${r.stderr.trim()}`);
   assert.equal(r.code, 78, r.stderr);
   assert.match(r.stderr, new RegExp(`${f.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: cannot read the configuration file: EACCES`));
 });

@@ -175,7 +175,16 @@ test('Type=notify: READY=1 comes once every listener accepts; a daemon that fail
   await fsp.mkdir(base, { recursive: true });
   const notifyPath = path.join(base, 'notify');
   const notify = fakeNotifySocket(notifyPath);
-  await waitForPath(notifyPath);
+  try {
+    await waitForPath(notifyPath);
+    await readiness(base, notifyPath, notify);
+  } finally {
+    notify.proc.kill('SIGKILL');
+  }
+});
+
+/** The checks of the test above, with the fake NOTIFY_SOCKET `notify` listening at `notifyPath`. */
+async function readiness(base: string, notifyPath: string, notify: ReturnType<typeof fakeNotifySocket>): Promise<void> {
   const conf = path.join(base, 'c.conf');
   fs.writeFileSync(conf, `unix_sock_dir = "${base}/run"\nunix_sock_ro = 1\nstate_dir = "${base}/state"\nlisten_tcp = 1\nlisten_addr = "127.0.0.1"\ntcp_port = 0\n`);
   const env = { ...process.env, NOTIFY_SOCKET: notifyPath };
@@ -214,5 +223,4 @@ test('Type=notify: READY=1 comes once every listener accepts; a daemon that fail
   assert.match(failing.stderr, /sparsevirtd failed to start.*cannot read TLS server certificate/);
   await new Promise((r) => setTimeout(r, 300));
   assert.deepEqual(notify.messages().slice(before), []);
-  notify.proc.kill('SIGKILL');
-});
+}

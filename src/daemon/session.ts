@@ -397,7 +397,6 @@ export class Session {
     // the stream already there goes on undisturbed.
     const busy = () => rpcError(CODE.RPC, `a stream is already open for procedure ${m.proc} serial ${m.serial}`);
     if (this.peer.hasStream(m.proc, m.serial)) throw busy();
-    this.ctx.admitTransfer?.(this.transfers.size);
     const vol = await this.driver.volByRef(a.vol);
     if (a.offset > BigInt(Number.MAX_SAFE_INTEGER)) {
       if (kind === 'upload') throw storageError(CODE.INVALID_ARG, `offset ${a.offset} is larger than sparsevirtd supports (2^53)`);
@@ -414,6 +413,7 @@ export class Session {
       }
       if (this.peer.closed) throw new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed');
       if (this.peer.hasStream(m.proc, m.serial)) throw busy(); // opened while we looked the volume up
+      this.ctx.admitTransfer?.(this.transfers.size); // no await from here to transfers.add: the count is exact
       const wire = this.peer.openStream(m.proc, m.serial, { sparse: (a.flags & SPARSE_STREAM) !== 0, sending: kind === 'download' });
       transfer = new Transfer({
         kind, vol, fh, wire, offset, length: transferLength(a.length), sparse: (a.flags & SPARSE_STREAM) !== 0,
