@@ -5,7 +5,9 @@
 #
 #   1. installs (apt, noninteractive, --no-install-recommends) what is missing of
 #      libvirt-daemon libvirt-clients nbdkit libnbd-bin qemu-utils time strace bsdutils python3-libvirt
-#      (+ openssl with --tcp-tls); python3-libvirt is libvirt's Python client, for /usr/bin/python3
+#      (+ openssl with --tcp-tls); python3-libvirt is libvirt's Python client, for /usr/bin/python3;
+#      and for sparsevirtd's service tests systemd (systemd-analyze, systemd-socket-activate,
+#      systemd-notify; not started: it need not be PID 1) and groff-base (man pages)
 #   2. creates /var/log/libvirt, /var/run/libvirt and the qemu driver's user libvirt-qemu (groups
 #      libvirt-qemu, kvm): without them the qemu driver, and so libvirtd, refuses to start
 #   3. writes /etc/libvirt/sparsevirt-libvirtd.conf and starts libvirtd unless one answers already
@@ -56,6 +58,7 @@ die() { echo "setup-libvirt: ERROR: $*" >&2; exit 1; }
 declare -A pkg_of=(
   [libvirtd]=libvirt-daemon [virsh]=libvirt-clients [nbdkit]=nbdkit [nbdcopy]=libnbd-bin
   [qemu-img]=qemu-utils [/usr/bin/time]=time [strace]=strace [script]=bsdutils
+  [systemd-analyze]=systemd [systemd-socket-activate]=systemd [systemd-notify]=systemd [groff]=groff-base
 )
 missing=()
 for bin in "${!pkg_of[@]}"; do
@@ -69,6 +72,7 @@ if [ "$tcp_tls" = 1 ] && ! command -v openssl >/dev/null 2>&1 && ! command -v ce
   missing+=(openssl)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   [ "$install" = 1 ] || die "missing packages: ${missing[*]} (and --no-install given)"
   say "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -76,7 +80,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/setup-libvirt-apt.log 2>&1 \
     || { tail -n 30 /tmp/setup-libvirt-apt.log >&2; die "apt-get install failed"; }
 else
-  say "packages present (libvirtd virsh nbdkit nbdcopy qemu-img time strace script python3-libvirt)"
+  say "packages present (libvirtd virsh nbdkit nbdcopy qemu-img time strace script python3-libvirt systemd groff)"
 fi
 
 # ---------------------------------------------------------------------------- helpers

@@ -56,6 +56,7 @@ export async function run(argv: readonly string[], io: Io): Promise<number> {
   }
   if (g.warnings) io.err(g.warnings);
   debugFromEnv(g.opts, io);
+  if (g.rest[0] === 'complete') return (await import('./cmd-complete.js')).complete(new Ctl(io, g.opts), g.rest.slice(1));
   const ctl = new Ctl(io, g.opts);
   if (g.opts.logFile !== undefined && !ctl.openLog(g.opts.logFile)) {
     io.err('error: failed to open the log file. check the log file path\n');

@@ -33,6 +33,8 @@ export interface SessionContext {
   log: Logger;
   /** sparsevirt's version as libvirt encodes one: major·10⁶ + minor·10³ + micro. */
   hvVersion: bigint;
+  /** Throws the error to send when one more transfer is not allowed (`active` are open). */
+  admitTransfer?(active: number): void;
 }
 
 interface Call {
@@ -538,6 +540,7 @@ export class Session {
     try {
       if (this.peer.closed) throw new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed');
       if (this.peer.hasStream(m.proc, m.serial)) throw busy(); // opened while we looked the volume up
+      this.ctx.admitTransfer?.(this.transfers.size); // no await from here to transfers.add: the count is exact
       const wire = this.peer.openStream(m.proc, m.serial, { sparse: (a.flags & SPARSE_STREAM) !== 0, sending: kind === 'download' });
       transfer = new Transfer({
         kind, vol, fh, wire, offset, length: transferLength(a.length), sparse: (a.flags & SPARSE_STREAM) !== 0, log: this.log,
