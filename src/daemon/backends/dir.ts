@@ -393,13 +393,15 @@ export class DirBackend implements PoolBackend {
   private async checkBacking(pool: Pool, b: { path: string; format: string | null }): Promise<{ path: string; format: ImageFormat }> {
     const format = b.format ?? 'raw';
     if (!isImageFormat(format)) throw storageError(CODE.CONFIG_UNSUPPORTED, `unknown backing store format '${format}'`);
+    // (qemu-img reads a relative name from the new image's directory: the pool's)
+    const file = path.isAbsolute(b.path) ? b.path : path.join(pool.target, b.path);
     try {
-      await fsp.access(b.path, fs.constants.R_OK);
+      await fsp.access(file, fs.constants.R_OK);
     } catch (err) {
       throw systemError(`inaccessible backing store volume ${b.path}`, err);
     }
     if (format !== 'raw') {
-      const chain = await followChain(b.path, { poolDir: pool.target, followOutsidePool: true, format }).catch((err) => {
+      const chain = await followChain(file, { poolDir: pool.target, followOutsidePool: true, format }).catch((err) => {
         throw formatError(`cannot read backing store '${b.path}'`, err);
       });
       const bad = chain.problems.find((x) => x.code === 'LOOP' || x.code === 'TOO_DEEP' || x.code === 'CORRUPT');
