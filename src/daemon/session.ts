@@ -19,9 +19,9 @@ import { XdrReader, encode } from '../xdr/index.js';
 import { CODE, DOMAIN, checkFlags, readOnlyError, rpcError, storageError, toRemoteError, virError } from './errors.js';
 import type { Logger } from './log.js';
 import type { Pool, PoolEvent, StorageDriver, Volume } from './storage.js';
-import { fileContentDigest } from './digest.js';
+import { ContentDigest, DIGEST_NAME } from '../digest.js';
+import { digestRange, readerContentDigest } from './digest.js';
 import { Transfer, transferLength } from './transfer.js';
-import { formatPoolCapabilities } from './xml.js';
 
 /** What virsh gets from CONNECT_GET_LIB_VERSION: libvirt 9.0.0, the version we are compatible with. */
 export const LIB_VERSION = 9000000n;
@@ -70,7 +70,7 @@ function poolRef(p: Pool): PoolRef {
 }
 
 function volRef(v: Volume): VolRef {
-  return { pool: v.pool.name, name: v.name, key: v.path };
+  return { pool: v.pool.name, name: v.name, key: v.key };
 }
 
 const HANDLERS = new Map<number, Handler>([
@@ -107,10 +107,7 @@ const HANDLERS = new Map<number, Handler>([
   // what it knows of its own transport (encrypted: TLS, ssh).
   [P.CONNECT_IS_SECURE.num, { hypervisor: true, run: ({ session }) => ({ secure: session.transport === 'tcp' ? 0 : 1 }) }],
   [P.CONNECT_GET_STORAGE_POOL_CAPABILITIES.num, {
-    run: (_call, a: { flags: number }) => {
-      checkFlags(a.flags, 0, 'storageConnectGetStoragePoolCapabilities');
-      return { capabilities: formatPoolCapabilities() };
-    },
+    run: ({ session }, a: { flags: number }) => ({ capabilities: session.driver.poolCapabilities(a.flags) }),
   }],
   [P.CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY.num, {
     run: ({ session }, a: { eventID: number; pool: PoolRef | null }) => ({ callbackID: session.registerPoolEvents(a.eventID, a.pool) }),
@@ -278,12 +275,14 @@ const HANDLERS = new Map<number, Handler>([
   [P.SPARSEVIRT_VOL_CONTENT_DIGEST.num, {
     run: async ({ session }, a: { vol: VolRef; offset: bigint; length: bigint; flags: number }) => {
       checkFlags(a.flags, 0, 'sparsevirtVolContentDigest');
-      const fh = await session.driver.openForTransfer(await session.driver.volByRef(a.vol), false);
-      try {
-        return await fileContentDigest(fh.fd, (await fh.stat()).size, a.offset, a.length);
-      } finally {
-        await fh.close();
-      }
+      const vol = await session.driver.volByRef(a.vol);
+      // the bytes a download gives: the file's for a dir pool (its physical size), the image's for RBD
+      const size = (await session.driver.volInfo(vol, 1 /* GET_PHYSICAL */)).allocation;
+      const length = digestRange(size, a.offset, a.length);
+      const offset = Number(a.offset);
+      if (length === 0) return { algorithm: DIGEST_NAME, digest: new ContentDigest(offset, 0).digest() };
+      const reader = await session.driver.openForTransfer(vol, 'download', { offset, length, sparse: true });
+      return readerContentDigest(reader, offset, length);
     },
   }],
   // libvirt refuses downloads on a read-only connection; sparsevirtd allows them (no `api`).
@@ -535,18 +534,20 @@ export class Session {
       if (kind === 'upload') throw storageError(CODE.INVALID_ARG, `offset ${a.offset} is larger than sparsevirtd supports (2^53)`);
     }
     const offset = a.offset > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(a.offset);
-    const fh = await this.driver.openForTransfer(vol, kind === 'upload');
+    const length = transferLength(a.length);
+    const sparse = (a.flags & SPARSE_STREAM) !== 0;
+    const end = kind === 'upload'
+      ? { kind, writer: await this.driver.openForTransfer(vol, kind, { offset, length }) } as const
+      : { kind, reader: await this.driver.openForTransfer(vol, kind, { offset, length, sparse }) } as const;
     let transfer: Transfer;
     try {
       if (this.peer.closed) throw new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed');
       if (this.peer.hasStream(m.proc, m.serial)) throw busy(); // opened while we looked the volume up
       this.ctx.admitTransfer?.(this.transfers.size); // no await from here to transfers.add: the count is exact
-      const wire = this.peer.openStream(m.proc, m.serial, { sparse: (a.flags & SPARSE_STREAM) !== 0, sending: kind === 'download' });
-      transfer = new Transfer({
-        kind, vol, fh, wire, offset, length: transferLength(a.length), sparse: (a.flags & SPARSE_STREAM) !== 0, log: this.log,
-      });
+      const wire = this.peer.openStream(m.proc, m.serial, { sparse, sending: kind === 'download' });
+      transfer = new Transfer({ end, vol, wire, offset, length, sparse, log: this.log });
     } catch (err) {
-      await fh.close().catch(() => undefined);
+      await (end.kind === 'upload' ? end.writer : end.reader).close().catch(() => undefined);
       throw err;
     }
     this.transfers.add(transfer);

@@ -1,0 +1,7 @@
+/**
+ * The pool backends sparsevirtd has, registered with the driver (one line per backend).
+ */
+import { registerBackend } from '../backend.js';
+import { dirBackend } from './dir.js';
+
+registerBackend(dirBackend);
