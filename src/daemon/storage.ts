@@ -25,6 +25,7 @@ import * as sys from '../io/sys.js';
 import { CODE, DOMAIN, checkFlags, exclusiveFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';
+import { openSecretStore, type SecretStore } from './secrets.js';
 import { POOL_TYPES, formatPoolXml, formatVolXml, parsePoolXml, parseVolXml, sanitizePath, type PoolXmlDef } from './xml.js';
 
 const { O_WRONLY, O_RDONLY, O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
@@ -119,6 +120,7 @@ export interface StorageDriverOptions {
 
 export class StorageDriver {
   readonly store: PoolStore;
+  readonly secrets: SecretStore;
   private readonly log: Logger;
   private readonly pools = new Map<string, Pool>();
   private readonly listeners = new Set<(e: PoolEvent) => void>();
@@ -126,6 +128,7 @@ export class StorageDriver {
   constructor(opts: StorageDriverOptions) {
     this.store = new PoolStore(opts.stateDir);
     this.log = opts.log;
+    this.secrets = openSecretStore(opts.stateDir, (file, err) => this.log.error('secret file unreadable, skipped', { file, error: (err as Error).message }));
   }
 
   /**

@@ -6,6 +6,7 @@
 import {
   array, fixedOpaque, int, optional, string, struct, uhyper, uint, voidCodec, type Codec,
 } from '../xdr/index.js';
+import { SECRET_PROCEDURES } from './secret.js';
 
 export const STRING_MAX = 4194304;
 export const AUTH_TYPE_LIST_MAX = 20;
@@ -125,6 +126,7 @@ export const P = {
   STORAGE_VOL_GET_INFO_FLAGS: proc(378, 'STORAGE_VOL_GET_INFO_FLAGS', volFlags, volInfo),
   STORAGE_POOL_LOOKUP_BY_TARGET_PATH: proc(391, 'STORAGE_POOL_LOOKUP_BY_TARGET_PATH', struct({ path: str }), retPool),
   CONNECT_GET_STORAGE_POOL_CAPABILITIES: proc(403, 'CONNECT_GET_STORAGE_POOL_CAPABILITIES', struct({ flags: uint }), struct({ capabilities: str })),
+  ...SECRET_PROCEDURES,
 } as const;
 
 export type ProcedureName = keyof typeof P;
