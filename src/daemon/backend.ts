@@ -237,6 +237,11 @@ export interface PoolBackend {
   /** Re-check the target and refill `pool.stats`; a failure stops the pool (the driver's). */
   refresh(pool: Pool): Promise<void>;
   deletePool?(pool: Pool, flags: number): Promise<void>;
+  /**
+   * Refill `pool.stats` of a running pool cheaply, for pool-info and pool-dumpxml (dir: statfs).
+   * Absent: they show what the last start or refresh found, as libvirt does.
+   */
+  updateStats?(pool: Pool): Promise<void>;
 
   /** Names of the volumes, sorted. */
   listVolumes(pool: Pool): Promise<string[]>;

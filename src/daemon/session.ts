@@ -21,7 +21,6 @@ import type { Logger } from './log.js';
 import { SECRET_HANDLERS } from './secrets.js';
 import type { Pool, PoolEvent, StorageDriver, Volume } from './storage.js';
 import { Transfer, transferLength } from './transfer.js';
-import { formatPoolCapabilities } from './xml.js';
 
 /** What virsh gets from CONNECT_GET_LIB_VERSION: libvirt 9.0.0, the version we are compatible with. */
 export const LIB_VERSION = 9000000n;
@@ -68,7 +67,7 @@ function poolRef(p: Pool): PoolRef {
 }
 
 function volRef(v: Volume): VolRef {
-  return { pool: v.pool.name, name: v.name, key: v.path };
+  return { pool: v.pool.name, name: v.name, key: v.key };
 }
 
 const HANDLERS = new Map<number, Handler>([
@@ -105,10 +104,7 @@ const HANDLERS = new Map<number, Handler>([
   // what it knows of its own transport (encrypted: TLS, ssh).
   [P.CONNECT_IS_SECURE.num, { hypervisor: true, run: ({ session }) => ({ secure: session.transport === 'tcp' ? 0 : 1 }) }],
   [P.CONNECT_GET_STORAGE_POOL_CAPABILITIES.num, {
-    run: (_call, a: { flags: number }) => {
-      checkFlags(a.flags, 0, 'storageConnectGetStoragePoolCapabilities');
-      return { capabilities: formatPoolCapabilities() };
-    },
+    run: ({ session }, a: { flags: number }) => ({ capabilities: session.driver.poolCapabilities(a.flags) }),
   }],
   [P.CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY.num, {
     run: ({ session }, a: { eventID: number; pool: PoolRef | null }) => ({ callbackID: session.registerPoolEvents(a.eventID, a.pool) }),
@@ -524,17 +520,19 @@ export class Session {
       if (kind === 'upload') throw storageError(CODE.INVALID_ARG, `offset ${a.offset} is larger than sparsevirtd supports (2^53)`);
     }
     const offset = a.offset > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(a.offset);
-    const fh = await this.driver.openForTransfer(vol, kind === 'upload');
+    const length = transferLength(a.length);
+    const sparse = (a.flags & SPARSE_STREAM) !== 0;
+    const end = kind === 'upload'
+      ? { kind, writer: await this.driver.openForTransfer(vol, kind, { offset, length }) } as const
+      : { kind, reader: await this.driver.openForTransfer(vol, kind, { offset, length, sparse }) } as const;
     let transfer: Transfer;
     try {
       if (this.peer.closed) throw new SparsevirtError('ERR_CONNECTION_CLOSED', 'connection closed');
       if (this.peer.hasStream(m.proc, m.serial)) throw busy(); // opened while we looked the volume up
-      const wire = this.peer.openStream(m.proc, m.serial, { sparse: (a.flags & SPARSE_STREAM) !== 0, sending: kind === 'download' });
-      transfer = new Transfer({
-        kind, vol, fh, wire, offset, length: transferLength(a.length), sparse: (a.flags & SPARSE_STREAM) !== 0, log: this.log,
-      });
+      const wire = this.peer.openStream(m.proc, m.serial, { sparse, sending: kind === 'download' });
+      transfer = new Transfer({ end, vol, wire, offset, length, sparse, log: this.log });
     } catch (err) {
-      await fh.close().catch(() => undefined);
+      await (end.kind === 'upload' ? end.writer : end.reader).close().catch(() => undefined);
       throw err;
     }
     this.transfers.add(transfer);

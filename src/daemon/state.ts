@@ -19,8 +19,14 @@ export interface PoolRecord {
   version: 1;
   name: string;
   uuid: string;
-  type: 'dir';
+  /** The pool type ('dir' in records written before there were other types). */
+  type: string;
+  /** The target directory ('' for pools without one). */
   target: string;
+  /** `<source>` of a network pool (hosts, source name, auth); absent for dir pools. */
+  source?: { hosts: Array<{ name: string; port: number | null }>; name: string | null; auth: { type: string; username: string; secret: { uuid: string } | { usage: string } } | null };
+  /** libvirt's `rbd:config_opts`, in order; absent when none. */
+  configOpts?: Array<{ name: string; value: string }>;
   /** Mode for the target directory when built (null: libvirt's default 0711). */
   mode: number | null;
   autostart: boolean;
@@ -68,7 +74,7 @@ export class PoolStore {
         if (rec.version !== 1 || typeof rec.name !== 'string' || typeof rec.uuid !== 'string' || typeof rec.target !== 'string') {
           throw new Error('not a sparsevirtd pool record');
         }
-        out.push({ ...rec, mode: typeof rec.mode === 'number' ? rec.mode : null, autostart: !!rec.autostart, active: !!rec.active, type: 'dir' });
+        out.push({ ...rec, mode: typeof rec.mode === 'number' ? rec.mode : null, autostart: !!rec.autostart, active: !!rec.active, type: typeof rec.type === 'string' ? rec.type : 'dir' });
       } catch (err) {
         onBad(full, err);
       }

@@ -1,102 +1,48 @@
 /**
- * The storage driver: dir pools of raw file volumes, with libvirt's semantics and error codes.
- *
- * Pools are kept in memory and persisted one JSON file each (state.ts). Volumes are not: a
- * pool's volumes are the regular files directly inside its target directory, read from the
- * directory on every list and lookup (so the view is always fresh; `refresh` only re-checks the
- * target). Symbolic links, directories and other special files in the target are not volumes.
- *
- * Containment: a volume name never contains '/', NUL, or is '.'/'..'; every open uses
- * O_NOFOLLOW and checks the result is a regular file, so nothing outside a pool's directory is
- * ever read, written, created, resized or removed through a volume.
+ * The storage driver: the pool registry and its persistence (state.ts), pool events, the pool and
+ * volume XML, and libvirt's semantics and error codes (states, flags, duplicate checks, transient
+ * pools), above one backend per pool type (backend.ts, backends/). An operation the pool's
+ * backend does not have is answered with libvirt's VIR_ERR_NO_SUPPORT, as libvirt does for a
+ * backend's NULL callback.
  */
-import { randomFill, randomUUID } from 'node:crypto';
-import fs from 'node:fs';
-import fsp from 'node:fs/promises';
-import path from 'node:path';
+import { randomUUID } from 'node:crypto';
 import type { RemoteError } from '../errors.js';
+import { ListPoolsFlags, PoolCreateFlags, PoolLifecycle, PoolState, VolCreateFlags, VolResizeFlags, WipeAlgorithm } from '../protocol/remote.js';
 import {
-  ListPoolsFlags, PoolCreateFlags, PoolLifecycle, PoolState, VolCreateFlags, VolResizeFlags, VolType, WipeAlgorithm,
-} from '../protocol/remote.js';
-import { ExtentWalker } from '../sparse/extents.js';
-import { readFully, zeroes } from '../sparse/file.js';
-import { writeChunks } from '../sparse/index.js';
-import * as sys from '../io/sys.js';
-import { CODE, DOMAIN, checkFlags, exclusiveFlags, storageError, systemError } from './errors.js';
+  Pool, backendFor, registeredBackends,
+  type PoolBackend, type PoolDef, type PoolStats, type ReadOptions, type Volume, type VolumeReader, type VolumeWriter, type WriteOptions,
+} from './backend.js';
+import './backends/index.js';
+import { CODE, checkFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';
 import { openSecretStore, type SecretStore } from './secrets.js';
-import { POOL_TYPES, formatPoolXml, formatVolXml, parsePoolXml, parseVolXml, sanitizePath, type PoolXmlDef } from './xml.js';
+import { POOL_TYPES, formatPoolCapabilities, formatPoolXml, parsePoolXml, parseVolXml, sanitizePath } from './xml.js';
 
-const { O_WRONLY, O_RDONLY, O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
+export { Pool, type PoolStats, type VolInfo, type Volume } from './backend.js';
+export { isValidVolName } from './backends/dir.js';
 
-/** libvirt's default mode for a dir pool target it creates (VIR_STORAGE_DEFAULT_POOL_PERM_MODE). */
-const DEFAULT_POOL_MODE = 0o711;
-/** libvirt's mode for new volumes in a dir pool. */
-const VOLUME_MODE = 0o600;
-const ZERO_WRITE = 1 << 20;
+/** libvirt's bit per pool type in CONNECT_LIST_ALL_STORAGE_POOLS's flags (VIR_CONNECT_LIST_STORAGE_POOLS_DIR…), in POOL_TYPES order. */
+const LIST_TYPE_BIT: Record<string, number> = {
+  dir: 1 << 6, fs: 1 << 7, netfs: 1 << 8, logical: 1 << 9, disk: 1 << 10, iscsi: 1 << 11, scsi: 1 << 12, mpath: 1 << 13,
+  rbd: 1 << 14, sheepdog: 1 << 15, gluster: 1 << 16, zfs: 1 << 17, vstorage: 1 << 18, 'iscsi-direct': 1 << 19,
+};
 
-export interface PoolStats {
-  capacity: bigint;
-  allocation: bigint;
-  available: bigint;
-}
+/** libvirt's messages for an operation a backend does not have. */
+const NO_SUPPORT: Record<string, string> = {
+  build: 'pool does not support pool build',
+  deletePool: 'pool does not support pool deletion',
+  createVol: 'storage pool does not support volume creation',
+  createVolFrom: 'storage pool does not support volume creation from an existing volume',
+  deleteVol: 'storage pool does not support vol deletion',
+  resizeVol: 'storage pool does not support changing of volume capacity',
+  wipeVol: 'storage pool doesn\'t support volume wiping',
+  upload: 'storage pool doesn\'t support volume upload',
+  download: 'storage pool doesn\'t support volume download',
+};
 
-export class Pool {
-  name: string;
-  uuid: string;
-  target: string;
-  mode: number | null;
-  autostart = false;
-  active = false;
-  /** False for a pool made by STORAGE_POOL_CREATE_XML: never saved, gone once stopped. */
-  persistent = true;
-  /** Last values seen while running: libvirt keeps showing them after a destroy. */
-  stats: PoolStats = { capacity: 0n, allocation: 0n, available: 0n };
-  perms: { mode: number; owner: number; group: number } | null = null;
-  /** Saves of this pool's record, in order. */
-  saving: Promise<void> = Promise.resolve();
-
-  constructor(rec: Pick<PoolRecord, 'name' | 'uuid' | 'target' | 'mode'>) {
-    this.name = rec.name;
-    this.uuid = rec.uuid;
-    this.target = rec.target;
-    this.mode = rec.mode;
-  }
-
-  get uuidBytes(): Buffer {
-    return Buffer.from(this.uuid.replace(/-/g, ''), 'hex');
-  }
-
-  volPath(name: string): string {
-    return this.target === '/' ? `/${name}` : `${this.target}/${name}`;
-  }
-}
-
-/** A volume found by a lookup: its pool, name and path (= key). */
-export interface Volume {
-  pool: Pool;
-  name: string;
-  path: string;
-}
-
-export interface VolInfo {
-  type: number;
-  capacity: bigint;
-  allocation: bigint;
-}
-
-/** True for a name that can be a volume in a pool: one path component, no NUL. */
-export function isValidVolName(name: string): boolean {
-  return name.length > 0 && name !== '.' && name !== '..' && !name.includes('/') && !name.includes('\0') && Buffer.byteLength(name) <= 255;
-}
-
-/** The refusal for a volume name that would escape its pool (create). */
-function checkVolNameForCreate(name: string): void {
-  if (name.includes('/')) throw storageError(CODE.OPERATION_INVALID, `volume name '${name}' cannot contain '/'`);
-  if (name.includes('\0')) throw storageError(CODE.INVALID_ARG, 'volume name cannot contain a NUL byte');
-  if (name === '.' || name === '..') throw storageError(CODE.INVALID_ARG, `volume name '${name}' is not allowed`);
-  if (Buffer.byteLength(name) > 255) throw storageError(CODE.INVALID_ARG, `volume name '${name.slice(0, 32)}…' is longer than 255 bytes`);
+function noSupport(op: keyof typeof NO_SUPPORT): RemoteError {
+  return storageError(CODE.NO_SUPPORT, NO_SUPPORT[op]!);
 }
 
 function uuidString(b: Buffer): string {
@@ -104,8 +50,21 @@ function uuidString(b: Buffer): string {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }
 
-function isErrno(err: unknown, code: string): boolean {
-  return (err as NodeJS.ErrnoException | undefined)?.code === code;
+function backendOf(pool: Pool): PoolBackend {
+  const b = backendFor(pool.type);
+  if (!b) throw storageError(CODE.INTERNAL_ERROR, `missing backend for pool type ${pool.type}`);
+  return b;
+}
+
+/** The backend of a definition's type; libvirt's refusals of the definition. */
+function checkedBackend(def: PoolDef): PoolBackend {
+  const b = backendFor(def.type);
+  if (!b) {
+    const have = registeredBackends().map((x) => `'${x.type}'`).join(', ');
+    throw storageError(CODE.CONFIG_UNSUPPORTED, `sparsevirtd supports only ${have} storage pools, not '${def.type}'`);
+  }
+  b.checkDefinition(def);
+  return b;
 }
 
 /** What the driver tells its listeners (the sessions' storage pool event callbacks). */
@@ -118,6 +77,13 @@ export interface StorageDriverOptions {
   log: Logger;
 }
 
+/** A volume opened for a stream: a download's reader or an upload's writer. */
+function defOfRecord(rec: PoolRecord): PoolDef {
+  return {
+    type: rec.type, name: rec.name, uuid: rec.uuid, target: rec.target === '' ? null : rec.target, mode: rec.mode,
+    source: rec.source ?? { hosts: [], name: null, auth: null }, configOpts: rec.configOpts ?? [],
+  };
+}
 export class StorageDriver {
   readonly store: PoolStore;
   readonly secrets: SecretStore;
@@ -142,7 +108,11 @@ export class StorageDriver {
     });
     for (const rec of records) {
       if (this.pools.has(rec.name)) continue;
-      const pool = new Pool(rec);
+      if (!backendFor(rec.type)) {
+        this.log.error('pool of a type sparsevirtd has no backend for, skipped', { pool: rec.name, type: rec.type });
+        continue;
+      }
+      const pool = new Pool(defOfRecord(rec), rec.uuid);
       pool.autostart = rec.autostart;
       pool.active = false;
       this.pools.set(pool.name, pool);
@@ -199,7 +169,12 @@ export class StorageDriver {
   }
 
   private record(pool: Pool): PoolRecord {
-    return { version: 1, name: pool.name, uuid: pool.uuid, type: 'dir', target: pool.target, mode: pool.mode, autostart: pool.autostart, active: pool.active };
+    const { def } = pool;
+    return {
+      version: 1, name: pool.name, uuid: pool.uuid, type: def.type, target: def.target ?? '', mode: def.mode,
+      ...(def.type !== 'dir' ? { source: def.source } : {}), ...(def.configOpts.length > 0 ? { configOpts: def.configOpts } : {}),
+      autostart: pool.autostart, active: pool.active,
+    };
   }
 
   /** Persist the pool's current state; saves of one pool run in order. A transient pool has nothing to save. */
@@ -234,7 +209,7 @@ export class StorageDriver {
           if (!((flags & F.AUTOSTART && p.autostart) || (flags & F.NO_AUTOSTART && !p.autostart))) return false;
         }
         const typeBits = flags & ~((1 << 6) - 1);
-        if (typeBits !== 0 && !(typeBits & F.DIR)) return false;
+        if (typeBits !== 0 && !(typeBits & (LIST_TYPE_BIT[p.type] ?? 0))) return false;
         return true;
       })
       .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
@@ -255,15 +230,15 @@ export class StorageDriver {
   /** STORAGE_POOL_LOOKUP_BY_TARGET_PATH: the running pool whose target is `p` (sanitized). */
   poolByTargetPath(p: string): Pool {
     const clean = sanitizePath(p);
-    for (const pool of this.pools.values()) if (pool.active && pool.target === clean) return pool;
+    for (const pool of this.pools.values()) if (pool.active && pool.def.target !== null && pool.target === clean) return pool;
     throw storageError(CODE.NO_STORAGE_POOL, clean === p
       ? `no storage pool with matching target path '${p}'`
       : `no storage pool with matching target path '${p}' (${clean})`);
   }
 
   /**
-   * CONNECT_FIND_STORAGE_POOL_SOURCES: libvirt's dir pools have nothing to discover, and sparsevirtd
-   * has no other kind.
+   * CONNECT_FIND_STORAGE_POOL_SOURCES: libvirt's dir pools have nothing to discover; sparsevirtd
+   * discovers no other kind either.
    */
   findPoolSources(type: string, flags: number): never {
     checkFlags(flags, 0, 'storageConnectFindStoragePoolSources');
@@ -296,7 +271,7 @@ export class StorageDriver {
    * name with another uuid (a definition without a uuid gets a new one), another pool on the
    * same target. Returns the pool of the same name and uuid, if there is one.
    */
-  private checkDuplicate(def: PoolXmlDef): Pool | undefined {
+  private checkDuplicate(def: PoolDef, backend: PoolBackend): Pool | undefined {
     const existing = this.pools.get(def.name);
     if (existing) {
       if (def.uuid === null || def.uuid !== existing.uuid) {
@@ -311,7 +286,7 @@ export class StorageDriver {
       }
     }
     for (const p of this.pools.values()) {
-      if (p.name !== def.name && p.target === def.target) {
+      if (p.name !== def.name && p.type === def.type && backend.sameSource(p.def, def)) {
         throw storageError(CODE.OPERATION_FAILED, `Storage source conflict with pool: '${p.name}'`);
       }
     }
@@ -321,15 +296,14 @@ export class StorageDriver {
   async define(xml: string, flags: number): Promise<Pool> {
     checkFlags(flags, 1 /* VALIDATE */, 'storagePoolDefineXML');
     const def = parsePoolXml(xml);
-    const existing = this.checkDuplicate(def);
+    const backend = checkedBackend(def);
+    const existing = this.checkDuplicate(def, backend);
     if (existing) {
       // Redefinition of the same pool (same name and uuid): takes effect now if inactive; a
       // running transient pool becomes persistent.
-      const was = { target: existing.target, mode: existing.mode, persistent: existing.persistent };
-      if (!existing.active) {
-        existing.target = def.target;
-        existing.mode = def.mode;
-      }
+      if (existing.type !== def.type) throw storageError(CODE.OPERATION_FAILED, `pool '${def.name}' is already defined with type ${existing.type}`);
+      const was = { def: existing.def, persistent: existing.persistent };
+      if (!existing.active) existing.def = { ...def, uuid: existing.uuid };
       existing.persistent = true;
       try {
         await this.persist(existing);
@@ -340,7 +314,7 @@ export class StorageDriver {
       this.lifecycle(existing, PoolLifecycle.DEFINED);
       return existing;
     }
-    const pool = new Pool({ name: def.name, uuid: def.uuid ?? randomUUID(), target: def.target, mode: def.mode });
+    const pool = new Pool(def, def.uuid ?? randomUUID());
     this.pools.set(pool.name, pool);
     try {
       await this.persist(pool);
@@ -361,19 +335,20 @@ export class StorageDriver {
     const F = PoolCreateFlags;
     checkFlags(flags, F.WITH_BUILD | F.WITH_BUILD_OVERWRITE | F.WITH_BUILD_NO_OVERWRITE, 'storagePoolCreateXML');
     const def = parsePoolXml(xml);
-    const existing = this.checkDuplicate(def);
+    const backend = checkedBackend(def);
+    const existing = this.checkDuplicate(def, backend);
     if (existing) {
       // the same name and uuid as a defined pool: that pool is started
       if (existing.active) throw storageError(CODE.OPERATION_INVALID, `pool is already active as '${existing.name}'`);
       await this.start(existing, flags);
       return existing;
     }
-    const pool = new Pool({ name: def.name, uuid: def.uuid ?? randomUUID(), target: def.target, mode: def.mode });
+    const pool = new Pool(def, def.uuid ?? randomUUID());
     pool.persistent = false;
     this.pools.set(pool.name, pool);
     try {
       if (flags) await this.buildTarget(pool, buildFlagsOf(flags));
-      await this.scanTarget(pool);
+      await backend.start(pool);
     } catch (err) {
       if (this.pools.get(pool.name) === pool) this.pools.delete(pool.name);
       throw err;
@@ -384,44 +359,21 @@ export class StorageDriver {
     return pool;
   }
 
-  /** STORAGE_POOL_BUILD: make the target directory. */
+  /** STORAGE_POOL_BUILD */
   async build(pool: Pool, flags: number): Promise<void> {
     await this.buildTarget(pool, flags);
     this.lifecycle(pool, PoolLifecycle.CREATED);
   }
 
   private async buildTarget(pool: Pool, flags: number): Promise<void> {
-    const OVERWRITE = 8;
-    const NO_OVERWRITE = 4;
-    checkFlags(flags, OVERWRITE | NO_OVERWRITE, 'virStorageBackendFileSystemBuild');
     this.requireInactive(pool, 'already');
-    if (flags & OVERWRITE && flags & NO_OVERWRITE) {
-      throw exclusiveFlags('VIR_STORAGE_POOL_BUILD_OVERWRITE', 'VIR_STORAGE_POOL_BUILD_NO_OVERWRITE', 'virStorageBackendFileSystemBuild');
+    const backend = backendOf(pool);
+    if (!backend.build) {
+      if (flags === 0) return;
+      throw noSupport('build');
     }
-    const mode = pool.mode ?? DEFAULT_POOL_MODE;
-    let exists = false;
-    try {
-      const st = await fsp.stat(pool.target);
-      if (!st.isDirectory()) throw storageError(CODE.OPERATION_FAILED, `'${pool.target}' is not a directory`);
-      exists = true;
-    } catch (err) {
-      if ((err as RemoteError).virCode !== undefined) throw err;
-      if (!isErrno(err, 'ENOENT')) throw systemError(`cannot access '${pool.target}'`, err);
-    }
-    if (exists) {
-      if (pool.mode !== null) await fsp.chmod(pool.target, mode).catch((err) => { throw systemError(`cannot set mode of '${pool.target}'`, err); });
-      formatRefused(pool, flags);
-      return;
-    }
-    try {
-      await fsp.mkdir(path.dirname(pool.target), { recursive: true, mode: DEFAULT_POOL_MODE });
-      await fsp.mkdir(pool.target, { mode });
-      await fsp.chmod(pool.target, mode);
-    } catch (err) {
-      if (!isErrno(err, 'EEXIST')) throw systemError(`cannot create path '${pool.target}'`, err);
-    }
-    this.log.info('pool built', { pool: pool.name, target: pool.target });
-    formatRefused(pool, flags);
+    await backend.build(pool, flags);
+    this.log.info('pool built', { pool: pool.name, type: pool.type });
   }
 
   async start(pool: Pool, flags: number, opts: { save?: boolean } = {}): Promise<void> {
@@ -429,44 +381,19 @@ export class StorageDriver {
     checkFlags(flags, F.WITH_BUILD | F.WITH_BUILD_OVERWRITE | F.WITH_BUILD_NO_OVERWRITE, 'storagePoolCreate');
     this.requireInactive(pool, 'already');
     if (flags) await this.buildTarget(pool, buildFlagsOf(flags));
-    await this.scanTarget(pool);
+    const backend = backendOf(pool);
+    await backend.start(pool);
     pool.active = true;
     if (opts.save !== false) {
       try {
         await this.persist(pool);
       } catch (err) {
         pool.active = false;
+        await backend.stop(pool).catch(() => undefined);
         throw err;
       }
     }
     this.lifecycle(pool, PoolLifecycle.STARTED);
-  }
-
-  /** What libvirt's refresh of a dir pool finds out: the target is a readable directory; its filesystem's sizes. */
-  private async scanTarget(pool: Pool): Promise<void> {
-    let st: fs.Stats;
-    try {
-      st = await fsp.stat(pool.target);
-      if (!st.isDirectory()) throw Object.assign(new Error('not a directory'), { code: 'ENOTDIR', errno: -20 });
-      await fsp.access(pool.target, fs.constants.R_OK | fs.constants.X_OK);
-    } catch (err) {
-      // (libvirt reports this from its file utilities: no error domain)
-      throw systemError(`cannot open directory '${pool.target}'`, err, DOMAIN.NONE);
-    }
-    pool.perms = { mode: st.mode & 0o7777, owner: st.uid, group: st.gid };
-    await this.updateStats(pool);
-  }
-
-  private async updateStats(pool: Pool): Promise<PoolStats> {
-    try {
-      const s = await fsp.statfs(pool.target, { bigint: true });
-      const capacity = s.bsize * s.blocks;
-      const available = s.bsize * s.bfree;
-      pool.stats = { capacity, allocation: capacity - available, available };
-    } catch (err) {
-      throw systemError(`cannot statvfs path '${pool.target}'`, err);
-    }
-    return pool.stats;
   }
 
   async destroy(pool: Pool): Promise<void> {
@@ -478,6 +405,9 @@ export class StorageDriver {
       pool.active = true;
       throw err;
     }
+    await backendOf(pool).stop(pool).catch((err) => {
+      this.log.warn('pool backend failed to stop', { pool: pool.name, error: (err as Error).message });
+    });
     this.stopped(pool);
   }
 
@@ -490,15 +420,12 @@ export class StorageDriver {
     }
   }
 
-  /** STORAGE_POOL_DELETE: remove the (empty) target directory of an inactive pool. */
+  /** STORAGE_POOL_DELETE: the backend removes the pool's storage (dir: the empty target directory). */
   async deletePool(pool: Pool, flags: number): Promise<void> {
-    checkFlags(flags, 0, 'virStorageBackendFileSystemDelete');
     this.requireInactive(pool, 'still');
-    try {
-      await fsp.rmdir(pool.target);
-    } catch (err) {
-      if (!isErrno(err, 'ENOENT')) throw systemError(`failed to remove pool '${pool.target}'`, err);
-    }
+    const backend = backendOf(pool);
+    if (!backend.deletePool) throw noSupport('deletePool');
+    await backend.deletePool(pool, flags);
     this.lifecycle(pool, PoolLifecycle.DELETED);
   }
 
@@ -520,12 +447,14 @@ export class StorageDriver {
   async refresh(pool: Pool, flags: number): Promise<void> {
     checkFlags(flags, 0, 'storagePoolRefresh');
     this.requireActive(pool);
+    const backend = backendOf(pool);
     try {
-      await this.scanTarget(pool);
+      await backend.refresh(pool);
     } catch (err) {
       // libvirt stops a pool whose refresh fails.
       pool.active = false;
       await this.persist(pool).catch(() => undefined);
+      await backend.stop(pool).catch(() => undefined);
       this.stopped(pool);
       throw err;
     }
@@ -546,58 +475,44 @@ export class StorageDriver {
 
   async poolInfo(pool: Pool): Promise<{ state: number; capacity: bigint; allocation: bigint; available: bigint }> {
     if (!pool.active) return { state: PoolState.INACTIVE, ...pool.stats };
-    const s = await this.updateStats(pool);
-    return { state: PoolState.RUNNING, ...s };
+    await this.updateStats(pool);
+    return { state: PoolState.RUNNING, ...pool.stats };
   }
 
   async poolXml(pool: Pool, flags: number): Promise<string> {
     checkFlags(flags, 1 /* INACTIVE */, 'storagePoolGetXMLDesc');
     if (pool.active) await this.updateStats(pool).catch(() => undefined);
-    return formatPoolXml({ name: pool.name, uuid: pool.uuid, target: pool.target, ...pool.stats, perms: pool.perms });
+    // (INACTIVE: the persistent definition, which is the running one but for a redefinition meanwhile)
+    return formatPoolXml({ def: pool.def, uuid: pool.uuid, ...pool.stats, perms: pool.perms });
   }
+
+  /** The pool's sizes as its storage has them now, where the backend has them cheaply (dir: its filesystem's). */
+  private async updateStats(pool: Pool): Promise<PoolStats> {
+    const backend = backendOf(pool);
+    if (backend.updateStats) await backend.updateStats(pool);
+    return pool.stats;
+  }
+
+  /** CONNECT_GET_STORAGE_POOL_CAPABILITIES */
+  poolCapabilities(flags: number): string {
+    checkFlags(flags, 0, 'storageConnectGetStoragePoolCapabilities');
+    return formatPoolCapabilities(registeredBackends());
+  }
+
 
   // ================================================================= volumes
 
-  /** Names of the volumes (regular files) of an active pool, sorted. */
+  /** Names of the volumes of an active pool, sorted. */
   async listVolumes(pool: Pool, flags = 0): Promise<string[]> {
     checkFlags(flags, 0, 'storagePoolListAllVolumes');
     this.requireActive(pool);
-    let entries: fs.Dirent[];
-    try {
-      entries = await fsp.readdir(pool.target, { withFileTypes: true });
-    } catch (err) {
-      throw systemError(`cannot open directory '${pool.target}'`, err);
-    }
-    const names: string[] = [];
-    for (const e of entries) {
-      if (!isValidVolName(e.name) || e.isSymbolicLink()) continue; // symlinks are never volumes
-      if (e.isFile()) {
-        names.push(e.name);
-      } else if (!(e.isDirectory() || e.isBlockDevice() || e.isCharacterDevice() || e.isFIFO() || e.isSocket())) {
-        // DT_UNKNOWN (some filesystems): ask lstat
-        if (await fsp.lstat(path.join(pool.target, e.name)).then((st) => st.isFile(), () => false)) names.push(e.name);
-      }
-    }
-    return names.sort();
+    return backendOf(pool).listVolumes(pool);
   }
 
-  /** A volume of an active pool by name; code 50 when there is none. Symlinks are refused. */
+  /** A volume of an active pool by name; code 50 when there is none. */
   async volByName(pool: Pool, name: string): Promise<Volume> {
     this.requireActive(pool);
-    const notFound = () => storageError(CODE.NO_STORAGE_VOL, `no storage vol with matching name '${name}'`);
-    if (!isValidVolName(name)) throw notFound();
-    const p = pool.volPath(name);
-    let st: fs.Stats;
-    try {
-      st = await fsp.lstat(p);
-    } catch {
-      throw notFound();
-    }
-    if (st.isSymbolicLink()) {
-      throw storageError(CODE.INVALID_ARG, `volume '${name}' in pool '${pool.name}' is a symbolic link; sparsevirtd does not follow links out of a pool`);
-    }
-    if (!st.isFile()) throw notFound();
-    return { pool, name, path: p };
+    return backendOf(pool).lookupVolume(pool, name);
   }
 
   /** A volume reference from the wire: pool by name (must be active), then the volume by name. */
@@ -612,77 +527,43 @@ export class StorageDriver {
     return pool;
   }
 
-  private async volByFullPath(p: string): Promise<Volume | null> {
-    const dir = path.posix.dirname(p);
-    const name = path.posix.basename(p);
-    if (!isValidVolName(name) || p !== (dir === '/' ? `/${name}` : `${dir}/${name}`)) return null;
+  private async volByKeyOrPath(p: string): Promise<Volume | null> {
     for (const pool of this.listPools(0)) {
-      if (!pool.active || pool.target !== dir) continue;
-      try {
-        return await this.volByName(pool, name);
-      } catch (err) {
-        if ((err as RemoteError).virCode === CODE.NO_STORAGE_VOL) return null;
-        throw err;
-      }
+      if (!pool.active) continue;
+      const v = await backendOf(pool).findVolume?.(pool, p);
+      if (v) return v;
     }
     return null;
   }
 
   async volByKey(key: string): Promise<Volume> {
-    const v = await this.volByFullPath(key);
+    const v = await this.volByKeyOrPath(key);
     if (!v) throw storageError(CODE.NO_STORAGE_VOL, `no storage vol with matching key ${key}`);
     return v;
   }
 
   async volByPath(p: string): Promise<Volume> {
-    const v = await this.volByFullPath(sanitizePath(p));
+    const v = await this.volByKeyOrPath(sanitizePath(p));
     if (!v) throw storageError(CODE.NO_STORAGE_VOL, `no storage vol with matching path '${p}'`);
     return v;
   }
 
-  /**
-   * Create a raw volume. Sparse unless `<allocation>` asks for bytes: then that many bytes
-   * (at most the capacity) are allocated with fallocate. (libvirt preallocates the whole
-   * capacity when `<allocation>` is absent; we keep such volumes sparse.)
-   */
+  /** STORAGE_VOL_CREATE_XML */
   async createVol(pool: Pool, xml: string, flags: number): Promise<Volume> {
-    checkFlags(flags, 1 | 2 | 4 /* PREALLOC_METADATA | REFLINK | VALIDATE */, 'storageVolCreateXML');
+    checkFlags(flags, VolCreateFlags.PREALLOC_METADATA | VolCreateFlags.REFLINK | 4 /* VALIDATE */, 'storageVolCreateXML');
     this.requireActive(pool);
+    const backend = backendOf(pool);
     const def = parseVolXml(xml);
-    const capacity = def.capacity ?? 0;
-    checkVolNameForCreate(def.name);
-    if (flags & 1) throw storageError(CODE.CONFIG_UNSUPPORTED, 'metadata preallocation is only available with qcow2');
-    const p = pool.volPath(def.name);
-    let fh: fsp.FileHandle;
-    try {
-      fh = await fsp.open(p, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, VOLUME_MODE);
-    } catch (err) {
-      if (isErrno(err, 'EEXIST')) throw storageError(CODE.STORAGE_VOL_EXIST, `'${def.name}'`);
-      throw systemError(`cannot create volume '${p}'`, err);
-    }
-    try {
-      await fh.truncate(capacity);
-      const alloc = Math.min(def.allocation ?? 0, capacity);
-      if (alloc > 0) await allocate(fh.fd, 0, alloc, p);
-      await fh.chmod(VOLUME_MODE);
-    } catch (err) {
-      await fh.close().catch(() => undefined);
-      await fsp.unlink(p).catch(() => undefined);
-      if ((err as RemoteError).virCode !== undefined) throw err;
-      throw systemError(`cannot create volume '${p}'`, err);
-    }
-    await fh.close();
-    this.log.info('volume created', { pool: pool.name, vol: def.name, capacity: def.capacity, allocation: def.allocation ?? null });
-    return { pool, name: def.name, path: p };
+    if (!backend.createVolume) throw noSupport('createVol');
+    const vol = await backend.createVolume(pool, def, flags);
+    this.log.info('volume created', { pool: pool.name, vol: def.name, format: def.format ?? 'default', capacity: def.capacity, allocation: def.allocation ?? null });
+    return vol;
   }
 
   /**
-   * STORAGE_VOL_CREATE_XML_FROM (vol-clone, vol-create-from): a new raw volume with the content
-   * of `src`, which may be in another pool. As libvirt: the capacity is at least the source's (the
-   * XML may omit it); an `<allocation>` below the source's capacity makes a sparse clone, where
-   * the source's holes and its all-zero blocks stay unallocated; otherwise (also when
-   * `<allocation>` is absent) that many bytes are allocated first. The copy walks the source's
-   * data extents through one 1 MiB buffer.
+   * STORAGE_VOL_CREATE_XML_FROM (vol-clone, vol-create-from): a new volume with the content of
+   * `src`, which may be in another pool, of another type. The capacity may be left out (the
+   * source's).
    */
   async createVolFrom(pool: Pool, xml: string, srcRef: { pool: string; name: string }, flags: number): Promise<Volume> {
     checkFlags(flags, VolCreateFlags.PREALLOC_METADATA | VolCreateFlags.REFLINK, 'storageVolCreateXMLFrom');
@@ -694,261 +575,101 @@ export class StorageDriver {
     }
     this.requireActive(pool);
     this.requireActive(srcPool);
-    const src = await this.volByName(srcPool, srcRef.name);
+    const srcBackend = backendOf(srcPool);
+    const src = await srcBackend.lookupVolume(srcPool, srcRef.name);
     const def = parseVolXml(xml, { capacityOptional: true });
-    checkVolNameForCreate(def.name);
-    const p = pool.volPath(def.name);
-    if (await fsp.lstat(p).then(() => true, () => false)) {
-      throw storageError(CODE.INTERNAL_ERROR, `storage volume name '${def.name}' already in use.`);
-    }
-    if (flags & VolCreateFlags.PREALLOC_METADATA) {
-      throw storageError(CODE.CONFIG_UNSUPPORTED, 'metadata preallocation is not supported for raw volumes');
-    }
-    const input = await this.openVol(src, O_RDONLY);
-    let fh: fsp.FileHandle | undefined;
-    try {
-      const size = (await input.stat()).size;
-      const capacity = Math.max(def.capacity ?? 0, size);
-      const allocation = def.allocation ?? capacity;
-      try {
-        fh = await fsp.open(p, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, VOLUME_MODE);
-      } catch (err) {
-        if (isErrno(err, 'EEXIST')) throw storageError(CODE.INTERNAL_ERROR, `storage volume name '${def.name}' already in use.`);
-        throw systemError(`cannot create volume '${p}'`, err);
-      }
-      try {
-        await fh.chmod(VOLUME_MODE);
-        if (flags & VolCreateFlags.REFLINK) {
-          await reflinkInto(src.path, p);
-        } else {
-          await fh.truncate(capacity).catch((err) => { throw systemError(`cannot extend file '${p}'`, err); });
-          // libvirt: an allocation below the source's capacity asks for a sparse clone
-          const sparse = allocation < size;
-          if (!sparse) await allocate(fh.fd, 0, Math.min(allocation, capacity), p);
-          await copyData(input.fd, src.path, fh, p, size);
-        }
-        if ((await fh.stat()).size < capacity) await fh.truncate(capacity);
-      } catch (err) {
-        await fh.close().catch(() => undefined);
-        fh = undefined;
-        await fsp.unlink(p).catch(() => undefined);
-        if ((err as RemoteError).virCode !== undefined) throw err;
-        throw systemError(`cannot clone volume '${src.path}' to '${p}'`, err);
-      }
-    } finally {
-      await input.close().catch(() => undefined);
-      await fh?.close();
-    }
+    const backend = backendOf(pool);
+    if (!backend.createVolumeFrom) throw noSupport('createVolFrom');
+    const info = await srcBackend.volumeInfo(src);
+    const vol = await backend.createVolumeFrom(pool, def, {
+      vol: src, info,
+      openRead: (o: ReadOptions) => {
+        if (!srcBackend.openRead) throw noSupport('download');
+        return srcBackend.openRead(src, o);
+      },
+    }, flags);
     this.log.info('volume cloned', { pool: pool.name, vol: def.name, from: `${srcPool.name}/${src.name}` });
-    return { pool, name: def.name, path: p };
+    return vol;
   }
 
   async deleteVol(vol: Volume, flags: number): Promise<void> {
     const ZEROED = 1;
     const WITH_SNAPSHOTS = 2;
     checkFlags(flags, ZEROED | WITH_SNAPSHOTS, 'virStorageBackendVolDeleteLocal');
+    const backend = backendOf(vol.pool);
+    if (!backend.deleteVolume) throw noSupport('deleteVol');
     if (flags & ZEROED) await this.wipe(vol, WipeAlgorithm.ZERO, 0);
-    try {
-      await fsp.unlink(vol.path);
-    } catch (err) {
-      throw systemError(`cannot unlink file '${vol.path}'`, err);
-    }
+    await backend.deleteVolume(vol, flags);
     this.log.info('volume deleted', { pool: vol.pool.name, vol: vol.name });
   }
 
-  /** Open a volume's file without following a symlink; must be a regular file. */
-  async openVol(vol: Volume, flags: number): Promise<fsp.FileHandle> {
-    let fh: fsp.FileHandle;
-    try {
-      fh = await fsp.open(vol.path, flags | O_NOFOLLOW);
-    } catch (err) {
-      if (isErrno(err, 'ELOOP')) {
-        throw storageError(CODE.INVALID_ARG, `volume '${vol.name}' in pool '${vol.pool.name}' is a symbolic link; sparsevirtd does not follow links out of a pool`);
-      }
-      if (isErrno(err, 'ENOENT')) throw storageError(CODE.NO_STORAGE_VOL, `no storage vol with matching name '${vol.name}'`);
-      throw systemError(`cannot open volume '${vol.path}'`, err);
-    }
-    try {
-      const st = await fh.stat();
-      if (!st.isFile()) throw storageError(CODE.INVALID_ARG, `volume '${vol.path}' is not a regular file`);
-    } catch (err) {
-      await fh.close().catch(() => undefined);
-      if ((err as RemoteError).virCode !== undefined) throw err;
-      throw systemError(`cannot stat file '${vol.path}'`, err);
-    }
-    return fh;
-  }
-
-  async volInfo(vol: Volume, flags = 0): Promise<VolInfo> {
+  /** STORAGE_VOL_GET_INFO(_FLAGS): with GET_PHYSICAL, the physical size in place of the allocation. */
+  async volInfo(vol: Volume, flags = 0): Promise<{ type: number; capacity: bigint; allocation: bigint }> {
     checkFlags(flags, 1 /* GET_PHYSICAL */, 'storageVolGetInfoFlags');
-    const st = await this.statVol(vol);
-    const capacity = st.size;
-    return { type: VolType.FILE, capacity, allocation: flags & 1 ? capacity : st.blocks * 512n };
-  }
-
-  private async statVol(vol: Volume): Promise<fs.BigIntStats> {
-    let st: fs.BigIntStats;
-    try {
-      st = await fsp.lstat(vol.path, { bigint: true });
-    } catch (err) {
-      if (isErrno(err, 'ENOENT')) throw storageError(CODE.NO_STORAGE_VOL, `no storage vol with matching name '${vol.name}'`);
-      throw systemError(`cannot stat file '${vol.path}'`, err);
-    }
-    if (!st.isFile()) throw storageError(CODE.INVALID_ARG, `volume '${vol.path}' is not a regular file`);
-    return st;
+    const info = await backendOf(vol.pool).volumeInfo(vol);
+    return { type: info.type, capacity: info.capacity, allocation: flags & 1 ? info.physical : info.allocation };
   }
 
   async volXml(vol: Volume, flags: number): Promise<string> {
     checkFlags(flags, 0, 'storageVolGetXMLDesc');
-    const st = await this.statVol(vol);
-    const ts = (ns: bigint): [bigint, bigint] => [ns / 1_000_000_000n, ns % 1_000_000_000n];
-    return formatVolXml({
-      name: vol.name, path: vol.path, capacity: Number(st.size), allocation: Number(st.blocks * 512n),
-      mode: Number(st.mode), owner: Number(st.uid), group: Number(st.gid),
-      atime: ts(st.atimeNs), mtime: ts(st.mtimeNs), ctime: ts(st.ctimeNs),
-    });
+    return backendOf(vol.pool).volumeXml(vol);
   }
 
   /** STORAGE_VOL_RESIZE with libvirt's checks and messages (storageVolResize). */
   async resizeVol(vol: Volume, capacity: bigint, flags: number): Promise<void> {
     checkFlags(flags, VolResizeFlags.ALLOCATE | VolResizeFlags.DELTA | VolResizeFlags.SHRINK, 'storageVolResize');
-    const fh = await this.openVol(vol, O_RDWR);
-    try {
-      const st = await fh.stat({ bigint: true });
-      const cur = st.size;
-      const alloc = st.blocks * 512n;
-      let abs: bigint;
-      if (flags & VolResizeFlags.DELTA) {
-        abs = flags & VolResizeFlags.SHRINK ? cur - (capacity < cur ? capacity : cur) : cur + capacity;
-      } else {
-        abs = capacity;
-      }
-      if (abs < alloc) throw storageError(CODE.INVALID_ARG, "can't shrink capacity below existing allocation");
-      if (abs < cur && !(flags & VolResizeFlags.SHRINK)) {
-        throw storageError(CODE.INVALID_ARG, "Can't shrink capacity below current capacity unless shrink flag explicitly specified");
-      }
-      if (abs > BigInt(Number.MAX_SAFE_INTEGER)) {
-        throw storageError(CODE.OPERATION_UNSUPPORTED, `capacity ${abs} is larger than sparsevirtd supports (2^53 bytes)`);
-      }
-      if (flags & VolResizeFlags.ALLOCATE && abs > cur) {
-        const stats = await this.updateStats(vol.pool);
-        if (abs - alloc > stats.available) throw storageError(CODE.OPERATION_FAILED, 'Not enough space left in storage pool');
-        await allocate(fh.fd, Number(cur), Number(abs - cur), vol.path);
-      }
-      try {
-        await fh.truncate(Number(abs));
-      } catch (err) {
-        throw systemError(`Failed to truncate file '${vol.path}'`, err);
-      }
-    } finally {
-      await fh.close();
+    const backend = backendOf(vol.pool);
+    const info = await backend.volumeInfo(vol);
+    const cur = info.capacity;
+    let abs: bigint;
+    if (flags & VolResizeFlags.DELTA) {
+      abs = flags & VolResizeFlags.SHRINK ? cur - (capacity < cur ? capacity : cur) : cur + capacity;
+    } else {
+      abs = capacity;
     }
+    if (abs < info.allocation) throw storageError(CODE.INVALID_ARG, "can't shrink capacity below existing allocation");
+    if (abs < cur && !(flags & VolResizeFlags.SHRINK)) {
+      throw storageError(CODE.INVALID_ARG, "Can't shrink capacity below current capacity unless shrink flag explicitly specified");
+    }
+    if (abs > BigInt(Number.MAX_SAFE_INTEGER)) {
+      throw storageError(CODE.OPERATION_UNSUPPORTED, `capacity ${abs} is larger than sparsevirtd supports (2^53 bytes)`);
+    }
+    if (flags & VolResizeFlags.ALLOCATE && abs > cur) {
+      const stats = await this.updateStats(vol.pool);
+      if (abs - info.allocation > stats.available) throw storageError(CODE.OPERATION_FAILED, 'Not enough space left in storage pool');
+    }
+    if (!backend.resizeVolume) throw noSupport('resizeVol');
+    await backend.resizeVolume(vol, abs, flags & ~VolResizeFlags.DELTA);
   }
 
   /**
-   * STORAGE_VOL_WIPE(_PATTERN): ZERO makes the whole file read as zeros keeping its size
-   * (holes punched where the filesystem can, else zeroed); RANDOM overwrites it with random
-   * bytes. The scrub(1) patterns and TRIM are refused, as libvirt does without scrub.
+   * STORAGE_VOL_WIPE(_PATTERN): ZERO and RANDOM; the scrub(1) patterns and TRIM are refused, as
+   * libvirt does without scrub.
    */
   async wipe(vol: Volume, algorithm: number, flags: number): Promise<void> {
     checkFlags(flags, 0, 'storageVolWipePattern');
     const names = ['zero', 'nnsa', 'dod', 'bsi', 'gutmann', 'schneier', 'pfitzner7', 'pfitzner33', 'random', 'trim'];
     if (algorithm >= names.length) throw storageError(CODE.INVALID_ARG, `wiping algorithm ${algorithm} not supported`);
+    const backend = backendOf(vol.pool);
+    if (!backend.wipeVolume) throw noSupport('wipeVol');
     if (algorithm !== WipeAlgorithm.ZERO && algorithm !== WipeAlgorithm.RANDOM) {
       throw storageError(CODE.ARGUMENT_UNSUPPORTED, `'${names[algorithm]}' algorithm not supported`);
     }
-    const fh = await this.openVol(vol, O_WRONLY);
-    try {
-      const size = (await fh.stat()).size;
-      if (size === 0) return;
-      if (algorithm === WipeAlgorithm.ZERO) {
-        async function* oneHole() {
-          yield { kind: 'hole' as const, length: size };
-        }
-        await writeChunks({ fd: fh.fd }, oneHole(), { offset: 0 });
-      } else {
-        const buf = Buffer.allocUnsafe(Math.min(ZERO_WRITE, size));
-        for (let at = 0; at < size; at += buf.length) {
-          const n = Math.min(buf.length, size - at);
-          await new Promise<void>((resolve, reject) => randomFill(buf, 0, n, (err) => (err ? reject(err) : resolve())));
-          await fh.write(buf, 0, n, at);
-        }
-      }
-    } catch (err) {
-      if ((err as RemoteError).virCode !== undefined) throw err;
-      throw systemError(`Failed to wipe vol ${vol.name}`, (err as { cause?: unknown }).cause ?? err);
-    } finally {
-      await fh.close();
-    }
+    await backend.wipeVolume(vol, algorithm, flags);
     this.log.info('volume wiped', { pool: vol.pool.name, vol: vol.name, algorithm: names[algorithm] });
   }
 
-  /** Open for a stream: upload writes (never creates or truncates), download reads. */
-  openForTransfer(vol: Volume, upload: boolean): Promise<fsp.FileHandle> {
-    return this.openVol(vol, upload ? O_WRONLY : O_RDONLY);
-  }
-}
-
-/** Read and write size for copying a volume. */
-const COPY_BUFFER = 1 << 20;
-
-/**
- * Copy the data of [0, size) of `fromFd` into `to` at the same offsets, as libvirt's sparse
- * copy does: holes are skipped, and so is each all-zero block (the target's block size,
- * aligned to the file) of the data, so that they stay unallocated where nothing else put blocks.
- */
-async function copyData(fromFd: number, fromName: string, to: fsp.FileHandle, toName: string, size: number): Promise<void> {
-  const block = Math.max(512, Number((await to.stat()).blksize) || 4096);
-  const buf = Buffer.allocUnsafe(COPY_BUFFER);
-  const walker = new ExtentWalker(fromFd, fromName, 0, size, true);
-  for (let e = walker.next(); e; e = walker.next()) {
-    if (e.kind === 'hole') continue;
-    for (let at = e.offset; at < e.offset + e.length;) {
-      const want = Math.min(buf.length, e.offset + e.length - at);
-      const n = await readFully(fromFd, buf.subarray(0, want), at);
-      if (n === 0) return; // the source shrank meanwhile
-      // write the runs of blocks that are not all zero
-      let runStart = -1;
-      const flush = async (end: number): Promise<void> => {
-        if (runStart < 0) return;
-        await writeAll(to, buf.subarray(runStart, end), at + runStart, toName);
-        runStart = -1;
-      };
-      for (let off = 0; off < n;) {
-        const next = Math.min(n, (Math.floor((at + off) / block) + 1) * block - at);
-        if (isZero(buf, off, next)) await flush(off);
-        else if (runStart < 0) runStart = off;
-        off = next;
-      }
-      await flush(n);
-      at += n;
+  /** Open a volume for a stream: an upload writes into it (never creates or truncates), a download reads it. */
+  async openForTransfer(vol: Volume, kind: 'upload', o: WriteOptions): Promise<VolumeWriter>;
+  async openForTransfer(vol: Volume, kind: 'download', o: ReadOptions): Promise<VolumeReader>;
+  async openForTransfer(vol: Volume, kind: 'upload' | 'download', o: WriteOptions | ReadOptions): Promise<VolumeWriter | VolumeReader> {
+    const backend = backendOf(vol.pool);
+    if (kind === 'upload') {
+      if (!backend.openWrite) throw noSupport('upload');
+      return backend.openWrite(vol, o);
     }
-  }
-}
-
-function isZero(buf: Buffer, from: number, to: number): boolean {
-  return buf.subarray(from, to).equals(zeroes(to - from));
-}
-
-async function writeAll(fh: fsp.FileHandle, data: Buffer, at: number, name: string): Promise<void> {
-  for (let done = 0; done < data.length;) {
-    let n: number;
-    try {
-      n = (await fh.write(data, done, data.length - done, at + done)).bytesWritten;
-    } catch (err) {
-      throw systemError(`cannot write to '${name}'`, err);
-    }
-    if (n === 0) throw systemError(`cannot write to '${name}'`, Object.assign(new Error('short write'), { code: 'EIO', errno: -5 }));
-    done += n;
-  }
-}
-
-/** libvirt's reflink clone (FICLONE): the filesystem shares the source's blocks, or it fails. */
-async function reflinkInto(from: string, to: string): Promise<void> {
-  try {
-    await fsp.copyFile(from, to, fs.constants.COPYFILE_FICLONE_FORCE);
-  } catch (err) {
-    throw systemError(`failed to clone files from '${from}'`, err);
+    if (!backend.openRead) throw noSupport('download');
+    return backend.openRead(vol, o as ReadOptions);
   }
 }
 
@@ -956,27 +677,4 @@ async function reflinkInto(from: string, to: string): Promise<void> {
 function buildFlagsOf(createFlags: number): number {
   if (createFlags & PoolCreateFlags.WITH_BUILD_OVERWRITE) return 8;
   return createFlags & PoolCreateFlags.WITH_BUILD_NO_OVERWRITE ? 4 : 0;
-}
-
-/**
- * libvirt builds a dir pool's directory, then takes (no-)overwrite as a request to format its
- * source device, which a dir pool has none of.
- */
-function formatRefused(pool: Pool, buildFlags: number): void {
-  if (buildFlags & (4 | 8)) throw storageError(CODE.OPERATION_INVALID, `No source device specified when formatting pool '${pool.name}'`);
-}
-
-/** Allocate [offset, offset + length) (fallocate mode 0), or write zeros where that is unsupported. */
-async function allocate(fd: number, offset: number, length: number, name: string): Promise<void> {
-  if (length <= 0) return;
-  const r = sys.fallocate(fd, 0, offset, length);
-  if (r === 0) return;
-  if (r !== -sys.EOPNOTSUPP && r !== -sys.ENOSYS) {
-    throw systemError(`cannot allocate ${length} bytes in file '${name}'`, sys.errnoException(r, 'fallocate'));
-  }
-  const zeros = Buffer.alloc(Math.min(ZERO_WRITE, length));
-  for (let at = offset; at < offset + length; at += zeros.length) {
-    const n = Math.min(zeros.length, offset + length - at);
-    await new Promise<void>((resolve, reject) => fs.write(fd, zeros, 0, n, at, (err) => (err ? reject(err) : resolve())));
-  }
 }

@@ -1,13 +1,16 @@
 /**
  * vol-upload / vol-download on the daemon side.
  *
- * Download: `fileSendBatches` (SEEK_DATA/SEEK_HOLE; from a file in memory, ranges that the socket
- * takes by sendfile or reads into its batch) → `Stream.sendBatch` → `WireStream`: one hole packet
+ * The volume's side is its backend's reader or writer (backend.ts); for a dir pool, these are the
+ * file's: `fileSendBatches` and `writeChunks`.
+ *
+ * Download: the reader's batches (dir: SEEK_DATA/SEEK_HOLE; from a file in memory, ranges that the
+ * socket takes by sendfile or reads into its batch) → `Stream.sendBatch` → `WireStream`: one hole packet
  * per hole region (trailing hole included), data in packets ≤ 262120 bytes, EOF as an empty
  * STREAM/CONTINUE; an offset at or past the end is an empty stream (libvirt 9.0 fails there, B2).
  * Backpressure: each batch waits for the socket.
  *
- * Upload: `Stream.recvBatch` → `writeChunks` at `offset`: holes read back as zeros even over old
+ * Upload: `Stream.recvBatch` → the writer at `offset` (dir: `writeChunks`): holes read back as zeros even over old
  * data and the volume is never truncated (libvirt 9.0 does both wrong, B1). Bytes past `length`
  * fail the stream with libvirt's ENOSPC error. Data or a hole past the volume's end grows it, as
  * libvirt does (up to 2^53 bytes). A packet that fails the stream (past `length`, or one the rpc
@@ -15,27 +18,25 @@
  * finish is confirmed only once every byte is written and the file closed; a failure there is
  * reported instead of the OK.
  */
-import type { FileHandle } from 'node:fs/promises';
 import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
 import { bufferStats, releaseFramePayloads } from '../io/pools.js';
 import { releaseFreeMemory } from '../io/sys.js';
 import type { WireStream } from '../rpc/peer.js';
-import { fileSendBatches, writeChunks } from '../sparse/index.js';
 import { kDeliver, kDeliverEnd, kDeliverError, kDirectTarget, type DirectTarget, type StreamInbound } from '../channel.js';
 import { Stream, type ReceiveTarget } from '../stream/index.js';
 import { CODE, DOMAIN, streamNoSpace, systemError, virError } from './errors.js';
 import type { Logger } from './log.js';
-import type { Volume } from './storage.js';
+import type { Volume, VolumeReader, VolumeWriter } from './backend.js';
 
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 /** Incoming data queued per upload before the socket is paused. */
 const UPLOAD_WINDOW = 4 << 20;
 
 export interface TransferSpec {
-  kind: 'upload' | 'download';
+  /** The volume's side: what a download reads, or what an upload writes into (opened by its backend at `offset`). */
+  end: { kind: 'download'; reader: VolumeReader } | { kind: 'upload'; writer: VolumeWriter };
   vol: Volume;
-  fh: FileHandle;
   wire: WireStream;
   offset: number;
   /** Bytes to move; null = no limit (length 0, or ≥ 2^53). */
@@ -109,10 +110,10 @@ export class Transfer {
   constructor(readonly spec: TransferSpec) {
     this.stream = new Stream(spec.wire, {
       sparse: spec.sparse,
-      direction: spec.kind === 'upload' ? 'recv' : 'send',
+      direction: spec.end.kind === 'upload' ? 'recv' : 'send',
       highWaterMark: UPLOAD_WINDOW,
     });
-    spec.wire.attach(spec.kind === 'upload' ? this.uploadInbound() : this.stream);
+    spec.wire.attach(spec.end.kind === 'upload' ? this.uploadInbound() : this.stream);
     this.batchesAtStart = bufferStats.outputBatches;
   }
 
@@ -140,30 +141,32 @@ export class Transfer {
     };
   }
 
-  /** Runs the transfer to its end; never rejects (outcomes are logged). Closes the file. */
+  /** Runs the transfer to its end; never rejects (outcomes are logged). Closes the volume's reader or writer. */
   async run(): Promise<void> {
     const { spec } = this;
+    const { end } = spec;
     let outcome = 'ok';
     let error: string | undefined;
     running++;
     try {
-      if (spec.kind === 'download') outcome = await this.download();
-      else outcome = await this.upload();
+      if (end.kind === 'download') outcome = await this.download(end.reader);
+      else outcome = await this.upload(end.writer);
     } catch (err) {
       outcome = 'failed';
       error = (err as Error).message;
     } finally {
-      await spec.fh.close().catch(() => undefined);
+      await (end.kind === 'download' ? end.reader : end.writer).close().catch(() => undefined);
       // the last transfer of the process: the heap's free memory goes back (see releaseFreeMemory)
       if (--running === 0) releaseFreeMemory();
     }
-    spec.log.info(`${spec.kind} ${outcome}`, {
+    const kind = end.kind;
+    spec.log.info(`${kind} ${outcome}`, {
       pool: spec.vol.pool.name, vol: spec.vol.name, sparse: spec.sparse, offset: spec.offset, length: spec.length,
       dataBytes: this.dataBytes, holeBytes: this.holeBytes,
       // bytes the kernel passed from the file to the socket (sendfile)
-      ...(spec.kind === 'download' ? { sendfileBytes: spec.wire.stats.sendfileBytes } : {}),
+      ...(kind === 'download' ? { sendfileBytes: spec.wire.stats.sendfileBytes } : {}),
       // bytes that went from the socket into the volume by splice, never through a buffer (uploads)
-      ...(spec.kind === 'upload' ? { splicedBytes: spec.wire.stats.splicedBytes } : {}),
+      ...(kind === 'upload' ? { splicedBytes: spec.wire.stats.splicedBytes } : {}),
       // times a download of small packets waited for a client without a deep queue (see Pacer)
       ...(this.pacer !== null ? { pacedWaits: this.pacer.waits } : {}),
       // output batch buffers the process had to allocate meanwhile (the rest came from its pool)
@@ -187,11 +190,9 @@ export class Transfer {
     return this.stream.abort(err);
   }
 
-  private async download(): Promise<string> {
+  private async download(reader: VolumeReader): Promise<string> {
     const { spec, stream } = this;
-    const batches = fileSendBatches({ fd: spec.fh.fd }, {
-      offset: spec.offset, length: spec.length ?? undefined, sparse: spec.sparse,
-    });
+    const batches = reader.batches();
     const pacer = spec.wire.deepQueue ? null : new Pacer();
     this.pacer = pacer;
     try {
@@ -227,14 +228,14 @@ export class Transfer {
     return 'ok';
   }
 
-  private async upload(): Promise<string> {
+  private async upload(writer: VolumeWriter): Promise<string> {
     const { spec, stream } = this;
     const source = this.received();
     try {
       // large packets go into the volume in place, up to where the upload's limits stop them
       const limit = Math.min(spec.offset + (spec.length ?? Number.MAX_SAFE_INTEGER), Number.MAX_SAFE_INTEGER);
       const receiveInto = (t: ReceiveTarget | null): boolean => stream.receiveInto(t && { ...t, limit });
-      await writeChunks({ fd: spec.fh.fd }, source, { offset: spec.offset, release: releaseFramePayloads, receiveInto });
+      await writer.write(source, { release: releaseFramePayloads, receiveInto });
     } catch (err) {
       if (err === this.refused) {
         // the wire has told the client already; the stream goes too

@@ -1,12 +1,14 @@
 /**
  * Pool and volume XML: a small, strict XML reader for what clients send (pool-define-as,
- * vol-create-as), and formatters that print byte for byte what libvirt 9.0 prints for a dir
- * pool and a raw file volume (two-space indentation, single-quoted attributes, trailing newline).
+ * vol-create-as), and formatters that print byte for byte what libvirt 9.0 prints for a pool
+ * (two-space indentation, single-quoted attributes, trailing newline). A dir volume's XML is the
+ * format layer's (formats/volxml.ts).
  *
  * The reader knows elements, attributes, text, CDATA, comments, processing instructions and
  * the five predefined entities plus character references. A DOCTYPE is refused: no entity
  * expansion, no external anything.
  */
+import type { PoolAuth, PoolBackend, PoolDef, PoolSource, PoolSourceHost, VolDef } from './backend.js';
 import { CODE, DOMAIN, storageError, virError } from './errors.js';
 
 export interface XmlElement {
@@ -184,17 +186,14 @@ export function scaledBytes(value: string, unit: string | undefined, what: strin
 
 // ------------------------------------------------------------------ pools
 
-export interface PoolXmlDef {
-  name: string;
-  uuid: string | null;
-  type: string;
-  target: string;
-  /** `<target><permissions><mode>` if given (applied by build). */
-  mode: number | null;
-}
-
 /** libvirt's pool types, in its order. */
 export const POOL_TYPES: readonly string[] = ['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage'];
+
+/** Pool types without a local target (libvirt prints no `<target>` for them). */
+const NO_TARGET_TYPES = new Set(['rbd', 'sheepdog', 'gluster', 'iscsi-direct']);
+
+/** The namespace of `<rbd:config_opts>` (libvirt's storage_backend_rbd.c). */
+export const RBD_NAMESPACE = 'http://libvirt.org/schemas/storagepool/rbd/1.0';
 
 /**
  * Collapse repeated slashes and drop a trailing one, as libvirt's virFileSanitizePath; a path
@@ -207,7 +206,65 @@ export function sanitizePath(p: string): string {
   return lead + s;
 }
 
-export function parsePoolXml(xml: string): PoolXmlDef {
+function parseUuid(text: string | undefined, what: string): string | null {
+  if (!text) return null;
+  const hex = text.replace(/[-\s]/g, '').toLowerCase();
+  if (!/^[0-9a-f]{32}$/.test(hex)) throw storageError(CODE.XML_ERROR, `malformed ${what}`);
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+function parsePoolSource(el: XmlElement | undefined): PoolSource {
+  const hosts: PoolSourceHost[] = [];
+  for (const h of el?.children ?? []) {
+    if (h.name !== 'host') continue;
+    const name = h.attrs.name;
+    if (!name) throw storageError(CODE.XML_ERROR, 'missing storage pool host name');
+    let port: number | null = null;
+    if (h.attrs.port !== undefined) {
+      if (!/^[0-9]{1,5}$/.test(h.attrs.port) || Number(h.attrs.port) > 65535) {
+        throw storageError(CODE.XML_ERROR, `Invalid port number: ${h.attrs.port}`);
+      }
+      port = Number(h.attrs.port);
+    }
+    hosts.push({ name, port });
+  }
+  const nameText = textAt(el, 'name');
+  let auth: PoolAuth | null = null;
+  const authEl = child(el, 'auth');
+  if (authEl) {
+    const type = authEl.attrs.type;
+    if (type !== 'ceph' && type !== 'chap') throw storageError(CODE.XML_ERROR, `unknown auth type '${type ?? ''}'`);
+    const username = authEl.attrs.username;
+    if (!username) throw storageError(CODE.XML_ERROR, 'missing username for auth');
+    const secretEl = child(authEl, 'secret');
+    if (!secretEl) throw storageError(CODE.XML_ERROR, 'Missing <secret> element in auth');
+    const uuid = parseUuid(secretEl.attrs.uuid, 'auth secret uuid');
+    const usage = secretEl.attrs.usage;
+    if (uuid !== null && usage !== undefined) throw storageError(CODE.XML_ERROR, 'either secret uuid or usage expected');
+    if (uuid === null && !usage) throw storageError(CODE.XML_ERROR, 'either secret uuid or usage expected');
+    auth = { type, username, secret: uuid !== null ? { uuid } : { usage: usage! } };
+  }
+  return { hosts, name: nameText ? nameText : null, auth };
+}
+
+/** `<rbd:config_opts>` under whatever prefix the document binds to libvirt's rbd namespace. */
+function parseConfigOpts(root: XmlElement): Array<{ name: string; value: string }> {
+  const prefixes = Object.entries(root.attrs).filter(([k, v]) => k.startsWith('xmlns:') && v === RBD_NAMESPACE).map(([k]) => k.slice(6));
+  const out: Array<{ name: string; value: string }> = [];
+  for (const prefix of prefixes) {
+    for (const opts of root.children.filter((c) => c.name === `${prefix}:config_opts`)) {
+      for (const o of opts.children) {
+        if (o.name !== `${prefix}:option`) continue;
+        if (o.attrs.name === undefined || o.attrs.value === undefined) throw storageError(CODE.XML_ERROR, 'Missing option name or value');
+        out.push({ name: o.attrs.name, value: o.attrs.value });
+      }
+    }
+  }
+  return out;
+}
+
+/** A `<pool>` definition of any type; the type's own refusals are its backend's (checkDefinition). */
+export function parsePoolXml(xml: string): PoolDef {
   const root = parseXml(xml, 'storage_pool_definition');
   if (root.name !== 'pool') {
     throw storageError(CODE.XML_ERROR, `unknown root element for storage pool`);
@@ -219,33 +276,26 @@ export function parsePoolXml(xml: string): PoolXmlDef {
   if (!name) throw storageError(CODE.XML_ERROR, 'missing pool source name element');
   if (name.includes('/')) throw storageError(CODE.XML_ERROR, `name ${name} cannot contain '/'`);
   if (name.includes('\0')) throw storageError(CODE.XML_ERROR, 'name cannot contain a NUL byte');
-  const uuidText = textAt(root, 'uuid');
-  let uuid: string | null = null;
-  if (uuidText) {
-    const hex = uuidText.replace(/[-\s]/g, '').toLowerCase();
-    if (!/^[0-9a-f]{32}$/.test(hex)) throw storageError(CODE.XML_ERROR, 'malformed uuid element');
-    uuid = `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+  const uuid = parseUuid(textAt(root, 'uuid'), 'uuid element');
+  const targetText = textAt(root, 'target', 'path');
+  let target: string | null = null;
+  if (targetText) {
+    if (!targetText.startsWith('/')) throw storageError(CODE.XML_ERROR, `storage pool target path '${targetText}' must be absolute`);
+    if (targetText.includes('\0')) throw storageError(CODE.XML_ERROR, 'storage pool target path cannot contain a NUL byte');
+    target = sanitizePath(targetText);
   }
-  if (type !== 'dir') {
-    throw storageError(CODE.CONFIG_UNSUPPORTED, `sparsevirtd supports only 'dir' storage pools, not '${type}'`);
-  }
-  const target = textAt(root, 'target', 'path');
-  if (!target) throw storageError(CODE.XML_ERROR, 'missing storage pool target path');
-  if (!target.startsWith('/')) throw storageError(CODE.XML_ERROR, `storage pool target path '${target}' must be absolute`);
-  if (target.includes('\0')) throw storageError(CODE.XML_ERROR, 'storage pool target path cannot contain a NUL byte');
   const modeText = textAt(root, 'target', 'permissions', 'mode');
   let mode: number | null = null;
   if (modeText) {
     if (!/^[0-7]{1,4}$/.test(modeText)) throw storageError(CODE.XML_ERROR, `malformed octal mode '${modeText}'`);
     mode = Number.parseInt(modeText, 8);
   }
-  return { name, uuid, type, target: sanitizePath(target), mode };
+  return { type, name, uuid, target, mode, source: parsePoolSource(child(root, 'source')), configOpts: parseConfigOpts(root) };
 }
 
 export interface PoolXmlState {
-  name: string;
+  def: PoolDef;
   uuid: string;
-  target: string;
   capacity: number | bigint;
   allocation: number | bigint;
   available: number | bigint;
@@ -253,24 +303,50 @@ export interface PoolXmlState {
   perms: { mode: number; owner: number; group: number } | null;
 }
 
+function formatPoolSource(src: PoolSource): string {
+  let s = `  <source>\n`;
+  for (const h of src.hosts) {
+    s += `    <host name='${escapeXml(h.name)}'${h.port !== null ? ` port='${h.port}'` : ''}/>\n`;
+  }
+  if (src.name !== null) s += `    <name>${escapeXml(src.name)}</name>\n`;
+  if (src.auth) {
+    s += `    <auth type='${src.auth.type}' username='${escapeXml(src.auth.username)}'>\n`;
+    s += 'uuid' in src.auth.secret
+      ? `      <secret uuid='${src.auth.secret.uuid}'/>\n`
+      : `      <secret usage='${escapeXml(src.auth.secret.usage)}'/>\n`;
+    s += `    </auth>\n`;
+  }
+  return `${s}  </source>\n`;
+}
+
+/** The pool XML as libvirt 9.0 prints it (virStoragePoolDefFormat) for the types sparsevirtd has. */
 export function formatPoolXml(p: PoolXmlState): string {
-  let s = `<pool type='dir'>\n`;
-  s += `  <name>${escapeXml(p.name)}</name>\n`;
+  const { def } = p;
+  const ns = def.configOpts.length > 0 ? ` xmlns:rbd='${RBD_NAMESPACE}'` : '';
+  let s = `<pool type='${def.type}'${ns}>\n`;
+  s += `  <name>${escapeXml(def.name)}</name>\n`;
   s += `  <uuid>${p.uuid}</uuid>\n`;
   s += `  <capacity unit='bytes'>${p.capacity}</capacity>\n`;
   s += `  <allocation unit='bytes'>${p.allocation}</allocation>\n`;
   s += `  <available unit='bytes'>${p.available}</available>\n`;
-  s += `  <source>\n  </source>\n`;
-  s += `  <target>\n    <path>${escapeXml(p.target)}</path>\n`;
-  if (p.perms) {
-    s += `    <permissions>\n`;
-    s += `      <mode>${octal(p.perms.mode)}</mode>\n`;
-    s += `      <owner>${p.perms.owner}</owner>\n`;
-    s += `      <group>${p.perms.group}</group>\n`;
-    s += `    </permissions>\n`;
+  s += formatPoolSource(def.source);
+  if (!NO_TARGET_TYPES.has(def.type)) {
+    s += `  <target>\n    <path>${escapeXml(def.target ?? '')}</path>\n`;
+    if (p.perms) {
+      s += `    <permissions>\n`;
+      s += `      <mode>${octal(p.perms.mode)}</mode>\n`;
+      s += `      <owner>${p.perms.owner}</owner>\n`;
+      s += `      <group>${p.perms.group}</group>\n`;
+      s += `    </permissions>\n`;
+    }
+    s += `  </target>\n`;
   }
-  s += `  </target>\n</pool>\n`;
-  return s;
+  if (def.configOpts.length > 0) {
+    s += `  <rbd:config_opts>\n`;
+    for (const o of def.configOpts) s += `    <rbd:option name='${escapeXml(o.name)}' value='${escapeXml(o.value)}'/>\n`;
+    s += `  </rbd:config_opts>\n`;
+  }
+  return `${s}</pool>\n`;
 }
 
 function octal(mode: number): string {
@@ -279,18 +355,13 @@ function octal(mode: number): string {
 
 // ------------------------------------------------------------------ volumes
 
-export interface VolXmlDef {
-  name: string;
-  /** null only when the caller allowed it to be absent (a clone takes its source's). */
-  capacity: number | null;
-  /** undefined when `<allocation>` is absent. */
-  allocation: number | undefined;
-  format: string;
-}
+/** libvirt's volume formats for file volumes (virStorageFileFormat), in its order. */
+export const VOL_FORMATS: readonly string[] = ['none', 'raw', 'dir', 'bochs', 'cloop', 'dmg', 'iso', 'vpc', 'vdi', 'fat', 'vhd', 'ploop', 'cow', 'qcow', 'qcow2', 'qed', 'vmdk'];
 
-const VOL_FORMATS = new Set(['raw', 'dir', 'bochs', 'cloop', 'dmg', 'iso', 'vpc', 'vdi', 'fat', 'vhd', 'ploop', 'cow', 'qcow', 'qcow2', 'qed', 'vmdk']);
+const VOL_FEATURES = new Set(['lazy_refcounts', 'extended_l2']);
 
-export function parseVolXml(xml: string, opts: { capacityOptional?: boolean } = {}): VolXmlDef {
+/** A `<volume>` definition; which formats and options a pool takes is its backend's. */
+export function parseVolXml(xml: string, opts: { capacityOptional?: boolean } = {}): VolDef {
   const root = parseXml(xml, 'storage_volume_definition');
   if (root.name !== 'volume') throw storageError(CODE.XML_ERROR, 'unknown root element for storage volume');
   const nameEl = child(root, 'name');
@@ -302,80 +373,65 @@ export function parseVolXml(xml: string, opts: { capacityOptional?: boolean } = 
   const capacity = capEl ? scaledBytes(capEl.text, capEl.attrs.unit, 'capacity') : null;
   const allocEl = child(root, 'allocation');
   const allocation = allocEl ? scaledBytes(allocEl.text, allocEl.attrs.unit, 'allocation') : undefined;
-  const formatEl = child(child(root, 'target'), 'format');
-  const format = formatEl?.attrs.type ?? 'raw';
-  if (!VOL_FORMATS.has(format)) throw storageError(CODE.CONFIG_UNSUPPORTED, `unknown volume format type ${format}`);
-  if (format !== 'raw') throw storageError(CODE.CONFIG_UNSUPPORTED, `sparsevirtd supports only raw volumes, not '${format}'`);
+  const target = child(root, 'target');
+  const formatEl = child(target, 'format');
+  const format = formatEl?.attrs.type ?? null;
+  if (format !== null && !VOL_FORMATS.includes(format)) throw storageError(CODE.CONFIG_UNSUPPORTED, `unknown volume format type ${format}`);
   const type = root.attrs.type;
-  if (type !== undefined && type !== 'file') throw storageError(CODE.CONFIG_UNSUPPORTED, `sparsevirtd supports only file volumes, not '${type}'`);
-  return { name, capacity, allocation, format };
-}
-
-export interface VolXmlState {
-  name: string;
-  path: string;
-  capacity: number;
-  allocation: number;
-  mode: number;
-  owner: number;
-  group: number;
-  /** [seconds, nanoseconds] */
-  atime: [bigint, bigint];
-  mtime: [bigint, bigint];
-  ctime: [bigint, bigint];
-}
-
-/** libvirt's virStorageVolTimestampFormat: seconds, then `.%09ld` only if nanoseconds ≠ 0. */
-function timestamp(tag: string, [sec, nsec]: [bigint, bigint]): string {
-  return `      <${tag}>${sec}${nsec !== 0n ? `.${nsec.toString().padStart(9, '0')}` : ''}</${tag}>\n`;
-}
-
-export function formatVolXml(v: VolXmlState): string {
-  let s = `<volume type='file'>\n`;
-  s += `  <name>${escapeXml(v.name)}</name>\n`;
-  s += `  <key>${escapeXml(v.path)}</key>\n`;
-  s += `  <capacity unit='bytes'>${v.capacity}</capacity>\n`;
-  s += `  <allocation unit='bytes'>${v.allocation}</allocation>\n`;
-  s += `  <physical unit='bytes'>${v.capacity}</physical>\n`;
-  s += `  <target>\n`;
-  s += `    <path>${escapeXml(v.path)}</path>\n`;
-  s += `    <format type='raw'/>\n`;
-  s += `    <permissions>\n`;
-  s += `      <mode>${octal(v.mode)}</mode>\n`;
-  s += `      <owner>${v.owner}</owner>\n`;
-  s += `      <group>${v.group}</group>\n`;
-  s += `    </permissions>\n`;
-  s += `    <timestamps>\n`;
-  s += timestamp('atime', v.atime);
-  s += timestamp('mtime', v.mtime);
-  s += timestamp('ctime', v.ctime);
-  s += `      <btime>0</btime>\n`;
-  s += `    </timestamps>\n`;
-  s += `  </target>\n</volume>\n`;
-  return s;
+  if (type !== undefined && type !== 'file' && type !== 'network') {
+    throw storageError(CODE.CONFIG_UNSUPPORTED, `sparsevirtd supports only file and network volumes, not '${type}'`);
+  }
+  const compat = textAt(target, 'compat') || null;
+  if (compat !== null && !/^[0-9]+\.[0-9]+$/.test(compat)) throw storageError(CODE.XML_ERROR, `forbidden characters in 'compat' attribute`);
+  const features: string[] = [];
+  for (const f of child(target, 'features')?.children ?? []) {
+    if (!VOL_FEATURES.has(f.name)) throw storageError(CODE.XML_ERROR, `unsupported feature ${f.name}`);
+    if (!features.includes(f.name)) features.push(f.name);
+  }
+  const clusterEl = child(target, 'clusterSize');
+  const clusterSize = clusterEl ? scaledBytes(clusterEl.text, clusterEl.attrs.unit, 'clusterSize') : null;
+  const modeText = textAt(target, 'permissions', 'mode');
+  let mode: number | null = null;
+  if (modeText) {
+    if (!/^[0-7]{1,4}$/.test(modeText)) throw storageError(CODE.XML_ERROR, 'malformed octal mode');
+    mode = Number.parseInt(modeText, 8);
+  }
+  const backingEl = child(root, 'backingStore');
+  let backingStore: VolDef['backingStore'] = null;
+  if (backingEl) {
+    const bpath = textAt(backingEl, 'path');
+    if (!bpath) throw storageError(CODE.XML_ERROR, 'missing path in backing store');
+    const bfmt = child(backingEl, 'format')?.attrs.type ?? null;
+    if (bfmt !== null && !VOL_FORMATS.includes(bfmt)) throw storageError(CODE.XML_ERROR, `unknown volume format type ${bfmt}`);
+    backingStore = { path: bpath, format: bfmt };
+  }
+  return { name, capacity, allocation, format, compat, features, clusterSize, backingStore, mode };
 }
 
 // ------------------------------------------------------------------ capabilities
 
 /**
  * CONNECT_GET_STORAGE_POOL_CAPABILITIES in libvirt's layout: every pool type libvirt knows, in
- * its order; sparsevirtd supports `dir` pools of raw volumes and nothing else.
+ * its order; supported are the types sparsevirtd has a backend for, with their volume formats.
  */
-export function formatPoolCapabilities(): string {
+export function formatPoolCapabilities(backends: ReadonlyArray<Pick<PoolBackend, 'type' | 'volFormats'>>): string {
   let s = '<storagepoolCapabilities>\n';
   for (const type of POOL_TYPES) {
-    if (type === 'dir') {
-      s += `  <pool type='dir' supported='yes'>\n`;
+    const b = backends.find((x) => x.type === type);
+    if (!b) {
+      s += `  <pool type='${type}' supported='no'>\n  </pool>\n`;
+      continue;
+    }
+    s += `  <pool type='${type}' supported='yes'>\n`;
+    if (b.volFormats) {
       s += `    <volOptions>\n`;
-      s += `      <defaultFormat type='raw'/>\n`;
+      s += `      <defaultFormat type='${b.volFormats.defaultFormat}'/>\n`;
       s += `      <enum name='targetFormatType'>\n`;
-      s += `        <value>raw</value>\n`;
+      for (const f of b.volFormats.formats) s += `        <value>${f}</value>\n`;
       s += `      </enum>\n`;
       s += `    </volOptions>\n`;
-      s += `  </pool>\n`;
-    } else {
-      s += `  <pool type='${type}' supported='no'>\n  </pool>\n`;
     }
+    s += `  </pool>\n`;
   }
   return `${s}</storagepoolCapabilities>\n`;
 }
