@@ -32,6 +32,8 @@ const DEFAULT_TIMEOUT = 30;
 /** Chunks and bytes gathered into one batch of a download. */
 const BATCH_CHUNKS = 64;
 const BATCH_BYTES = 4 << 20;
+/** Bytes of reads or writes in flight to the cluster per transfer. */
+const IN_FLIGHT = 16 << 20;
 
 const ERRNO: Record<string, number> = {
   ERR_NOT_FOUND: 2, ERR_EXISTS: 17, ERR_ACCESS_DENIED: 13, ERR_TIMEOUT: 110, ERR_INVALID_ARG: 22, ERR_UNSUPPORTED: 95, ERR_IO: 5,
@@ -147,7 +149,7 @@ class RbdReader implements VolumeReader {
     const size = this.image.size;
     const offset = Math.min(this.o.offset, size);
     const length = this.o.length === null ? size - offset : Math.min(this.o.length, size - offset);
-    this.gen = rbdReadChunks(this.image, { offset, length, sparse: this.o.sparse, detectZeroes: this.o.sparse });
+    this.gen = rbdReadChunks(this.image, { offset, length, sparse: this.o.sparse, detectZeroes: this.o.sparse, maxBytesInFlight: IN_FLIGHT });
     const gen = this.gen;
     return (async function* () {
       try {
@@ -169,7 +171,7 @@ class RbdWriter implements VolumeWriter {
 
   async write(source: AsyncIterable<Array<Chunk | WrittenRange>>, _hooks: WriteHooks): Promise<void> {
     try {
-      await rbdWriteChunks(this.image, toChunks(source), { offset: this.o.offset });
+      await rbdWriteChunks(this.image, toChunks(source), { offset: this.o.offset, maxBytesInFlight: IN_FLIGHT });
     } catch (err) {
       throw rbdError(err, DOMAIN.STREAMS);
     }
