@@ -18,7 +18,7 @@ import type { RemoteError } from '../src/errors.js';
 import { imageName, rbdCli, rbdDiff, rbdDuUsed, rbdExportSha256, requireCeph, type CephCluster } from './helpers/ceph.js';
 import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { allocatedBytes, scratchDir, sha256File } from './helpers/images.js';
-import { virsh, virshOk } from './helpers/libvirt.js';
+import { requireLibvirt, virsh, virshOk } from './helpers/libvirt.js';
 
 const MiB = 1 << 20;
 const GiB = 1 << 30;
@@ -386,5 +386,64 @@ test('an unreachable monitor fails pool-start within bounded time; a dir pool on
     await virsh(['pool-undefine', 'f-unreach'], { uri });
     await virsh(['pool-destroy', 'busy'], { uri });
     await virsh(['pool-undefine', 'busy'], { uri });
+  }
+});
+
+// ------------------------------------------------------------------ against libvirtd
+
+test("libvirtd's output for the same secret, Ceph pool and image: secret-list/dumpxml, pool-dumpxml, vol-list/info/dumpxml", async (t) => {
+  const s = await setup(t);
+  if (!s) return;
+  if (!(await requireLibvirt(t))) return;
+  const caps = await virshOk(['pool-capabilities']);
+  if (!/<pool type='rbd' supported='yes'>/.test(caps)) {
+    const why = 'libvirtd has no RBD storage driver (libvirt-daemon-driver-storage-rbd, libvirtd restarted by scripts/setup-libvirt.sh --tcp-tls)';
+    if (process.env.CI) throw new Error(why);
+    t.skip(why);
+    return;
+  }
+  const ours = { uri: s.d.virshUri };
+  const uuid = 'd4d4d4d4-0000-4000-8000-' + randomBytes(6).toString('hex');
+  const secretXml = `<secret ephemeral='no' private='yes'><uuid>${uuid}</uuid><description>svtest</description><usage type='ceph'><name>svtest ${uuid}</name></usage></secret>`;
+  const sx = await writeFile('cmp-secret.xml', secretXml);
+  const keyFile = await writeFile('cmp.key', s.ceph.libvirt.key);
+  const pool = `svtest-${uuid.slice(-6)}`;
+  const px = await writeFile('cmp-pool.xml', poolXml(s.ceph, pool, uuid));
+  const name = imageName('cmp');
+  try {
+    for (const o of [{}, ours]) {
+      await virshOk(['secret-define', sx], o);
+      await virshOk(['secret-set-value', uuid, '--file', keyFile], o);
+      await virshOk(['pool-define', px], o);
+      await virshOk(['pool-start', pool], o);
+    }
+    assert.equal(await virshOk(['secret-dumpxml', uuid], ours), await virshOk(['secret-dumpxml', uuid]));
+    const line = (out: string) => out.split('\n').find((l) => l.includes(uuid))?.trim();
+    assert.equal(line(await virshOk(['secret-list'], ours)), line(await virshOk(['secret-list'])));
+    const libvirtdGet = await virsh(['secret-get-value', uuid]);
+    const oursGet = await virsh(['secret-get-value', uuid], ours);
+    assert.equal(oursGet.stderr, libvirtdGet.stderr);
+
+    await virshOk(['vol-create-as', pool, name, '100M']);
+    await virshOk(['pool-refresh', pool], ours);
+    for (const args of [['vol-dumpxml', '--pool', pool, name], ['vol-info', '--pool', pool, name], ['vol-path', '--pool', pool, name], ['vol-key', '--pool', pool, name]]) {
+      assert.equal(await virshOk(args, ours), await virshOk(args), args.join(' '));
+    }
+    const mine = (await virshOk(['vol-list', pool], ours)).split('\n').find((l) => l.includes(name));
+    const theirs = (await virshOk(['vol-list', pool])).split('\n').find((l) => l.includes(name));
+    assert.equal(mine?.trim().replace(/\s+/g, ' '), theirs?.trim().replace(/\s+/g, ' '));
+    const norm = (x: string) => x.replace(/<uuid>[^<]*<\/uuid>/, '').replace(/<(capacity|allocation|available) unit='bytes'>\d+</g, '<$1 unit=\'bytes\'>N<');
+    assert.equal(norm(await virshOk(['pool-dumpxml', pool], ours)), norm(await virshOk(['pool-dumpxml', pool])));
+    const dumpOurs = await virshOk(['pool-dumpxml', pool], ours);
+    const dumpTheirs = await virshOk(['pool-dumpxml', pool]);
+    const num = (x: string, k: string) => Number(new RegExp(`<${k} unit='bytes'>(\\d+)<`).exec(x)?.[1]);
+    assert.equal(num(dumpOurs, 'capacity'), num(dumpTheirs, 'capacity'));
+  } finally {
+    await virsh(['vol-delete', '--pool', pool, name]);
+    for (const o of [{}, ours]) {
+      await virsh(['pool-destroy', pool], o);
+      await virsh(['pool-undefine', pool], o);
+      await virsh(['secret-undefine', uuid], o);
+    }
   }
 });
