@@ -155,7 +155,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
     await rejectsWith(conn.storageVolLookupByKey('nope.img'), 50, 18, 'Storage volume not found: no storage vol with matching key nope.img');
     await rejectsWith(conn.storageVolLookupByPath('/nope/x'), 50, 18, "Storage volume not found: no storage vol with matching path '/nope/x'");
     await rejectsWith(pool.createVol({ name: 'v-sparse.img', capacity: 1 }), 90, 18, "storage volume 'v-sparse.img' exists already");
-    await rejectsWith(pool.createVolXML('<volume><name>q</name><capacity>1</capacity><target><format type="qcow2"/></target></volume>'), 67, 18, /raw/);
+    await rejectsWith(pool.createVolXML('<volume><name>q</name><capacity>1</capacity><target><format type="dmg"/></target></volume>'), 67, 18, /format 'dmg' is not supported for creation/);
     await rejectsWith(pool.createVolXML('<volume><name>q</name></volume>'), 27, 18, 'XML error: missing capacity element');
     await rejectsWith(pool.createVolXML('<volume><name>q</name><capacity>1</capacity></volume>', 8), 8, 18, 'unsupported flags (0x8) in function storageVolCreateXML');
     // units

@@ -22,9 +22,9 @@ import type {
 } from '../backend.js';
 import { CODE, DOMAIN, checkFlags, exclusiveFlags, storageError, systemError } from '../errors.js';
 import {
-  WRITABLE_FORMATS, convertImage, createImage, describeVolume, followChain, formatVolumeXml, isImageFormat, probeImage, resizeImage,
-  type Compat, type ImageFormat, type ProbeResult, type WritableFormat,
+  convertImage, createImage, describeVolume, formatVolumeXml, isImageFormat, probeImage, resizeImage, type ImageFormat, type ProbeResult,
 } from '../formats/index.js';
+import { checkBacking, formatError, qcowOptions, refuseBadChain, writable } from './dir-images.js';
 import { allocate, copyData, isErrno, randomizeFile, reflinkInto, zeroFile } from './dir-files.js';
 
 const { O_WRONLY, O_RDONLY, O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
@@ -53,14 +53,6 @@ function checkVolNameForCreate(name: string): void {
 }
 
 const isRemote = (err: unknown): err is RemoteError => (err as RemoteError | undefined)?.virCode !== undefined;
-
-/** A failure of the format layer (qemu-img, a header read) as libvirt reports a failed helper. */
-function formatError(what: string, err: unknown): RemoteError {
-  if (isRemote(err)) return err;
-  const cause = (err as { cause?: unknown }).cause;
-  if (cause && (cause as NodeJS.ErrnoException).code !== undefined) return systemError(what, cause);
-  return storageError(CODE.INTERNAL_ERROR, `${what}: ${(err as Error).message}`);
-}
 
 function symlinkRefused(vol: { name: string; pool: Pool }): RemoteError {
   return storageError(CODE.INVALID_ARG, `volume '${vol.name}' in pool '${vol.pool.name}' is a symbolic link; sparsevirtd does not follow links out of a pool`);
@@ -103,40 +95,6 @@ async function probeVol(vol: Volume): Promise<ProbeResult> {
   } finally {
     await fh.close().catch(() => undefined);
   }
-}
-
-function writable(format: string): WritableFormat {
-  if (!(WRITABLE_FORMATS as readonly string[]).includes(format)) {
-    throw storageError(CODE.CONFIG_UNSUPPORTED, `storage volume format '${format}' is not supported for creation`);
-  }
-  return format as WritableFormat;
-}
-
-function compatOf(def: VolDef): Compat | undefined {
-  if (def.compat === null) return undefined;
-  if (def.compat !== '0.10' && def.compat !== '1.1') throw storageError(CODE.XML_ERROR, `unsupported compat '${def.compat}'`);
-  return def.compat;
-}
-
-/** The qcow2 options of a definition, refused for formats without them. */
-function qcowOptions(def: VolDef, format: WritableFormat): { compat?: Compat; lazyRefcounts?: boolean; clusterSize?: number } {
-  const o: { compat?: Compat; lazyRefcounts?: boolean; clusterSize?: number } = {};
-  if (format !== 'qcow2') {
-    if (def.compat !== null || def.features.length > 0) {
-      throw storageError(CODE.CONFIG_UNSUPPORTED, `format features are only available with qcow2, not '${format}'`);
-    }
-    return o;
-  }
-  const compat = compatOf(def);
-  if (compat !== undefined) o.compat = compat;
-  if (def.features.includes('extended_l2')) throw storageError(CODE.CONFIG_UNSUPPORTED, 'feature extended_l2 is not supported for volume creation');
-  if (def.features.includes('lazy_refcounts')) {
-    if (compat === '0.10') throw storageError(CODE.CONFIG_UNSUPPORTED, 'lazy_refcounts not supported with compat level 0.10');
-    o.lazyRefcounts = true;
-    o.compat = '1.1';
-  }
-  if (def.clusterSize !== null) o.clusterSize = def.clusterSize;
-  return o;
 }
 
 class DirReader implements VolumeReader {
@@ -364,7 +322,7 @@ export class DirBackend implements PoolBackend {
     const p = await this.requireFree(pool, def.name);
     const opts = qcowOptions(def, fmt);
     let backing: { path: string; format: ImageFormat } | undefined;
-    if (def.backingStore) backing = await this.checkBacking(pool, def.backingStore);
+    if (def.backingStore) backing = await checkBacking(pool.target, def.backingStore);
     const capacity = def.capacity ?? 0;
     let preallocation: 'metadata' | 'falloc' | undefined;
     if (flags & VolCreateFlags.PREALLOC_METADATA) {
@@ -384,28 +342,6 @@ export class DirBackend implements PoolBackend {
       throw formatError(`cannot create volume '${p}'`, err);
     }
     return { pool, name: def.name, key: p, path: p };
-  }
-
-  /**
-   * A backing store for a new image: it must be readable, and its own chain must end (no loop,
-   * not deeper than qemu follows). The format is raw when not given, as libvirt takes it.
-   */
-  private async checkBacking(pool: Pool, b: { path: string; format: string | null }): Promise<{ path: string; format: ImageFormat }> {
-    const format = b.format ?? 'raw';
-    if (!isImageFormat(format)) throw storageError(CODE.CONFIG_UNSUPPORTED, `unknown backing store format '${format}'`);
-    try {
-      await fsp.access(b.path, fs.constants.R_OK);
-    } catch (err) {
-      throw systemError(`inaccessible backing store volume ${b.path}`, err);
-    }
-    if (format !== 'raw') {
-      const chain = await followChain(b.path, { poolDir: pool.target, followOutsidePool: true, format }).catch((err) => {
-        throw formatError(`cannot read backing store '${b.path}'`, err);
-      });
-      const bad = chain.problems.find((x) => x.code === 'LOOP' || x.code === 'TOO_DEEP' || x.code === 'CORRUPT');
-      if (bad) throw storageError(CODE.OPERATION_FAILED, `backing chain of '${b.path}': ${bad.message}`);
-    }
-    return { path: b.path, format };
   }
 
   private async createRaw(pool: Pool, def: VolDef, flags: number): Promise<Volume> {
@@ -463,11 +399,7 @@ export class DirBackend implements PoolBackend {
       const probe = await probeVol(src.vol);
       if (probe.clusterSize !== null) opts.clusterSize = Number(probe.clusterSize);
     }
-    const chain = await followChain(src.vol.path, { format: from, followOutsidePool: true, poolDir: src.vol.pool.target }).catch((err) => {
-      throw formatError(`cannot read volume '${src.vol.path}'`, err);
-    });
-    const bad = chain.problems.find((x) => x.code === 'LOOP' || x.code === 'TOO_DEEP' || x.code === 'CORRUPT');
-    if (bad) throw storageError(CODE.OPERATION_FAILED, `backing chain of '${src.vol.path}': ${bad.message}`);
+    await refuseBadChain(src.vol.path, from, src.vol.pool.target);
     let preallocation: 'metadata' | undefined;
     if (flags & VolCreateFlags.PREALLOC_METADATA) {
       if (fmt !== 'qcow2') throw storageError(CODE.CONFIG_UNSUPPORTED, 'metadata preallocation is only available with qcow2');
