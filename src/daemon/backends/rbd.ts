@@ -166,12 +166,26 @@ class RbdReader implements VolumeReader {
   }
 }
 
+/** Whether any extent of the image (its parent's included) exists at or after `offset`. */
+async function hasData(image: RbdImage, offset: number): Promise<boolean> {
+  const size = image.size;
+  if (offset >= size) return false;
+  let found = false;
+  await image.diff(offset, size - offset, {}, (e) => {
+    if (e.exists) found = true;
+    return !found;
+  });
+  return found;
+}
+
 class RbdWriter implements VolumeWriter {
   constructor(private readonly image: RbdImage, private readonly o: WriteOptions) {}
 
   async write(source: AsyncIterable<Array<Chunk | WrittenRange>>, _hooks: WriteHooks): Promise<void> {
     try {
-      await rbdWriteChunks(this.image, toChunks(source), { offset: this.o.offset, maxBytesInFlight: IN_FLIGHT });
+      // nothing allocated from the offset on (a new volume): holes need no discard, as rbd import skips them
+      const zeroed = !(await hasData(this.image, this.o.offset));
+      await rbdWriteChunks(this.image, toChunks(source), { offset: this.o.offset, maxBytesInFlight: IN_FLIGHT, zeroed });
     } catch (err) {
       throw rbdError(err, DOMAIN.STREAMS);
     }
