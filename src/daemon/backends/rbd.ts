@@ -199,7 +199,8 @@ class RbdWriter implements VolumeWriter {
 export const rbdBackend: PoolBackend = {
   type: 'rbd',
   supports: new Set(['createVol', 'createVolFrom', 'deleteVol', 'resizeVol', 'wipeVol', 'upload', 'download'] as const),
-  volFormats: { defaultFormat: 'raw', formats: ['raw'] },
+  /** libvirt 9.0 lists no target formats for rbd (its enum is empty), raw by default. */
+  volFormats: { defaultFormat: 'raw', formats: [] },
 
   checkDefinition(def: PoolDef): void {
     if (def.source.hosts.length === 0 || def.source.hosts.some((h) => !h.name)) {
