@@ -63,6 +63,7 @@ describe('qcow2 in dir pools: virsh against sparsevirtd and libvirtd', () => {
     const lazyXml = await xml('lazy.xml', "<volume><name>lazy.qcow2</name><capacity unit='M'>4</capacity><target><format type='qcow2'/><compat>1.1</compat><features><lazy_refcounts/></features></target></volume>");
     const v3Xml = await xml('v3.xml', "<volume><name>v3.qcow2</name><capacity unit='M'>4</capacity><target><format type='qcow2'/><compat>1.1</compat></target></volume>");
     const toQcow2 = await xml('toq.xml', "<volume><name>fromraw.qcow2</name><capacity unit='M'>4</capacity><target><format type='qcow2'/></target></volume>");
+    const smallXml = await xml('small.xml', "<volume><name>small.qcow2</name><capacity unit='M'>2</capacity><target><format type='qcow2'/><clusterSize unit='KiB'>4</clusterSize></target></volume>");
     const toRaw = await xml('tor.xml', "<volume><name>fromq.raw</name><capacity unit='M'>16</capacity><target><format type='raw'/></target></volume>");
     const script = (pool: string): string[][] => [
       ['vol-create-as', pool, 'base.qcow2', '8M', '--format', 'qcow2'],
@@ -93,6 +94,9 @@ describe('qcow2 in dir pools: virsh against sparsevirtd and libvirtd', () => {
       ['vol-create-from', pool, toRaw, 'ov.qcow2'],
       ['vol-clone', '--pool', pool, 'lazy.qcow2', 'lazy-clone.qcow2'],
       ['vol-clone', '--pool', pool, 'r.raw', 'r-clone.raw'],
+      ['vol-create', pool, smallXml],
+      ['vol-clone', '--pool', pool, 'small.qcow2', 'small-clone.qcow2'],
+      ['vol-dumpxml', '--pool', pool, 'small-clone.qcow2'],
       ['pool-refresh', pool],
       ['vol-dumpxml', '--pool', pool, 'fromraw.qcow2'],
       ['vol-dumpxml', '--pool', pool, 'fromq.raw'],
@@ -125,6 +129,15 @@ describe('qcow2 in dir pools: virsh against sparsevirtd and libvirtd', () => {
       await ok(d.virshUri, ['pool-define-as', oursPool, 'dir', '--target', oursDir]);
       await ok(d.virshUri, ['pool-start', oursPool]);
       const ours = await transcript(d.virshUri, oursPool, oursDir);
+      // a qcow2 moves as the file's bytes, holes as holes
+      const got = path.join(d.dir, 'got.qcow2');
+      await ok(d.virshUri, ['vol-download', '--pool', oursPool, 'ov.qcow2', got, '--sparse']);
+      assert.ok((await fsp.readFile(got)).equals(await fsp.readFile(path.join(oursDir, 'ov.qcow2'))), 'downloaded bytes');
+      await ok(d.virshUri, ['vol-create-as', oursPool, 'up.qcow2', '1M', '--format', 'qcow2']);
+      await ok(d.virshUri, ['vol-upload', '--pool', oursPool, 'up.qcow2', got, '--sparse']);
+      assert.ok((await fsp.readFile(path.join(oursDir, 'up.qcow2'))).equals(await fsp.readFile(got)), 'uploaded bytes');
+      assert.match(await ok(d.virshUri, ['vol-info', '--pool', oursPool, 'up.qcow2', '--bytes']), /Capacity:\s+16777216 bytes/);
+      await ok(d.virshUri, ['vol-delete', '--pool', oursPool, 'up.qcow2']);
       if (process.env.SPARSEVIRT_TEST_LOG) process.stderr.write(`${ours.join('\n')}\n`);
       await withScratchPool('q', async (p) => {
         const theirs = await transcript(p.uri, p.name, p.path);

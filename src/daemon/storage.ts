@@ -30,7 +30,6 @@ const LIST_TYPE_BIT: Record<string, number> = {
 
 /** libvirt's messages for an operation a backend does not have. */
 const NO_SUPPORT: Record<string, string> = {
-  build: 'pool does not support pool build',
   deletePool: 'pool does not support pool deletion',
   createVol: 'storage pool does not support volume creation',
   createVolFrom: 'storage pool does not support volume creation from an existing volume',
@@ -368,10 +367,7 @@ export class StorageDriver {
   private async buildTarget(pool: Pool, flags: number): Promise<void> {
     this.requireInactive(pool, 'already');
     const backend = backendOf(pool);
-    if (!backend.build) {
-      if (flags === 0) return;
-      throw noSupport('build');
-    }
+    if (!backend.build) return; // (libvirt: nothing to build for such a pool)
     await backend.build(pool, flags);
     this.log.info('pool built', { pool: pool.name, type: pool.type });
   }
