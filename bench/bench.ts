@@ -32,7 +32,7 @@ import {
 } from './images.js';
 import { loadSparseApi } from './local-copy.js';
 import { haveGnuTime, measure } from './measure.js';
-import { DirPool, OurDaemon, libvirtdPid, toolVersion, virsh, which } from './services.js';
+import { DirPool, OurDaemon, RbdBench, libvirtdPid, toolVersion, virsh, which } from './services.js';
 
 const HELP = `usage: npm run bench -- [options]
 
@@ -362,6 +362,26 @@ async function main(): Promise<number> {
           ctx.ours = { daemon, pool };
         } catch (err) {
           ctx.ours = { skip: `sparsevirtd not usable: ${(err as Error).message.slice(0, 300)}` };
+        }
+      }
+    }
+
+    if (wanted.some((c) => c.id === 'virsh/sv-d-rbd' || c.id === 'rbd-cli')) {
+      const clusterJson = join(process.env.SPARSEVIRT_CEPH_DIR ?? '/var/lib/sparsevirt-ceph', 'cluster.json');
+      if (!existsSync(clusterJson)) ctx.rbd = { skip: `no Ceph cluster (${clusterJson}; run: sudo scripts/setup-ceph.sh)` };
+      else if (!existsSync(daemonMain)) ctx.rbd = { skip: 'not built yet (dist/bin/sparsevirtd.mjs missing: npm run build)' };
+      else if (!virshOk) ctx.rbd = { skip: 'virsh needed to define the RBD pool on sparsevirtd' };
+      else if (!opts.list) {
+        const daemon = new OurDaemon(daemonMain, join(runDir, 'sparsevirtd-rbd.sock'), join(base, 'sparsevirtd-rbd-state'));
+        try {
+          await daemon.start();
+          cleanups.push(() => daemon.stop());
+          const rbd = new RbdBench(daemon, clusterJson);
+          cleanups.push(() => rbd.down());
+          await rbd.up(runDir);
+          ctx.rbd = rbd;
+        } catch (err) {
+          ctx.rbd = { skip: `RBD pool not usable: ${(err as Error).message.slice(0, 300)}` };
         }
       }
     }

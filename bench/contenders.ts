@@ -11,7 +11,7 @@ import { rmSync, truncateSync, closeSync, openSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BuiltImage } from './images.js';
 import type { RunSpec } from './measure.js';
-import { NbdkitFile, type DirPool, type OurDaemon } from './services.js';
+import { NbdkitFile, exec, virshOk, type DirPool, type OurDaemon, type RbdBench } from './services.js';
 
 export type Direction = 'download' | 'upload';
 
@@ -39,6 +39,8 @@ export interface BenchContext {
   /** HOOK: our local chunk copy (dist/bench/local-copy.js over dist/src/sparse), or why not. */
   localCopy: { script: string } | { skip: string };
   tools: { cp: boolean; qemuImg: boolean; nbdkit: boolean; nbdcopy: boolean; virsh: boolean };
+  /** An RBD pool on a sparsevirtd of its own (scripts/setup-ceph.sh's cluster), or why not. */
+  rbd?: RbdBench | { skip: string };
 }
 
 export interface PreparedRun {
@@ -137,6 +139,80 @@ function pair(client: Client, server: Server): Contender {
       };
     },
   };
+}
+
+// ------------------------------------------------------------------------ Ceph RBD
+
+/** `fallocate --dig-holes`: the file's all-zero blocks become holes (verification of what rbd export wrote). */
+async function digHoles(file: string): Promise<void> {
+  const r = await exec('fallocate', ['--dig-holes', file], 600_000);
+  if (r.code !== 0) throw new Error(`fallocate --dig-holes ${file}: ${r.stderr.trim()}`);
+}
+
+/** Images the RBD columns move: the cluster keeps data in memory (memstore), so at most 1.5 GiB of data. */
+const rbdFits = (s: Scenario): boolean => s.sparse && s.image.spec.extents.reduce((n, [, l]) => n + l, 0) <= 1.5 * 1024 ** 3;
+
+/**
+ * An RBD image and a local file: `virsh/sv-d-rbd` (vol-upload/vol-download --sparse through
+ * sparsevirtd's RBD pool) and `rbd-cli` (`rbd import`/`rbd export`, Ceph's own tool, talking to
+ * the cluster directly). Download sources are imported once, untimed; an upload is verified by
+ * an untimed `rbd export` of what arrived.
+ */
+function rbdContender(id: 'virsh/sv-d-rbd' | 'rbd-cli'): Contender {
+  const viaDaemon = id === 'virsh/sv-d-rbd';
+  const c: Contender = {
+    id,
+    label: viaDaemon ? 'virsh ↔ sparsevirtd (RBD pool)' : 'rbd import / export (Ceph)',
+    kind: viaDaemon ? 'pair' : 'anchor',
+    note: viaDaemon
+      ? 'sparsevirtd RBD pool, cephx through a secret; upload into a new image made by vol-create-as; '
+        + 'uploads are verified through an untimed rbd export (zero blocks punched)'
+      : 'rbd import / rbd export --no-progress as client.admin, defaults (sparse-size 4 KiB); import makes the image; '
+        + "rbd export writes the zeros inside Ceph's extents (its output's zero blocks are punched untimed before verification)",
+    unavailable: (ctx) => {
+      if (!ctx.rbd) return 'not set up';
+      if ('skip' in ctx.rbd) return ctx.rbd.skip;
+      return viaDaemon && !ctx.tools.virsh ? 'virsh not installed' : null;
+    },
+    supports: rbdFits,
+    async prepare(ctx, s) {
+      const rbd = ctx.rbd as RbdBench;
+      const out = outPath(ctx, c, s);
+      rmSync(out, { force: true });
+      if (s.direction === 'download') {
+        const src = await rbd.source(s.image.spec.id, s.image.path);
+        return {
+          spec: viaDaemon
+            ? { cmd: 'virsh', args: ['-q', '-c', rbd.daemon.uri, 'vol-download', '--pool', rbd.pool, src, out, '--sparse'] }
+            : { cmd: 'rbd', args: rbd.rbdArgs('export', '--no-progress', `${rbd.cephPool}/${src}`, out) },
+          daemonPids: viaDaemon && rbd.daemon.pid ? [rbd.daemon.pid] : [],
+          output: out,
+          // rbd export writes the zeros inside the extents Ceph reports: punched afterwards, untimed
+          afterRun: viaDaemon ? undefined : () => digHoles(out),
+          cleanup: async () => rmSync(out, { force: true }),
+        };
+      }
+      const name = `svbench-up-${id.replace(/[^A-Za-z0-9]+/g, '_')}-${s.image.spec.id}`;
+      await rbd.remove(name);
+      if (viaDaemon) await virshOk(rbd.daemon.uri, ['vol-create-as', rbd.pool, name, String(s.image.spec.size)]);
+      return {
+        spec: viaDaemon
+          ? { cmd: 'virsh', args: ['-q', '-c', rbd.daemon.uri, 'vol-upload', '--pool', rbd.pool, name, s.image.path, '--sparse'] }
+          : { cmd: 'rbd', args: rbd.rbdArgs('import', '--no-progress', s.image.path, `${rbd.cephPool}/${name}`) },
+        daemonPids: viaDaemon && rbd.daemon.pid ? [rbd.daemon.pid] : [],
+        output: out,
+        afterRun: async () => {
+          await rbd.rbd('export', '--no-progress', `${rbd.cephPool}/${name}`, out);
+          await digHoles(out);
+        },
+        cleanup: async () => {
+          rmSync(out, { force: true });
+          await rbd.remove(name);
+        },
+      };
+    },
+  };
+  return c;
 }
 
 // ------------------------------------------------------------------------ anchors and floors
@@ -257,5 +333,7 @@ export function allContenders(): Contender[] {
     qemuImg,
     cp,
     ourLocal, // HOOK: needs dist/src/sparse/index.js (fileChunks, writeChunks)
+    rbdContender('virsh/sv-d-rbd'), // needs scripts/setup-ceph.sh's cluster
+    rbdContender('rbd-cli'),
   ];
 }

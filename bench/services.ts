@@ -3,7 +3,7 @@
  * the image directory), sparsevirtd (started by the bench when built), nbdkit (one per run).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 export interface ExecResult {
@@ -230,5 +230,89 @@ export class NbdkitFile {
     const t = setTimeout(() => c.kill('SIGKILL'), 5_000);
     await done;
     clearTimeout(t);
+  }
+}
+
+// ------------------------------------------------------------------------------------ Ceph RBD
+
+/**
+ * An RBD pool on a sparsevirtd of its own, on the cluster of scripts/setup-ceph.sh
+ * (`/var/lib/sparsevirt-ceph/cluster.json`): the cephx user `client.libvirt` through a secret
+ * defined with virsh. `rbd` runs as client.admin. Images the bench makes are named `svbench-…`
+ * and removed by `down()`.
+ */
+export class RbdBench {
+  readonly pool = 'svbench-rbd';
+  readonly cephPool: string;
+  private readonly conf: string;
+  private readonly keyring: string;
+  private readonly key: string;
+  private readonly monitors: Array<{ host: string; port: number }>;
+  /** Images already imported as download sources, by image id. */
+  readonly sources = new Map<string, string>();
+
+  constructor(readonly daemon: OurDaemon, clusterJson: string) {
+    const c = JSON.parse(readFileSync(clusterJson, 'utf8')) as {
+      conf: string; pool: string; monitors: Array<{ host: string; port: number }>;
+      admin: { keyring: string }; libvirt: { key: string };
+    };
+    this.conf = c.conf;
+    this.cephPool = c.pool;
+    this.keyring = c.admin.keyring;
+    this.key = c.libvirt.key;
+    this.monitors = c.monitors;
+  }
+
+  /** `rbd` with the cluster's conf as client.admin, then `args`. */
+  rbdArgs(...args: string[]): string[] {
+    return ['-c', this.conf, '--id', 'admin', '--keyring', this.keyring, ...args];
+  }
+
+  async rbd(...args: string[]): Promise<string> {
+    const r = await exec('rbd', this.rbdArgs(...args), 600_000);
+    if (r.code !== 0) throw new Error(`rbd ${args.join(' ')}: ${r.stderr.trim()}`);
+    return r.stdout;
+  }
+
+  async up(dir: string): Promise<void> {
+    await this.rbd('ls', this.cephPool);
+    const uuid = '5b5b5b5b-0000-4000-8000-000000b3e4c4';
+    const secretXml = join(dir, 'rbd-secret.xml');
+    const keyFile = join(dir, 'rbd-secret.key');
+    const poolXml = join(dir, 'rbd-pool.xml');
+    writeFileSync(secretXml, `<secret ephemeral='no' private='yes'><uuid>${uuid}</uuid><usage type='ceph'><name>svbench</name></usage></secret>`);
+    writeFileSync(keyFile, this.key, { mode: 0o600 });
+    const hosts = this.monitors.map((m) => `<host name='${m.host}' port='${m.port}'/>`).join('');
+    writeFileSync(poolXml, `<pool type='rbd'><name>${this.pool}</name><source>${hosts}<name>${this.cephPool}</name>`
+      + `<auth type='ceph' username='libvirt'><secret uuid='${uuid}'/></auth></source></pool>`);
+    const uri = this.daemon.uri;
+    await virshOk(uri, ['secret-define', secretXml]);
+    await virshOk(uri, ['secret-set-value', uuid, '--file', keyFile]);
+    // a --keep run left the pool defined (and autostarted with the daemon): both are fine
+    await virsh(uri, ['pool-define', poolXml]);
+    await virsh(uri, ['pool-start', this.pool]);
+    const info = await virshOk(uri, ['pool-info', this.pool]);
+    if (!/State:\s+running/.test(info)) throw new Error(`RBD pool ${this.pool} did not start: ${info.trim()}`);
+  }
+
+  /** The download source for an image: imported once (untimed), named `svbench-src-<id>`. */
+  async source(id: string, file: string): Promise<string> {
+    const have = this.sources.get(id);
+    if (have) return have;
+    const name = `svbench-src-${id}`;
+    await exec('rbd', this.rbdArgs('rm', '--no-progress', `${this.cephPool}/${name}`));
+    await this.rbd('import', '--no-progress', file, `${this.cephPool}/${name}`);
+    this.sources.set(id, name);
+    return name;
+  }
+
+  async remove(name: string): Promise<void> {
+    await exec('rbd', this.rbdArgs('rm', '--no-progress', `${this.cephPool}/${name}`), 600_000);
+  }
+
+  async down(): Promise<void> {
+    const names = (await exec('rbd', this.rbdArgs('ls', this.cephPool))).stdout.split('\n').filter((n) => n.startsWith('svbench-'));
+    for (const n of names) await this.remove(n);
+    this.sources.clear();
   }
 }

@@ -760,7 +760,7 @@ describe('python3-libvirt: the storage API against sparsevirtd and libvirtd', ()
     }
   });
 
-  test('pool capabilities: libvirt\'s layout and pool types; dir pools, with the volume formats sparsevirtd creates', { timeout: 120_000 }, async (t) => {
+  test('pool capabilities: libvirt\'s layout and pool types; dir pools, with the volume formats sparsevirtd creates, and rbd pools', { timeout: 120_000 }, async (t) => {
     if (!(await requirePython(t))) return;
     const script = String.raw`
 import libvirt, os, json
@@ -771,13 +771,15 @@ print(json.dumps(c.getStoragePoolCapabilities(0)))
     const shape = (xml: string) => [...xml.matchAll(/<pool type='([^']+)' supported='(yes|no)'>/g)].map((m) => [m[1], m[2]]);
     const dirPart = (xml: string) => /<pool type='dir' supported='yes'>[\s\S]*?<\/pool>/.exec(xml)?.[0] ?? '';
     assert.match(ours, /^<storagepoolCapabilities>\n[\s\S]*<\/storagepoolCapabilities>\n$/);
-    assert.deepEqual(shape(ours).filter(([, yes]) => yes === 'yes'), [['dir', 'yes']]);
+    assert.deepEqual(shape(ours).filter(([, yes]) => yes === 'yes'), [['dir', 'yes'], ['rbd', 'yes']]);
     const formats = ['raw', 'vpc', 'vdi', 'qcow', 'qcow2', 'qed', 'vmdk'];
     assert.equal(dirPart(ours), "<pool type='dir' supported='yes'>\n    <volOptions>\n      <defaultFormat type='raw'/>\n"
       + `      <enum name='targetFormatType'>\n${formats.map((f) => `        <value>${f}</value>\n`).join('')}      </enum>\n    </volOptions>\n  </pool>`);
     if (!(await requireLibvirt(t))) return;
     const theirs = await python<string>(script, { SV_URI: LIBVIRTD_URI });
     assert.deepEqual(shape(ours).map(([type]) => type), shape(theirs).map(([type]) => type), 'the same pool types, in libvirt\'s order');
+    const rbdPart = (xml: string) => /<pool type='rbd' supported='yes'>[\s\S]*?<\/pool>/.exec(xml)?.[0];
+    if (rbdPart(theirs)) assert.equal(rbdPart(ours), rbdPart(theirs), 'rbd as libvirtd (with its RBD driver) lists it');
     const theirDir = dirPart(theirs);
     assert.ok(theirDir.includes("<defaultFormat type='raw'/>"), theirDir);
     for (const f of formats) assert.ok(theirDir.includes(`<value>${f}</value>`), `libvirtd lists ${f} too`);

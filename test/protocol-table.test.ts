@@ -11,12 +11,13 @@ import { P, PROCEDURES_BY_NUM } from '../src/protocol/remote.js';
 import { decode, encode, XdrWriter } from '../src/xdr/index.js';
 
 type T = 'int' | 'uint' | 'u64' | 'string' | 'optstring' | 'uuid' | 'pool' | 'optpool' | 'vol' | 'int<20>' | 'pool<4096>' | 'vol<16384>'
-  | 'string<4096>' | 'string<16384>';
+  | 'string<4096>' | 'string<16384>' | 'secret' | 'secret<16384>' | 'opaque';
 type Fields = [string, T][];
 
 const pool: [string, T] = ['pool', 'pool'];
 const vol: [string, T] = ['vol', 'vol'];
 const flags: [string, T] = ['flags', 'uint'];
+const secret: [string, T] = ['secret', 'secret'];
 
 const REF: Record<number, [name: string, args: Fields, ret: Fields]> = {
   1: ['CONNECT_OPEN', [['name', 'optstring'], flags], []],
@@ -58,6 +59,17 @@ const REF: Record<number, [name: string, args: Fields, ret: Fields]> = {
   100: ['STORAGE_VOL_GET_PATH', [vol], [['name', 'string']]],
   110: ['CONNECT_GET_URI', [], [['uri', 'string']]],
   125: ['STORAGE_VOL_CREATE_XML_FROM', [pool, ['xml', 'string'], ['clonevol', 'vol'], flags], [vol]],
+  // secrets (libvirt's remote_protocol.x: remote_nonnull_secret is uuid, int usageType, string usageID)
+  139: ['CONNECT_NUM_OF_SECRETS', [], [['num', 'int']]],
+  140: ['CONNECT_LIST_SECRETS', [['maxuuids', 'int']], [['uuids', 'string<16384>']]],
+  141: ['SECRET_LOOKUP_BY_UUID', [['uuid', 'uuid']], [secret]],
+  142: ['SECRET_DEFINE_XML', [['xml', 'string'], flags], [secret]],
+  143: ['SECRET_GET_XML_DESC', [secret, flags], [['xml', 'string']]],
+  144: ['SECRET_SET_VALUE', [secret, ['value', 'opaque'], flags], []],
+  145: ['SECRET_GET_VALUE', [secret, flags], [['value', 'opaque']]],
+  146: ['SECRET_UNDEFINE', [secret], []],
+  147: ['SECRET_LOOKUP_BY_USAGE', [['usageType', 'int'], ['usageID', 'string']], [secret]],
+  287: ['CONNECT_LIST_ALL_SECRETS', [['needResults', 'int'], flags], [['secrets', 'secret<16384>'], ['ret', 'uint']]],
   149: ['CONNECT_IS_SECURE', [], [['secure', 'int']]],
   154: ['STORAGE_POOL_IS_ACTIVE', [pool], [['active', 'int']]],
   155: ['STORAGE_POOL_IS_PERSISTENT', [pool], [['persistent', 'int']]],
@@ -95,7 +107,15 @@ function sample(t: T, k: number, w: XdrWriter): unknown {
     w.string(v.pool).string(v.name).string(v.key);
     return v;
   };
+  const secretV = (i: number) => {
+    const v = { uuid: Buffer.alloc(16, 0x60 + i), usageType: 2, usageID: `client.u${i}` };
+    w.fixedOpaque(v.uuid).int(v.usageType).string(v.usageID);
+    return v;
+  };
   switch (t) {
+    case 'secret': return secretV(k);
+    case 'secret<16384>': w.uint(2); return [secretV(k), secretV(k + 50)];
+    case 'opaque': { const v = Buffer.from([k, 0, 0xff, k + 1, 7]); w.opaque(v); return v; }
     case 'int': w.int(-1000 - k); return -1000 - k;
     case 'uint': w.uint(0x80000000 + k); return 0x80000000 + k;
     case 'u64': { const v = (1n << 40n) + BigInt(k); w.uhyper(v); return v; }

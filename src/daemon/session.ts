@@ -18,6 +18,7 @@ import {
 import { XdrReader, encode } from '../xdr/index.js';
 import { CODE, DOMAIN, checkFlags, readOnlyError, rpcError, storageError, toRemoteError, virError } from './errors.js';
 import type { Logger } from './log.js';
+import { SECRET_HANDLERS } from './secrets.js';
 import type { Pool, PoolEvent, StorageDriver, Volume } from './storage.js';
 import { ContentDigest, DIGEST_NAME } from '../digest.js';
 import { digestRange, readerContentDigest } from './digest.js';
@@ -288,6 +289,8 @@ const HANDLERS = new Map<number, Handler>([
   // libvirt refuses downloads on a read-only connection; sparsevirtd allows them (no `api`).
   [P.STORAGE_VOL_DOWNLOAD.num, { run: (call, a: TransferArgs) => call.session.openTransfer(call, 'download', a) }],
 ]);
+
+for (const [num, h] of SECRET_HANDLERS) HANDLERS.set(num, h);
 
 /** libvirt's checks of `maxnames` in the old list calls, made before anything is looked up. */
 function checkMaxnames(maxnames: number, max: number, maxName: string): void {

@@ -16,6 +16,7 @@ import './backends/index.js';
 import { CODE, checkFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';
+import { openSecretStore, type SecretStore } from './secrets.js';
 import { POOL_TYPES, formatPoolCapabilities, formatPoolXml, parsePoolXml, parseVolXml, sanitizePath } from './xml.js';
 
 export { Pool, type PoolStats, type VolInfo, type Volume } from './backend.js';
@@ -84,6 +85,7 @@ function defOfRecord(rec: PoolRecord): PoolDef {
 }
 export class StorageDriver {
   readonly store: PoolStore;
+  readonly secrets: SecretStore;
   private readonly log: Logger;
   private readonly pools = new Map<string, Pool>();
   private readonly listeners = new Set<(e: PoolEvent) => void>();
@@ -91,6 +93,7 @@ export class StorageDriver {
   constructor(opts: StorageDriverOptions) {
     this.store = new PoolStore(opts.stateDir);
     this.log = opts.log;
+    this.secrets = openSecretStore(opts.stateDir, (file, err) => this.log.error('secret file unreadable, skipped', { file, error: (err as Error).message }));
   }
 
   /**

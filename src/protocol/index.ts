@@ -1,1 +1,2 @@
 export * from './remote.js';
+export * from './secret.js';

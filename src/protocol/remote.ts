@@ -6,6 +6,7 @@
 import {
   array, fixedOpaque, int, optional, string, struct, uhyper, uint, voidCodec, type Codec,
 } from '../xdr/index.js';
+import { SECRET_PROCEDURES } from './secret.js';
 
 export const STRING_MAX = 4194304;
 export const AUTH_TYPE_LIST_MAX = 20;
@@ -132,6 +133,7 @@ export const P = {
    */
   SPARSEVIRT_VOL_CONTENT_DIGEST: proc(0x53560001, 'SPARSEVIRT_VOL_CONTENT_DIGEST',
     struct({ vol: volRef, offset: uhyper, length: uhyper, flags: uint }), struct({ algorithm: str, digest: str })),
+  ...SECRET_PROCEDURES,
 } as const;
 
 export type ProcedureName = keyof typeof P;

@@ -3,5 +3,7 @@
  */
 import { registerBackend } from '../backend.js';
 import { dirBackend } from './dir.js';
+import { rbdBackend } from './rbd.js';
 
 registerBackend(dirBackend);
+registerBackend(rbdBackend);

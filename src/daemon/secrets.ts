@@ -1,0 +1,443 @@
+/**
+ * The secret driver: libvirt's secrets (`virsh secret-*`), kept in `<stateDir>/secrets/` as
+ * libvirt keeps them in /etc/libvirt/secrets: `<uuid>.xml` for the definition and `<uuid>.base64`
+ * for the value, each written atomically (temp file + fsync + rename), mode 0600. Ephemeral
+ * secrets live in memory only.
+ *
+ * Rules as libvirt 9.0's secret driver has them: the value of a private secret is never returned
+ * to a client (only the daemon's own users, such as the RBD backend, read it); a read-only
+ * connection may list and look up but not define, set, read a value, or undefine; errors carry
+ * domain SECRET with libvirt's codes and messages.
+ */
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { RemoteError } from '../errors.js';
+import { ListSecretsFlags, SECRET_LIST_MAX, SecretUsage, type SecretRef } from '../protocol/secret.js';
+import { CODE, rpcError, virError } from './errors.js';
+import { writeFileAtomic } from './state.js';
+import { child, escapeXml, parseXml, type XmlElement } from './xml.js';
+
+/** VIR_FROM_SECRET */
+export const DOMAIN_SECRET = 30;
+const INVALID_SECRET = 65;
+const NO_SECRET = 66;
+
+const USAGE_NAMES = ['none', 'volume', 'ceph', 'iscsi', 'tls', 'vtpm'] as const;
+/** The element under `<usage>` that names what the secret is for, by usage type. */
+const USAGE_ELEMENT: Record<number, string> = {
+  [SecretUsage.VOLUME]: 'volume', [SecretUsage.CEPH]: 'name', [SecretUsage.ISCSI]: 'target',
+  [SecretUsage.TLS]: 'name', [SecretUsage.VTPM]: 'name',
+};
+/** libvirt's complaint when that element is missing. */
+const USAGE_MISSING: Record<number, string> = {
+  [SecretUsage.VOLUME]: 'volume usage specified, but volume path is missing',
+  [SecretUsage.CEPH]: 'Ceph usage specified, but name is missing',
+  [SecretUsage.ISCSI]: 'iSCSI usage specified, but target is missing',
+  [SecretUsage.TLS]: 'TLS usage specified, but name is missing',
+  [SecretUsage.VTPM]: 'vTPM usage specified, but name is missing',
+};
+
+const MESSAGES: Record<number, string> = {
+  [INVALID_SECRET]: 'Invalid secret: %s',
+  [NO_SECRET]: 'Secret not found: %s',
+};
+
+/** An error of the secret driver (domain SECRET). */
+export function secretError(code: number, detail: string): RemoteError {
+  const fmt = MESSAGES[code];
+  if (fmt === undefined) return virError(code, DOMAIN_SECRET, detail);
+  return new RemoteError({
+    code, domain: DOMAIN_SECRET, message: fmt.replace('%s', detail), level: 2,
+    str1: fmt, str2: detail, str3: null, int1: -1, int2: -1,
+  });
+}
+
+function unsupportedFlags(flags: number, fn: string): RemoteError {
+  return new RemoteError({
+    code: CODE.INVALID_ARG, domain: DOMAIN_SECRET,
+    message: `unsupported flags (0x${(flags >>> 0).toString(16)}) in function ${fn}`, level: 2,
+    str1: fn, str2: 'flags', str3: null, int1: 0, int2: 0,
+  });
+}
+
+function checkFlags(flags: number, allowed: number, fn: string): void {
+  const extra = (flags & ~allowed) >>> 0;
+  if (extra !== 0) throw unsupportedFlags(extra, fn);
+}
+
+function readOnly(api: string): RemoteError {
+  return virError(CODE.OPERATION_DENIED, DOMAIN_SECRET, `read only access prevents ${api}`);
+}
+
+export interface SecretDef {
+  uuid: string;
+  ephemeral: boolean;
+  isPrivate: boolean;
+  description: string | null;
+  usageType: number;
+  /** What the usage names ('' for none). */
+  usageID: string;
+}
+
+export interface Secret {
+  def: SecretDef;
+  value: Buffer | null;
+}
+
+const UUID_RE = /^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$/i;
+
+function normUuid(s: string): string | null {
+  const t = s.trim();
+  if (!UUID_RE.test(t)) return null;
+  const h = t.replace(/-/g, '').toLowerCase();
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+export function uuidFromBytes(b: Buffer): string {
+  const h = b.toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+function uuidBytes(u: string): Buffer {
+  return Buffer.from(u.replace(/-/g, ''), 'hex');
+}
+
+function yesNo(el: XmlElement, attr: string): boolean {
+  const v = el.attrs[attr];
+  if (v === undefined || v === 'no') return false;
+  if (v === 'yes') return true;
+  throw virError(CODE.XML_ERROR, DOMAIN_SECRET, `invalid value of '${attr}'`);
+}
+
+/** Parse a `<secret>` definition with libvirt's refusals (virSecretDefParse). */
+export function parseSecretXml(xml: string): SecretDef {
+  let root: XmlElement;
+  try {
+    root = parseXml(xml, 'definition_of_secret');
+  } catch (err) {
+    if (err instanceof RemoteError) {
+      const f = err.toFields();
+      throw new RemoteError({ ...f, domain: DOMAIN_SECRET });
+    }
+    throw err;
+  }
+  if (root.name !== 'secret') throw virError(CODE.XML_ERROR, 5, `expecting root element of 'secret', not '${root.name}'`);
+  const ephemeral = yesNo(root, 'ephemeral');
+  const isPrivate = yesNo(root, 'private');
+  let uuid: string;
+  const u = child(root, 'uuid');
+  if (u) {
+    const n = normUuid(u.text);
+    if (n === null) throw virError(CODE.INTERNAL_ERROR, DOMAIN_SECRET, 'malformed uuid element');
+    uuid = n;
+  } else {
+    uuid = randomUUID();
+  }
+  const d = child(root, 'description');
+  let usageType: number = SecretUsage.NONE;
+  let usageID = '';
+  const usage = child(root, 'usage');
+  if (usage) {
+    const type = usage.attrs.type;
+    if (type === undefined) throw virError(CODE.XML_ERROR, DOMAIN_SECRET, 'unknown secret usage type');
+    const idx = (USAGE_NAMES as readonly string[]).indexOf(type);
+    if (idx <= 0) throw virError(CODE.CONFIG_UNSUPPORTED, DOMAIN_SECRET, `unknown secret usage type ${type}`);
+    usageType = idx;
+    const id = child(usage, USAGE_ELEMENT[idx]!)?.text.trim();
+    if (!id) throw virError(CODE.INTERNAL_ERROR, DOMAIN_SECRET, USAGE_MISSING[idx]!);
+    usageID = id;
+  }
+  return { uuid, ephemeral, isPrivate, description: d ? d.text : null, usageType, usageID };
+}
+
+/** The secret's XML as libvirt prints it (virSecretDefFormat). */
+export function formatSecretXml(def: SecretDef): string {
+  let s = `<secret ephemeral='${def.ephemeral ? 'yes' : 'no'}' private='${def.isPrivate ? 'yes' : 'no'}'>\n`;
+  s += `  <uuid>${def.uuid}</uuid>\n`;
+  if (def.description !== null) s += `  <description>${escapeXml(def.description)}</description>\n`;
+  if (def.usageType !== SecretUsage.NONE) {
+    const el = USAGE_ELEMENT[def.usageType]!;
+    s += `  <usage type='${USAGE_NAMES[def.usageType]}'>\n    <${el}>${escapeXml(def.usageID)}</${el}>\n  </usage>\n`;
+  }
+  return `${s}</secret>\n`;
+}
+
+const TMP_MARK = '.tmp-';
+
+/** The secrets of one state directory. */
+export class SecretStore {
+  readonly dir: string;
+  private readonly secrets = new Map<string, Secret>();
+
+  private loaded = false;
+
+  /** `<stateDir>/secrets/` is read at the first use (after the daemon holds its state directory). */
+  constructor(stateDir: string, private readonly onBad: (file: string, err: unknown) => void = () => undefined) {
+    this.dir = path.join(stateDir, 'secrets');
+  }
+
+  /** Loads the directory synchronously (it is small); unreadable entries go to `onBad`. */
+  private load(): void {
+    if (this.loaded) return;
+    this.loaded = true;
+    let entries: string[];
+    try {
+      entries = fs.readdirSync(this.dir);
+    } catch {
+      return;
+    }
+    for (const e of entries) {
+      const full = path.join(this.dir, e);
+      if (e.includes(TMP_MARK)) {
+        fs.rmSync(full, { force: true });
+        continue;
+      }
+      if (!e.endsWith('.xml')) continue;
+      try {
+        const def = parseSecretXml(fs.readFileSync(full, 'utf8'));
+        if (`${def.uuid}.xml` !== e) throw new Error(`the file's name is not its secret's uuid ${def.uuid}`);
+        let value: Buffer | null = null;
+        try {
+          value = Buffer.from(fs.readFileSync(path.join(this.dir, `${def.uuid}.base64`), 'latin1').trim(), 'base64');
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+        }
+        this.secrets.set(def.uuid, { def, value });
+      } catch (err) {
+        this.onBad(full, err);
+      }
+    }
+  }
+
+  private async ensureDir(): Promise<void> {
+    await fsp.mkdir(this.dir, { recursive: true, mode: 0o700 });
+  }
+
+  list(flags = 0): Secret[] {
+    this.load();
+    const F = ListSecretsFlags;
+    return [...this.secrets.values()]
+      .filter(({ def }) => {
+        if (flags & (F.EPHEMERAL | F.NO_EPHEMERAL)) {
+          if (!((flags & F.EPHEMERAL && def.ephemeral) || (flags & F.NO_EPHEMERAL && !def.ephemeral))) return false;
+        }
+        if (flags & (F.PRIVATE | F.NO_PRIVATE)) {
+          if (!((flags & F.PRIVATE && def.isPrivate) || (flags & F.NO_PRIVATE && !def.isPrivate))) return false;
+        }
+        return true;
+      })
+      .sort((a, b) => (a.def.uuid < b.def.uuid ? -1 : a.def.uuid > b.def.uuid ? 1 : 0));
+  }
+
+  byUuid(uuid: string): Secret {
+    this.load();
+    const s = this.secrets.get(uuid);
+    if (!s) throw secretError(NO_SECRET, `no secret with matching uuid '${uuid}'`);
+    return s;
+  }
+
+  byUsage(usageType: number, usageID: string): Secret {
+    this.load();
+    for (const s of this.secrets.values()) if (s.def.usageType === usageType && s.def.usageID === usageID) return s;
+    throw secretError(NO_SECRET, `no secret with matching usage '${usageID}'`);
+  }
+
+  /** A secret named by the wire: libvirt looks it up by uuid. */
+  byRef(ref: SecretRef): Secret {
+    return this.byUuid(uuidFromBytes(ref.uuid));
+  }
+
+  /** virSecretDefineXML: a new secret, or a new definition of an existing one (its value kept). */
+  async define(xml: string): Promise<Secret> {
+    const def = parseSecretXml(xml);
+    this.load();
+    const existing = this.secrets.get(def.uuid);
+    if (existing) {
+      const old = existing.def;
+      if (old.usageType !== def.usageType || old.usageID !== def.usageID) {
+        throw virError(CODE.INTERNAL_ERROR, DOMAIN_SECRET, `a secret with UUID ${def.uuid} is already defined for use with ${old.usageID}`);
+      }
+      if (old.isPrivate && !def.isPrivate) throw virError(CODE.INTERNAL_ERROR, DOMAIN_SECRET, 'cannot change private flag on existing secret');
+    } else if (def.usageType !== SecretUsage.NONE) {
+      for (const s of this.secrets.values()) {
+        if (s.def.usageType === def.usageType && s.def.usageID === def.usageID) {
+          throw virError(CODE.INTERNAL_ERROR, DOMAIN_SECRET, `a secret with UUID ${s.def.uuid} already defined for use with ${def.usageID}`);
+        }
+      }
+    }
+    const secret: Secret = { def, value: existing?.value ?? null };
+    if (!def.ephemeral) {
+      await this.ensureDir();
+      await writeFileAtomic(this.file(def.uuid, 'xml'), formatSecretXml(def));
+      if (secret.value && (!existing || existing.def.ephemeral)) await this.saveValue(def.uuid, secret.value);
+    } else if (existing && !existing.def.ephemeral) {
+      await this.removeFiles(def.uuid);
+    }
+    this.secrets.set(def.uuid, secret);
+    return secret;
+  }
+
+  async setValue(secret: Secret, value: Buffer): Promise<void> {
+    this.current(secret);
+    if (!secret.def.ephemeral) await this.saveValue(secret.def.uuid, value);
+    secret.value = Buffer.from(value);
+  }
+
+  /** The value as a client may read it: never a private secret's. */
+  clientValue(secret: Secret): Buffer {
+    this.current(secret);
+    if (secret.def.isPrivate) throw secretError(INVALID_SECRET, 'secret is private');
+    return this.value(secret);
+  }
+
+  /** The value for the daemon's own use (a pool's cephx key). */
+  value(secret: Secret): Buffer {
+    if (secret.value === null) throw secretError(NO_SECRET, `secret '${secret.def.uuid}' does not have a value`);
+    return secret.value;
+  }
+
+  async undefine(secret: Secret): Promise<void> {
+    this.current(secret);
+    if (!secret.def.ephemeral) await this.removeFiles(secret.def.uuid);
+    this.secrets.delete(secret.def.uuid);
+  }
+
+  /** A secret still defined (not replaced or undefined meanwhile). */
+  private current(secret: Secret): void {
+    if (this.secrets.get(secret.def.uuid) !== secret) {
+      throw secretError(NO_SECRET, `no secret with matching uuid '${secret.def.uuid}'`);
+    }
+  }
+
+  private file(uuid: string, ext: 'xml' | 'base64'): string {
+    return path.join(this.dir, `${uuid}.${ext}`);
+  }
+
+  private async saveValue(uuid: string, value: Buffer): Promise<void> {
+    await this.ensureDir();
+    await writeFileAtomic(this.file(uuid, 'base64'), value.toString('base64'));
+  }
+
+  private async removeFiles(uuid: string): Promise<void> {
+    await fsp.rm(this.file(uuid, 'base64'), { force: true });
+    await fsp.rm(this.file(uuid, 'xml'), { force: true });
+  }
+}
+
+// ------------------------------------------------------------------ the daemon's stores
+
+/**
+ * The secret stores open in this process, newest first: the storage backends find a pool's
+ * secret here (a daemon has one store; tests may run several daemons in one process).
+ */
+const openStores: SecretStore[] = [];
+
+/** The store of `stateDir`, loaded now and known to the backends from now on. */
+export function openSecretStore(stateDir: string, onBad?: (file: string, err: unknown) => void): SecretStore {
+  const store = new SecretStore(stateDir, onBad);
+  openStores.unshift(store);
+  return store;
+}
+
+/** The store stops being searched by the backends. */
+export function closeSecretStore(store: SecretStore): void {
+  const i = openStores.indexOf(store);
+  if (i >= 0) openStores.splice(i, 1);
+}
+
+/**
+ * The value of the secret a pool's `<auth><secret uuid=…|usage=…/>` names, for the daemon's
+ * own use (private or not). Throws NO_SECRET as libvirt does for a missing secret or value.
+ */
+export function lookupSecretValue(ref: { uuid: string } | { usage: string }, usageType: number = SecretUsage.CEPH): Buffer {
+  const find = (store: SecretStore): Secret | null => {
+    try {
+      return 'uuid' in ref ? store.byUuid(normUuid(ref.uuid) ?? ref.uuid) : store.byUsage(usageType, ref.usage);
+    } catch {
+      return null;
+    }
+  };
+  for (const store of openStores) {
+    const s = find(store);
+    if (s) return store.value(s);
+  }
+  throw 'uuid' in ref
+    ? secretError(NO_SECRET, `no secret with matching uuid '${normUuid(ref.uuid) ?? ref.uuid}'`)
+    : secretError(NO_SECRET, `no secret with matching usage '${ref.usage}'`);
+}
+
+// ------------------------------------------------------------------ the procedures
+
+/** What a secret handler needs of its session. */
+interface SecretCall {
+  session: { readonly readonly: boolean; readonly driver: { readonly secrets: SecretStore } };
+}
+
+interface SecretHandler {
+  run(call: SecretCall, args: any): unknown;
+}
+
+function ref(s: Secret): SecretRef {
+  return { uuid: uuidBytes(s.def.uuid), usageType: s.def.usageType, usageID: s.def.usageID };
+}
+
+function writable(call: SecretCall, api: string): SecretStore {
+  if (call.session.readonly) throw readOnly(api);
+  return call.session.driver.secrets;
+}
+
+/** The REMOTE secret procedures, by number, for the session's dispatch table. */
+export const SECRET_HANDLERS = new Map<number, SecretHandler>([
+  [139, { run: ({ session }) => ({ num: session.driver.secrets.list().length }) }],
+  [140, {
+    run: ({ session }, a: { maxuuids: number }) => {
+      if (a.maxuuids > SECRET_LIST_MAX) throw rpcError(CODE.RPC, 'maxuuids > REMOTE_SECRET_LIST_MAX');
+      if (a.maxuuids < 0) throw rpcError(CODE.RPC, 'maxuuids must be non-negative');
+      return { uuids: session.driver.secrets.list().slice(0, a.maxuuids).map((s) => s.def.uuid) };
+    },
+  }],
+  [141, { run: ({ session }, a: { uuid: Buffer }) => ({ secret: ref(session.driver.secrets.byUuid(uuidFromBytes(a.uuid))) }) }],
+  [142, {
+    run: async (call, a: { xml: string; flags: number }) => {
+      const store = writable(call, 'virSecretDefineXML');
+      checkFlags(a.flags, 1 /* VALIDATE */, 'secretDefineXML');
+      return { secret: ref(await store.define(a.xml)) };
+    },
+  }],
+  [143, {
+    run: ({ session }, a: { secret: SecretRef; flags: number }) => {
+      checkFlags(a.flags, 0, 'secretGetXMLDesc');
+      return { xml: formatSecretXml(session.driver.secrets.byRef(a.secret).def) };
+    },
+  }],
+  [144, {
+    run: async (call, a: { secret: SecretRef; value: Buffer; flags: number }) => {
+      const store = writable(call, 'virSecretSetValue');
+      checkFlags(a.flags, 0, 'secretSetValue');
+      await store.setValue(store.byRef(a.secret), a.value);
+    },
+  }],
+  [145, {
+    run: (call, a: { secret: SecretRef; flags: number }) => {
+      const store = writable(call, 'virSecretGetValue');
+      checkFlags(a.flags, 0, 'secretGetValue');
+      return { value: store.clientValue(store.byRef(a.secret)) };
+    },
+  }],
+  [146, {
+    run: async (call, a: { secret: SecretRef }) => {
+      const store = writable(call, 'virSecretUndefine');
+      await store.undefine(store.byRef(a.secret));
+    },
+  }],
+  [147, { run: ({ session }, a: { usageType: number; usageID: string }) => ({ secret: ref(session.driver.secrets.byUsage(a.usageType, a.usageID)) }) }],
+  [287, {
+    run: ({ session }, a: { needResults: number; flags: number }) => {
+      checkFlags(a.flags, 15, 'secretConnectListAllSecrets');
+      const all = session.driver.secrets.list(a.flags);
+      return { secrets: a.needResults ? all.map(ref) : [], ret: all.length };
+    },
+  }],
+]);
