@@ -18,6 +18,7 @@ type Handler = (ctl: Ctl, cmd: ParsedCmd) => Promise<void>;
 async function handlerFor(name: string): Promise<Handler> {
   if (name === 'help' || name === 'quit' || name === 'exit') return (await import('./cmd-help.js')).handlers[name]!;
   if (name === 'vol-upload' || name === 'vol-download') return (await import('./cmd-transfer.js')).handlers[name]!;
+  if (name === 'vol-copy') return (await import('./cmd-copy.js')).handlers[name]!;
   if (name.startsWith('vol-')) return (await import('./cmd-vol.js')).handlers[name]!;
   if (name.startsWith('pool-')) return (await import('./cmd-pool.js')).handlers[name]!;
   return (await import('./cmd-host.js')).handlers[name]!;

@@ -96,7 +96,10 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
   }
   opts.signal?.throwIfAborted();
   const srcInfo = await onSide('source', src.info());
-  const available = Math.max(0, srcInfo.capacity - offset);
+  if (offset > srcInfo.capacity) {
+    throw sideError('source', new SparsevirtError('ERR_INVALID_ARG', `offset ${offset} is past the end of the volume (${srcInfo.capacity} bytes)`));
+  }
+  const available = srcInfo.capacity - offset;
   const length = opts.length ? Math.min(opts.length, available) : available;
   const sparse = opts.sparse ?? false;
   const progress: CopyProgress = { dataBytes: 0, holeBytes: 0, totalBytes: length };
