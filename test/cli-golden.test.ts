@@ -5,7 +5,7 @@
  * in between, so both see the same world.
  */
 import assert from 'node:assert/strict';
-import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import {
@@ -21,7 +21,8 @@ const C = ['-c', CLI_URI];
 function withoutExtensions(help: string): string {
   return help
     .replace(/ \[--(json|sparse-fallback|verbose)\]/g, '')
-    .split('\n').filter((l) => !l.includes('(sparsevirt extension)')).join('\n');
+    .split('\n').filter((l) => !l.includes('(sparsevirt extension)')).join('\n')
+    .replace(/\n  OPTIONS\n\n/, '\n'); // an OPTIONS section that had only extensions
 }
 
 /** virsh as the helpers run it (with -q), on the server under test. */
@@ -38,19 +39,13 @@ test('golden: parse errors, help, host commands, global options', async (t) => {
     ['--connect', CLI_URI, 'uri'],
     ['help', 'vol-resize'],
     ['help', 'pool-define-as'],
-    ['help', 'vol-create-as'],
     ['help', 'pool-build'],
     ['help', 'pool-start'],
     ['help', 'pool-autostart'],
-    ['help', 'vol-key'],
-    ['help', 'vol-path'],
     ['help', 'vol-wipe'],
     ['help', 'vol-delete'],
     ['help', 'vol-dumpxml'],
     ['help', 'pool-dumpxml'],
-    ['help', 'uri'],
-    ['help', 'hostname'],
-    ['help', 'version'],
     ['help', 'help'],
     ['help', 'quit'],
     ['-q', 'help', 'pool-refresh'],
@@ -89,7 +84,7 @@ test('golden: parse errors, help, host commands, global options', async (t) => {
   ];
   await sameAll(cases.map((args) => [...C, ...args]));
   // Commands with sparsevirt extensions document them: the rest of the help is virsh's.
-  for (const cmd of ['pool-info', 'pool-list', 'vol-list', 'vol-info', 'vol-upload', 'vol-download']) {
+  for (const cmd of ['pool-info', 'pool-list', 'vol-list', 'vol-info', 'vol-upload', 'vol-download', 'vol-create-as', 'vol-key', 'vol-path', 'uri', 'hostname', 'version']) {
     const theirs = await virshRaw([...C, 'help', cmd]);
     const ours = await cliRaw([...C, 'help', cmd]);
     assert.equal(ours.code, 0);
@@ -134,7 +129,7 @@ test('golden: connection failures', async (t) => {
   const env = { ...process.env, LIBVIRT_DEFAULT_URI: bad };
   await same(['pool-list'], { env });
   await same(['help pool-build; uri; hostname'], { env });
-  await same(['help', 'vol-key'], { env });
+  await same(['help', 'vol-wipe'], { env });
   // and the URI printed by `uri` is the one given
   await same(['uri'], { env: { ...process.env, LIBVIRT_DEFAULT_URI: CLI_URI } });
   // virsh's own VIRSH_DEFAULT_CONNECT_URI wins over LIBVIRT_DEFAULT_URI, and -c over both
@@ -290,8 +285,6 @@ async function volumeCases(pool: ScratchPool): Promise<void> {
     ['vol-resize', '--pool', P, 'a.img', 'x'], ['vol-resize', '--pool', P, 'a.img', '1Q'],
     ['vol-wipe', '--pool', P, 'a.img', '--algorithm', 'foo'], ['vol-wipe', '--pool', P, 'a.img', '--algorithm', ''],
     ['vol-delete', '--pool', P, 'nosuch.img'], ['vol-delete', 'nosuch.img'],
-    ['vol-upload', '--pool', P, 'a.img', '/nonexistent/file'],
-    ['vol-download', '--pool', P, 'a.img', '/nonexistent/dir/file'],
     ['vol-download', '--pool', P, 'a.img', '/tmp/x', '--offset', '-5'],
     ['vol-download', '--pool', P, 'a.img', '/tmp/x', '--offset', 'abc'],
     ['vol-download', '--pool', P, 'a.img', '/tmp/x', '--length', '1.5'],
@@ -299,6 +292,16 @@ async function volumeCases(pool: ScratchPool): Promise<void> {
     ['vol-upload', 'nosuch.img', '/etc/hostname'],
     ['vol-download', 'nosuch.img', '/tmp/x'],
   ].map((args) => [...C, ...args]));
+  // local files: virsh's words, then the system's reason
+  for (const [args, words, reason] of [
+    [['vol-upload', '--pool', P, 'a.img', '/nonexistent/file'], 'cannot read /nonexistent/file', 'No such file or directory'],
+    [['vol-upload', '--pool', P, 'a.img', '/etc/hostname/x'], 'cannot read /etc/hostname/x', 'Not a directory'],
+    [['vol-download', '--pool', P, 'a.img', '/nonexistent/dir/file'], 'cannot create /nonexistent/dir/file', 'No such file or directory'],
+  ] as const) {
+    const theirs = await virshRaw([...C, ...args]);
+    assert.equal(text(theirs.stderr), `error: ${words}\n`, `virsh: ${args.join(' ')}`);
+    assertSame(await cliRaw([...C, ...args]), { ...theirs, stderr: Buffer.from(`error: ${words}: ${reason}\n`) }, args.join(' '));
+  }
   await same([...C, 'vol-dumpxml', '--pool', P, 'a.img']);
   // --xpath / --wrap: libxml2's node dumps, errors and odd cases
   const xpaths = ['/volume/target', '//capacity', '//capacity/@unit', '/volume/name/text()', '/volume/target/*', '//path[1]',
@@ -344,6 +347,60 @@ test('golden: volumes', async (t) => {
   await withScratchPool('cligoldvol', volumeCases, { uri: CLI_URI });
 });
 
+test('golden: -d debug lines and -l log files, as virsh\'s; socket= with no path', async (t) => {
+  if (!(await requireServer(t))) return;
+  await same(['-c', 'qemu+unix:///system?socket=', 'pool-list']);
+  await same(['-c', 'qemu:///system?socket=', 'pool-list', '--all']);
+  await withScratchPool('cligolddebug', async (pool) => {
+    const P = pool.name;
+    await createVol(pool, 'd.img', '1M');
+    const uuid = (await v(['pool-uuid', P])).trim();
+    await sameAll([
+      ['-d', '0', 'pool-info', P],
+      ['-d', '0', 'pool-info', uuid],
+      ['-d', '1', 'pool-info', P, '--bytes'],
+      ['-d', '0', 'vol-info', '--pool', P, 'd.img'],
+      ['-d', '0', 'vol-info', 'd.img', '--pool', P],
+      ['-d', '1', 'vol-info', 'nosuch', '--pool', P],
+      ['-d', '0', 'vol-info', path.join(pool.path, 'nosuch')],
+      ['-d', '0', 'vol-info', path.join(pool.path, 'd.img')],
+      ['-d', '2', 'vol-info', '--pool', P, 'd.img'],
+      ['-d', '0', `vol-list ${P} --details; pool-list --name --all`],
+      ['-d', '1', 'vol-create-as', P, 'x.img', '1M', '--print-xml'],
+      ['-q', '-d', '0', 'vol-path', '--pool', P, 'd.img'],
+    ].map((a) => [...C, ...a]), { retries: 2 });
+    const dir = path.join(pool.path, '..', `sparsevirt-test-clidebug-${process.pid}`);
+    await mkdir(dir, { recursive: true });
+    try {
+      // transfers, each to its own file
+      for (const extra of [[], ['--sparse', '--offset', '0']]) {
+        const a = await virshRaw([...C, '-d', '0', 'vol-download', '--pool', P, 'd.img', path.join(dir, 'a'), ...extra]);
+        const b = await cliRaw([...C, '-d', '0', 'vol-download', '--pool', P, 'd.img', path.join(dir, 'a'), ...extra]);
+        assertSame(b, a, `-d 0 vol-download ${extra.join(' ')}`);
+        await same([...C, '-d', '0', 'vol-upload', '--pool', P, 'd.img', path.join(dir, 'a'), ...extra]);
+      }
+      // -l: the same lines, each as `[date time program pid] LEVEL message`
+      const logs = async (prog: 'virsh' | 'sparsevirt', args: string[]) => {
+        const file = path.join(dir, `${prog}.log`);
+        await rm(file, { force: true });
+        const r = prog === 'virsh' ? await virshRaw([...C, '-l', file, ...args]) : await cliRaw([...C, '-l', file, ...args]);
+        const textOf = (await readFile(file, 'utf8')).replace(/^\[\d{4}\.\d\d\.\d\d \d\d:\d\d:\d\d (virsh|sparsevirt) \d+\] /gm, '[T P N] ');
+        return { r, log: textOf };
+      };
+      for (const args of [['vol-info', 'nosuch', '--pool', P], ['-d', '0', 'vol-info', '--pool', P, 'd.img'], ['-d', '1', `pool-info ${P}; vol-info nosuch`], ['-q', 'pool-info', 'nosuch']]) {
+        const a = await logs('virsh', args);
+        const b = await logs('sparsevirt', args);
+        assertSame(b.r, a.r, args.join(' '));
+        assert.equal(b.log, a.log, `-l ${args.join(' ')}`);
+        assert.match(b.log, /^\[T P N\] (DEBUG|INFO|ERROR) /);
+      }
+      await same([...C, '-l', path.join(dir, 'no', 'such', 'dir.log'), 'uri']);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }, { uri: CLI_URI });
+});
+
 test('golden: vol-upload and vol-download (output and errors)', async (t) => {
   if (!(await requireServer(t))) return;
   await withScratchPool('cligoldxfer', async (pool) => {
@@ -375,7 +432,11 @@ test('golden: vol-upload and vol-download (output and errors)', async (t) => {
       await same([...C, 'vol-download', '--pool', P, 'x.img', '/dev/full']);
       await same([...C, 'vol-download', '--pool', P, 'x.img', '/dev/full', '--sparse']);
       await same([...C, 'vol-download', '--pool', P, 'x.img', '/dev/null', '--sparse']);
-      await same([...C, 'vol-download', '--pool', P, 'x.img', dir]);
+      // virsh's words, then the system's reason
+      const theirs = await virshRaw([...C, 'vol-download', '--pool', P, 'x.img', dir]);
+      const ours = await cliRaw([...C, 'vol-download', '--pool', P, 'x.img', dir]);
+      assert.equal(text(theirs.stderr), `error: cannot create ${dir}\n`);
+      assertSame(ours, { ...theirs, stderr: Buffer.from(`error: cannot create ${dir}: Is a directory\n`) }, 'download to a directory');
       await same([...C, '-r', 'vol-upload', '--pool', P, 'x.img', src]);
     } finally {
       await rm(dir, { recursive: true, force: true });
@@ -388,13 +449,50 @@ test('sparsevirt --json output parses and carries the same numbers', async (t) =
   await withScratchPool('clijson', async (pool) => {
     const P = pool.name;
     await createVol(pool, 'j.img', '5M');
+    const file = path.join(pool.path, 'j.img');
+    const vol = { name: 'j.img', pool: P, key: file, path: file, type: 'file', capacity: 5 * 1048576, allocation: 0 };
     const info = JSON.parse(text((await cli(['vol-info', '--pool', P, 'j.img', '--json'])).stdout));
-    assert.deepEqual(info, { name: 'j.img', key: path.join(pool.path, 'j.img'), pool: P, type: 'file', capacity: 5 * 1048576, allocation: 0 });
+    assert.deepEqual(info, vol);
     const phys = JSON.parse(text((await cli(['vol-info', '--pool', P, 'j.img', '--json', '--physical'])).stdout));
     assert.equal(phys.physical, 5 * 1048576);
     assert.equal('allocation' in phys, false);
     const vols = JSON.parse(text((await cli(['vol-list', P, '--json'])).stdout));
-    assert.deepEqual(vols, [{ name: 'j.img', key: path.join(pool.path, 'j.img'), path: path.join(pool.path, 'j.img'), type: 'file', capacity: 5 * 1048576, allocation: 0 }]);
+    assert.deepEqual(vols, [vol], 'a volume has the same keys in vol-list, vol-info and vol-create-as');
+    const created = JSON.parse(text((await cli(['vol-create-as', P, 'k.img', '1M', '--allocation', '0', '--format', 'raw', '--json'])).stdout));
+    assert.deepEqual(created, { ...vol, name: 'k.img', key: path.join(pool.path, 'k.img'), path: path.join(pool.path, 'k.img'), capacity: 1048576 });
+    assert.deepEqual(JSON.parse(text((await cli(['vol-key', '--pool', P, 'k.img', '--json'])).stdout)), { name: 'k.img', pool: P, key: created.key });
+    assert.deepEqual(JSON.parse(text((await cli(['vol-path', '--pool', P, 'k.img', '--json'])).stdout)), { name: 'k.img', pool: P, path: created.path });
+    // transfers: what went as data and as holes, in how long
+    const src = path.join(pool.path, '..', `sv-json-src-${process.pid}.img`);
+    await writeFile(src, Buffer.alloc(8192, 7));
+    await truncate(src, 1048576);
+    try {
+      const up = await cli(['vol-upload', '--pool', P, 'k.img', src, '--sparse', '--json']);
+      assert.equal(up.code, 0, text(up.stderr));
+      const u = JSON.parse(text(up.stdout));
+      assert.deepEqual(Object.keys(u), ['name', 'pool', 'file', 'sparse', 'offset', 'bytes', 'data', 'holes', 'seconds', 'rate']);
+      assert.deepEqual({ ...u, seconds: 0, rate: 0 }, { name: 'k.img', pool: P, file: src, sparse: true, offset: 0, bytes: 1048576, data: 8192, holes: 1048576 - 8192, seconds: 0, rate: 0 });
+      assert.ok(u.seconds > 0 && Math.abs(u.rate - 8192 / u.seconds) <= 8192 / u.seconds / 1000 + 1, JSON.stringify(u));
+      const dl = await cli(['-q', 'vol-download', '--pool', P, 'k.img', `${src}.down`, '--sparse', '--json', '--offset', '4096']);
+      assert.equal(dl.code, 0, text(dl.stderr));
+      const d = JSON.parse(text(dl.stdout));
+      assert.deepEqual({ ...d, seconds: 0, rate: 0 }, { name: 'k.img', pool: P, file: `${src}.down`, sparse: true, offset: 4096, bytes: 1048576 - 4096, data: 4096, holes: 1048576 - 8192, seconds: 0, rate: 0 });
+    } finally {
+      await rm(src, { force: true });
+      await rm(`${src}.down`, { force: true });
+    }
+    await v(['vol-delete', '--pool', P, 'k.img']);
+    assert.deepEqual(JSON.parse(text((await cli(['uri', '--json'])).stdout)), { uri: CLI_URI });
+    assert.deepEqual(Object.keys(JSON.parse(text((await cli(['hostname', '--json'])).stdout))), ['hostname']);
+    const vj = await cli(['version', '--daemon', '--json']);
+    if (vj.code === 0) {
+      const ver = JSON.parse(text(vj.stdout));
+      assert.deepEqual(Object.keys(ver), ['library', 'type', 'hypervisor', 'daemon']);
+      assert.equal(ver.library, '9.0.0');
+    } else {
+      // (a libvirtd without an emulator cannot say its version: the error is the same as without --json)
+      assert.equal(text(vj.stderr), text((await cli(['version', '--daemon'])).stderr));
+    }
     const pinfo = JSON.parse(text((await cli(['pool-info', P, '--json'])).stdout));
     assert.deepEqual(Object.keys(pinfo), ['name', 'uuid', 'state', 'persistent', 'autostart', 'capacity', 'allocation', 'available']);
     assert.equal(pinfo.name, P);

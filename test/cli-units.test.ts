@@ -1,10 +1,16 @@
 /**
  * Unit tests of the CLI's pieces, no server needed: number and size parsing, virsh's option
- * grammar and command strings, global options, help text, output formats, the progress bar.
+ * grammar and command strings, global options, help text, output formats, the progress bar,
+ * -d and -l, shell completion.
  */
 import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import { test } from 'node:test';
 import { findCommand } from '../src/cli/commands.js';
+import { complete } from '../src/cli/complete.js';
+import { INTERRUPTS, signalStatus, statusSignal } from '../src/cli/exit.js';
 import { clock, humanBytes, humanDuration, labelLine, prettyCapacity, renderTable, strerror, tableCell } from '../src/cli/format.js';
 import { parseGlobals } from '../src/cli/globals.js';
 import { parseSize, parseULongLong, parseUuid, scaleInteger, strtoull } from '../src/cli/numbers.js';
@@ -12,6 +18,7 @@ import { buildPoolXml, splitCommaList, asciiCaseCompare } from '../src/cli/cmd-p
 import { ProgressBar, renderProgress, summaryLine } from '../src/cli/progress.js';
 import { run } from '../src/cli/run.js';
 import { argvTokens, commandHelp, parseCommands, stringTokens, type ParsedCmd } from '../src/cli/vsh.js';
+import { parseUri } from '../src/transport/uri.js';
 
 const U64 = (1n << 64n) - 1n;
 
@@ -178,7 +185,7 @@ test('option grammar: virsh error messages', () => {
   assert.deepEqual(errs(['vol-create-as', 'p']), ["command 'vol-create-as' requires <name> option", "command 'vol-create-as' requires <capacity> option"]);
   assert.deepEqual(errs(['pool-info', 'a', 'b']), ["unexpected data 'b'"]);
   assert.deepEqual(errs(['pool-info', '--bogus', 'x']), ["command 'pool-info' doesn't support option --bogus"]);
-  assert.deepEqual(errs(['vol-path', 'v', '--json']), ["command 'vol-path' doesn't support option --json"]);
+  assert.deepEqual(errs(['vol-wipe', 'v', '--json']), ["command 'vol-wipe' doesn't support option --json"]);
   assert.deepEqual(errs(['pool-info', '--bytes=1', 'x']), ["invalid '=' after option --bytes"]);
   assert.deepEqual(errs(['vol-info', '--vol', 'a', '--vol', 'b']), ['option --vol already seen']);
   assert.deepEqual(errs(['vol-info', 'a', '--vol', 'b']), ['option --vol already seen']);
@@ -242,7 +249,11 @@ test('global options as getopt_long("+:c:d:e:hk:K:l:qrtvV")', () => {
   assert.deepEqual(run(['-K', '-2']), { kind: 'exit', code: 1, err: 'error: option -K requires a positive integer argument\n' });
   assert.deepEqual(run(['-d', 'x']), { kind: 'exit', code: 1, err: 'error: option -d takes a numeric argument\n' });
   const d = run(['-d', '9', 'uri']);
-  assert.ok(d.kind === 'run' && d.warnings === 'error: ignoring debug level 9 out of range [0-4]\n');
+  assert.ok(d.kind === 'run' && d.warnings === 'error: ignoring debug level 9 out of range [0-4]\n' && d.opts.debug === undefined);
+  const d2 = run(['-d2', '-l', '/tmp/x.log', '-e', '^', 'uri']);
+  assert.ok(d2.kind === 'run' && d2.opts.debug === 2 && d2.opts.logFile === '/tmp/x.log' && d2.warnings === '', '-d and -l are kept; -e is accepted');
+  const d3 = run(['--debug=0', '--log=/l']);
+  assert.ok(d3.kind === 'run' && d3.opts.debug === 0 && d3.opts.logFile === '/l');
   assert.deepEqual(run(['-v', '--bogus']), { kind: 'exit', code: 0, out: '9.0.0\n' }, 'acts at once, as getopt');
   assert.deepEqual(run(['--version']), { kind: 'exit', code: 0, out: '9.0.0\n' });
   assert.deepEqual(run(['--version=short']), { kind: 'exit', code: 0, out: '9.0.0\n' });
@@ -258,9 +269,11 @@ test('help text in virsh 9.0 format', () => {
     '  NAME\n    pool-build - build a pool\n\n  SYNOPSIS\n    pool-build <pool> [--no-overwrite] [--overwrite]\n\n' +
     '  DESCRIPTION\n    Build a given pool.\n\n  OPTIONS\n    [--pool] <string>  pool name or uuid\n' +
     '    --no-overwrite   do not overwrite any existing data\n    --overwrite      overwrite any existing data\n\n');
-  assert.equal(commandHelp(findCommand('uri')!), '  NAME\n    uri - print the hypervisor canonical URI\n\n  SYNOPSIS\n    uri\n\n');
+  assert.equal(commandHelp(findCommand('quit')!), '  NAME\n    quit - quit this interactive terminal\n\n  SYNOPSIS\n    quit\n\n');
+  assert.equal(commandHelp(findCommand('uri')!),
+    '  NAME\n    uri - print the hypervisor canonical URI\n\n  SYNOPSIS\n    uri [--json]\n\n  OPTIONS\n    --json           print JSON (sparsevirt extension)\n\n');
   const upload = commandHelp(findCommand('vol-upload')!);
-  assert.ok(upload.includes('    vol-upload <vol> <file> [--pool <string>] [--offset <number>] [--length <number>] [--sparse] [--sparse-fallback] [--verbose]\n'));
+  assert.ok(upload.includes('    vol-upload <vol> <file> [--pool <string>] [--offset <number>] [--length <number>] [--sparse] [--sparse-fallback] [--verbose] [--json]\n'));
   assert.ok(upload.includes('    --offset <number>  volume offset to upload to\n'));
   assert.ok(upload.includes('    [--file] <string>  file\n'));
   assert.ok(upload.includes('(sparsevirt extension)'));
@@ -279,10 +292,22 @@ test('pool XML as virsh builds it; comma lists; name order', () => {
 test('progress line: bytes of total, holes, rate, ETA; fits the terminal', () => {
   const c = { dataBytes: 512 * 1024 * 1024, holeBytes: 3 * 1024 ** 3 };
   assert.equal(renderProgress(c, 16 * 1024 ** 3, 2, 120, 'upload'),
-    'upload  21% [########################################] '.replace(/#+/, '#'.repeat(9) + '.'.repeat(31)) +
-    '3.50 GiB / 16.0 GiB  holes 3.00 GiB  256 MiB/s  ETA 0:07');
-  const narrow = renderProgress(c, 16 * 1024 ** 3, 2, 60, 'download');
-  assert.ok(narrow.length < 60, narrow);
+    'upload  21% [' + '#'.repeat(9) + '.'.repeat(31) + '] 3.50 GiB / 16.0 GiB  holes 3.00 GiB  256 MiB/s  ETA 0:07');
+  // narrower: the holes go first, then the bar, the byte counts, the verb; rate and ETA stay
+  assert.equal(renderProgress(c, 16 * 1024 ** 3, 2, 80, 'download'), 'download  21% [####.............] 3.50 GiB / 16.0 GiB  256 MiB/s  ETA 0:07');
+  assert.equal(renderProgress(c, 16 * 1024 ** 3, 2, 60, 'download'), 'download  21% [####..............] 256 MiB/s  ETA 0:07');
+  assert.equal(renderProgress(c, 16 * 1024 ** 3, 2, 40, 'download'), 'download  21%  256 MiB/s  ETA 0:07');
+  assert.equal(renderProgress(c, 16 * 1024 ** 3, 2, 30, 'download'), '256 MiB/s  ETA 0:07');
+  for (let cols = 1; cols <= 130; cols++) {
+    for (const [d, h, total, t] of [[0, 0, 1000, 0], [1023 * 2 ** 20, 1023 * 2 ** 30, 2 ** 41, 3725], [5, 0, 0, 1], [2 ** 40, 0, 2 ** 40, 40000]]) {
+      const line = renderProgress({ dataBytes: d!, holeBytes: h! }, total!, t!, cols, 'download');
+      assert.ok(line.length <= Math.max(1, cols - 1), `${cols} columns: ${JSON.stringify(line)}`);
+      if (cols >= 40 && total! > 0) assert.match(line, /\/s {2}ETA /, `${cols} columns: rate and ETA in ${JSON.stringify(line)}`);
+    }
+  }
+  // the layout and the bar's length hold while the numbers change
+  const at80 = [0, 1, 1000, 2 ** 30, 2 ** 34].map((n) => renderProgress({ dataBytes: n, holeBytes: 0 }, 2 ** 34, 3, 80, 'upload'));
+  assert.equal(new Set(at80.map((l) => /\[[#.]+\]/.exec(l)![0].length)).size, 1, at80.join('\n'));
   assert.match(renderProgress({ dataBytes: 0, holeBytes: 0 }, 1000, 0, 100, 'download'), /^download {3}0% \[\.{10,}\] 0 B \/ 1000 B {2}holes 0 B {2}0 B\/s {2}ETA --:--$/);
   assert.equal(renderProgress({ dataBytes: 10, holeBytes: 0 }, 0, 1, 100, 'upload'), 'upload 10 B  holes 0 B  10 B/s', 'unknown total: no bar');
   assert.match(renderProgress({ dataBytes: 1000, holeBytes: 0 }, 1000, 1, 100, 'upload'), /^upload 100% \[#+\] .* ETA 0:00$/);
@@ -315,6 +340,23 @@ test('progress bar: at most one redraw per interval, erased at the end, on a fak
   assert.equal(writes.at(-1), '\r\x1b[K');
   bar.clear();
   assert.equal(writes.length, 4, 'clearing twice writes once');
+});
+
+test('progress bar: an update that came too soon is drawn once the interval is over', async () => {
+  let now = 0;
+  const writes: string[] = [];
+  const bar = new ProgressBar({ columns: 80, write: (s) => void writes.push(s) }, { verb: 'download', total: 1000, now: () => now, interval: 30 });
+  bar.update({ dataBytes: 100, holeBytes: 0 });
+  now = 10;
+  bar.update({ dataBytes: 700, holeBytes: 0 });
+  assert.equal(writes.length, 1);
+  await new Promise((r) => setTimeout(r, 80));
+  assert.equal(writes.length, 2, 'the last counts are drawn although no update followed');
+  assert.match(writes[1]!, /^\rdownload  70% /);
+  bar.update({ dataBytes: 800, holeBytes: 0 });
+  bar.clear();
+  await new Promise((r) => setTimeout(r, 80));
+  assert.equal(writes.at(-1), '\r\x1b[K', 'nothing is drawn after the line was erased');
 });
 
 test('errno texts as glibc strerror', () => {
@@ -355,6 +397,72 @@ test('run(): exit status, stdout and stderr without a server', async () => {
   assert.ok(!q.out.includes('uri - '), 'quit ends the run');
   const none = await runLocal([]);
   assert.equal(none.code, 1);
+  // -l: a log file that cannot be opened ends the run, as virsh
+  assert.deepEqual(await runLocal(['-l', '/nonexistent-dir/x.log', 'help', 'uri']), { code: 1, out: '', err: 'error: failed to open the log file. check the log file path\n' });
+});
+
+test('-d and -l: the parse lines at INFO, errors logged; VIRSH_DEBUG and VIRSH_LOG_FILE', async () => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'sv-log-'));
+  try {
+    const log = path.join(dir, 'a.log');
+    const r = await runLocal(['-d', '1', '-l', log, 'help --command vol-wipe; help nosuch']);
+    assert.equal(r.code, 1);
+    assert.match(r.out, /^commands: "help --command vol-wipe; help nosuch"\nhelp: command\(optdata\): vol-wipe\nhelp: command\(optdata\): nosuch\n/, 'on stdout, as virsh');
+    assert.equal(r.err, "error: command or command group 'nosuch' doesn't exist\n");
+    const lines = (await fs.readFile(log, 'utf8')).split('\n');
+    const stamp = String.raw`^\[\d{4}\.\d\d\.\d\d \d\d:\d\d:\d\d sparsevirt ${process.pid}\] `;
+    assert.match(lines[0]!, new RegExp(`${stamp}INFO commands: "help --command vol-wipe; help nosuch"$`));
+    assert.match(lines[1]!, new RegExp(`${stamp}INFO help: command\\(optdata\\): vol-wipe$`));
+    assert.match(lines[3]!, new RegExp(`${stamp}ERROR command or command group 'nosuch' doesn't exist$`));
+    assert.equal(lines.length, 5);
+    // the default level (errors): nothing on stderr but the error; the log gets it appended
+    const quiet = await runLocal(['-l', log, 'help', 'nosuch']);
+    assert.equal(quiet.err, "error: command or command group 'nosuch' doesn't exist\n");
+    assert.equal((await fs.readFile(log, 'utf8')).split('\n').length, 6);
+    // the environment, when no option says otherwise
+    process.env.VIRSH_DEBUG = '0';
+    process.env.VIRSH_LOG_FILE = path.join(dir, 'env.log');
+    try {
+      const e = await runLocal(['help', 'uri']);
+      assert.match(e.out, /^help: command\(optdata\): uri\n  NAME\n/);
+      assert.match(await fs.readFile(path.join(dir, 'env.log'), 'utf8'), /\] INFO help: command\(optdata\): uri\n$/);
+      process.env.VIRSH_DEBUG = 'x';
+      assert.equal((await runLocal(['-l', log, 'help', 'uri'])).err, 'error: VIRSH_DEBUG not set with a valid numeric value\n'.repeat(2));
+      assert.equal((await runLocal(['-d', '4', 'help', 'uri'])).err, '', '-d wins');
+    } finally {
+      delete process.env.VIRSH_DEBUG;
+      delete process.env.VIRSH_LOG_FILE;
+    }
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('exit statuses of signals; the URI socket= with no path', () => {
+  assert.deepEqual(INTERRUPTS.map(signalStatus), [130, 143, 129]);
+  assert.deepEqual([130, 143, 129, 1, 0, 137].map(statusSignal), ['SIGINT', 'SIGTERM', 'SIGHUP', null, null, null]);
+  assert.equal(parseUri('qemu+unix:///system?socket=').socket, '', 'the empty path, not the default socket');
+  assert.equal(parseUri('qemu:///system?socket=').socket, '');
+  assert.equal(parseUri('qemu:///system').socket, '/var/run/libvirt/libvirt-sock');
+  assert.equal(parseUri('qemu+unix:///system?socket=/x').socket, '/x');
+});
+
+test('shell completion: commands, options not given yet, help topics, pool and volume names', async () => {
+  const none = null;
+  assert.deepEqual(await complete('vol-d', none), [['vol-delete', 'vol-download', 'vol-dumpxml'], 'vol-d']);
+  assert.deepEqual(await complete('pool-li', none), [['pool-list '], 'pool-li'], 'one candidate: completed with a blank');
+  assert.deepEqual(await complete('uri; vol-up', none), [['vol-upload '], 'vol-up'], 'a new command after ;');
+  assert.deepEqual(await complete('vol-download --sp', none), [['--sparse', '--sparse-fallback'], '--sp']);
+  assert.deepEqual(await complete('vol-info --pool p --', none), [['--bytes', '--json', '--physical', '--vol'], '--']);
+  assert.deepEqual(await complete('help vol-i', none), [['vol-info '], 'vol-i']);
+  assert.deepEqual(await complete('nosuch --', none), [[], '--']);
+  const source = { poolNames: async () => ['default', 'dev', 'pty'], volNames: async (p: string) => (p === 'dev' ? ['a.img', 'b.img'] : []) };
+  assert.deepEqual(await complete('vol-upload --pool d', source), [['default', 'dev'], 'd']);
+  assert.deepEqual(await complete('vol-list p', source), [['pty '], 'p'], 'a pool by position');
+  assert.deepEqual(await complete('vol-download --pool dev ', source), [['a.img', 'b.img', '--file', '--json', '--length', '--offset', '--sparse', '--sparse-fallback', '--verbose', '--vol'], '']);
+  assert.deepEqual(await complete('vol-info --pool dev b', source), [['b.img '], 'b']);
+  const failing = { poolNames: async () => { throw new Error('down'); }, volNames: async () => [] };
+  assert.deepEqual(await complete('vol-list ', failing), [['--details', '--json', '--pool'], ''], 'the server failing: options only');
 });
 
 test('XML: parse, dump like libxml2, XPath subset', async () => {

@@ -77,12 +77,12 @@ export class Ctl {
     this.debugLevel = opts.debug ?? ERROR;
   }
 
-  /** vshDebug: a message of `level` (ending with a newline), shown from the -d level up. */
+  /** vshDebug: a message of `level` (ending with a newline), shown (on stdout) from the -d level up. */
   debug(level: number, msg: string): void {
     if (level < this.debugLevel) return;
     this.#clearStatus();
     this.log(level, msg);
-    this.io.err(msg);
+    this.io.out(msg);
   }
 
   /** vshOutputLogFile: `[2026.12.07 04:39:01 sparsevirt 1234] ERROR message` in the -l file. */
