@@ -8,11 +8,12 @@
  * remote program's table in `sparsevirt/protocol`.
  */
 export {
-  connect, Connection, StoragePool, StorageVol,
-  type ConnectOptions, type PoolInfo, type VolInfo, type TransferOptions, type FileTransferOptions, type TransferResult,
+  connect, Connection, StoragePool, StorageVol, copyVolume, compareVolumes, volumeDigest,
+  type ConnectOptions, type CopyOptions, type CopyProgress, type CopyResult, type PoolInfo, type VolInfo, type TransferOptions, type FileTransferOptions, type TransferResult,
 } from './client/index.js';
 export { SparsevirtError, RemoteError, VIR_ERR, VIR_ERR_CODE, VIR_DOMAIN, type RemoteErrorFields } from './errors.js';
 export type { Chunk, ChunkSource, FileRange, FileRef, WrittenRange } from './chunk.js';
+export { ContentDigest, DIGEST_NAME } from './digest.js';
 export {
   Stream,
   type StreamOptions, type StreamDirection, type StreamState, type RecvOptions, type RecvResult, type HoleSignal,

@@ -160,17 +160,26 @@ function withReason(msg: string, err: unknown): string {
  */
 async function* untilAborted<T>(src: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
   const it = src[Symbol.asyncIterator]();
-  let onAbort = (): void => undefined;
-  const aborted = new Promise<never>((_, reject) => {
-    onAbort = () => reject(signal.reason);
-  });
-  aborted.catch(() => undefined);
-  signal.addEventListener('abort', onAbort, { once: true });
   let done = false;
   try {
     for (;;) {
       signal.throwIfAborted();
-      const r = await Promise.race([it.next(), aborted]);
+      // One listener per step, removed when the step settles: racing every step against one
+      // long-lived promise would keep each step (and the batch it brought) reachable from it.
+      const r = await new Promise<IteratorResult<T>>((resolve, reject) => {
+        const onAbort = (): void => reject(signal.reason);
+        signal.addEventListener('abort', onAbort, { once: true });
+        it.next().then(
+          (v) => {
+            signal.removeEventListener('abort', onAbort);
+            resolve(v);
+          },
+          (e: unknown) => {
+            signal.removeEventListener('abort', onAbort);
+            reject(e);
+          },
+        );
+      });
       if (r.done) {
         done = true;
         return;
@@ -178,7 +187,6 @@ async function* untilAborted<T>(src: AsyncIterable<T>, signal: AbortSignal): Asy
       yield r.value;
     }
   } finally {
-    signal.removeEventListener('abort', onAbort);
     // (not awaited: a source stuck in a read finishes once that read returns)
     if (!done) it.return?.().catch(() => undefined);
   }

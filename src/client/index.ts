@@ -4,3 +4,7 @@ export {
   StoragePool, StorageVol,
   type PoolInfo, type VolInfo, type TransferOptions, type FileTransferOptions, type TransferResult,
 } from './storage.js';
+export {
+  copyVolume, compareVolumes, volumeDigest,
+  type CopyOptions, type CopyProgress, type CopyResult,
+} from './copy.js';
