@@ -364,6 +364,24 @@ test('a run whose command can no longer complete fails (exit 1, a message) and r
   });
 });
 
+test('a second signal does not wait for the first one\'s clean end: the process ends by it, the file is removed', { timeout: TIMEOUT }, async () => {
+  await withSparsevirtd(async (t) => {
+    // (an all-hole volume: what the server sends fits the client's queue, which keeps reading)
+    await virshOk(['vol-create-as', t.pool, 'empty.img', String(64 * MiB), '--allocation', '0', '--format', 'raw'], { uri: t.uri });
+    const out = path.join(t.dir, 'hung.img');
+    const env = { ...process.env, SPARSEVIRT_TEST_HOOK: 'hang-download' };
+    const p = sparsevirt(['-c', t.uri, 'vol-download', '--pool', t.pool, 'empty.img', out, '--sparse'], { env });
+    for (let i = 0; i < 200 && !(await fs.stat(out).then(() => true, () => false)); i++) await new Promise((r) => setTimeout(r, 25));
+    await new Promise((r) => setTimeout(r, 300)); // (at the hook: the download's stream is open)
+    await p.kill('SIGTERM');
+    const early = await Promise.race([p.exited, new Promise((r) => setTimeout(() => r('still running'), 500))]);
+    assert.equal(early, 'still running', 'the first signal waits for the command (here: forever)');
+    await p.kill('SIGTERM');
+    assert.deepEqual(await p.exited, { code: null, signal: 'SIGTERM' });
+    await assert.rejects(fs.stat(out), 'the file the download created is removed');
+  });
+});
+
 // ------------------------------------------------------------------ the progress bar's width
 
 test('the progress bar fits 80 and 40 columns and shows the rate and the ETA', { timeout: TIMEOUT }, async () => {

@@ -247,6 +247,8 @@ const volUpload: Handler = async (ctl, cmd) => {
   const signal = ac.signal;
   const stopInterrupt = onInterrupt(ctl, ac);
   let meter: Meter | null = null;
+  /** Whether the stream is sparse (not when --sparse-fallback fell back to a plain one). */
+  let sparse = false;
   let ok = false;
   try {
     let st: fs.Stats;
@@ -263,6 +265,7 @@ const volUpload: Handler = async (ctl, cmd) => {
     } catch (err) {
       return ctl.fail(`cannot upload to volume ${name}`, signal.aborted ? signal.reason : openStreamDetail(err, 'upload'));
     }
+    sparse = stream.sparse;
     meter = makeMeter(ctl, 'upload', wantsBar(ctl) ? (length > 0 && (size === 0 || length < size) ? length : size) : null);
     let source: AsyncIterable<Chunk | FileRange | ReadonlyArray<Chunk | FileRange>>;
     if (seekable) {
@@ -298,7 +301,7 @@ const volUpload: Handler = async (ctl, cmd) => {
     ok = true;
   } finally {
     stopInterrupt();
-    if (meter) finishMeter(ctl, cmd, meter, 'upload', ok, { name: vol.name, pool: vol.pool, file, sparse: optBool(cmd, 'sparse'), offset: Number(offset) });
+    if (meter) finishMeter(ctl, cmd, meter, 'upload', ok, { name: vol.name, pool: vol.pool, file, sparse, offset: Number(offset) });
     if (fileOpen) await fh.close().catch(() => undefined);
   }
 };
@@ -332,6 +335,8 @@ const volDownload: Handler = async (ctl, cmd) => {
   const signal = ac.signal;
   const stopInterrupt = onInterrupt(ctl, ac);
   let meter: Meter | null = null;
+  /** Whether the stream is sparse (not when --sparse-fallback fell back to a plain one). */
+  let sparse = false;
   let ok = false;
   try {
     let st: fs.Stats;
@@ -346,8 +351,10 @@ const volDownload: Handler = async (ctl, cmd) => {
     } catch (err) {
       return ctl.fail(`cannot download from volume ${name}`, signal.aborted ? signal.reason : openStreamDetail(err, 'download'));
     }
+    sparse = stream.sparse;
     meter = makeMeter(ctl, 'download', total);
-    if (process.env.SPARSEVIRT_TEST_HOOK === 'stall-download') await stallForTest(vol);
+    const hook = process.env.SPARSEVIRT_TEST_HOOK;
+    if (hook === 'stall-download' || hook === 'hang-download') await stallForTest(vol, hook === 'stall-download');
     try {
       if (st.isFile() || st.isBlockDevice()) {
         const { writeChunks } = await import('../sparse/index.js');
@@ -380,7 +387,7 @@ const volDownload: Handler = async (ctl, cmd) => {
     ok = true;
   } finally {
     stopInterrupt();
-    if (meter) finishMeter(ctl, cmd, meter, 'download', ok, { name: vol.name, pool: vol.pool, file, sparse: optBool(cmd, 'sparse'), offset: Number(offset) });
+    if (meter) finishMeter(ctl, cmd, meter, 'download', ok, { name: vol.name, pool: vol.pool, file, sparse, offset: Number(offset) });
     if (fileOpen) await fh.close().catch(() => undefined);
     if (!ok && created) await fs.promises.unlink(file).catch(() => undefined);
     keepFile();
@@ -388,13 +395,17 @@ const volDownload: Handler = async (ctl, cmd) => {
 };
 
 /**
- * Test hook (SPARSEVIRT_TEST_HOOK=stall-download): the command waits forever for something that
- * never comes, with the connection no longer read, as when a reply is stuck behind unread stream
- * data. Nothing is left for the event loop: the run must end as an error, not as a success.
+ * Test hooks (SPARSEVIRT_TEST_HOOK): the download waits forever for something that never comes.
+ * `stall-download`: with the connection no longer read, as when a reply is stuck behind unread
+ * stream data; nothing is left for the event loop, and the run must end as an error, not as a
+ * success. `hang-download`: with the connection still read; the process waits, and a signal
+ * stops it.
  */
-async function stallForTest(vol: StorageVol): Promise<never> {
-  const client = await import('../client/connection.js');
-  vol.conn[client.kPeer].pauseReading();
+async function stallForTest(vol: StorageVol, pause: boolean): Promise<never> {
+  if (pause) {
+    const client = await import('../client/connection.js');
+    vol.conn[client.kPeer].pauseReading();
+  }
   return new Promise<never>(() => undefined);
 }
 

@@ -28,22 +28,29 @@ export function statusSignal(status: number): Interrupt | null {
 }
 
 /**
- * While a transfer runs, each of INTERRUPTS aborts `ac` with an `Interrupted` reason (once) and
- * tells `onSignal`. Returns the function that removes the handlers again.
+ * While a transfer runs, each of INTERRUPTS aborts `ac` with an `Interrupted` reason and tells
+ * `onSignal`. A second signal does not wait for the clean end any longer: the undo work runs
+ * and the process ends by that signal. Returns the function that removes the handlers again.
  */
 export function catchInterrupts(ac: AbortController, onSignal: (signal: Interrupt) => void): () => void {
+  const remove = () => {
+    for (const [signal, h] of handlers) process.removeListener(signal, h);
+  };
   const handlers = INTERRUPTS.map((signal) => {
     const h = () => {
-      if (ac.signal.aborted) return;
+      if (ac.signal.aborted) {
+        remove();
+        abandonAll();
+        process.kill(process.pid, signal);
+        return;
+      }
       onSignal(signal);
       ac.abort(new Interrupted(signal));
     };
     process.on(signal, h);
     return [signal, h] as const;
   });
-  return () => {
-    for (const [signal, h] of handlers) process.removeListener(signal, h);
-  };
+  return remove;
 }
 
 const undoWork = new Set<() => void>();
