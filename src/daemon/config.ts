@@ -371,14 +371,22 @@ function lineOf(v: ConfValue, reason: string): number {
 const MAX_CONFIG_BYTES = 10 << 20;
 
 /**
- * Read and parse `file`. A missing file is the defaults unless `required` (a file named with
- * --config must exist). Throws ConfigError: `FILE: reason` for a file it cannot read,
+ * Read and parse `file`. A missing file (or one that cannot be looked up) is the defaults unless
+ * `required` (a file named with --config must exist); an existing one it cannot read is refused. Throws ConfigError: `FILE: reason` for a file it cannot read,
  * `FILE:LINE: reason` for its contents.
  */
 export function loadConfig(file: string, required: boolean): DaemonConfig {
   let text: string;
+  let st: fs.Stats;
   try {
-    const st = fs.statSync(file);
+    st = fs.statSync(file);
+  } catch (err) {
+    // The default file is optional: one that cannot even be looked at (missing, or under a
+    // directory this user may not search, such as another user's home) is no file.
+    if (!required) return defaultConfig();
+    throw new ConfigError(file, null, `cannot read the configuration file: ${(err as Error).message}`, { cause: err });
+  }
+  try {
     if (st.isDirectory()) throw new ConfigError(file, null, 'cannot read the configuration file: it is a directory');
     if (st.size > MAX_CONFIG_BYTES) throw new ConfigError(file, null, `cannot read the configuration file: larger than ${MAX_CONFIG_BYTES} bytes`);
     text = fs.readFileSync(file, 'utf8');
