@@ -306,7 +306,7 @@ async function main(): Promise<number> {
     localCopy: 'skip' in sparse ? sparse : { script: join(DIST, 'bench', 'local-copy.js') },
     tools: { cp: cpOk!, qemuImg: qemuImgOk!, nbdkit: nbdkitOk!, nbdcopy: nbdcopyOk!, virsh: virshOk! },
   };
-  const wanted = allContenders().filter((c) => (!opts.only || opts.only.test(c.id)) && !(opts.skip && opts.skip.test(c.id)));
+  const wanted = allContenders().filter((c) => (!opts.only || opts.only.test(c.id)) && !(opts.skip?.test(c.id)));
 
   const cleanups: Array<() => Promise<void>> = [];
   let cleaned = false;

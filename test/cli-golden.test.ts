@@ -22,7 +22,7 @@ function withoutExtensions(help: string): string {
   return help
     .replace(/ \[--(json|sparse-fallback|verbose)\]/g, '')
     .split('\n').filter((l) => !l.includes('(sparsevirt extension)')).join('\n')
-    .replace(/\n  OPTIONS\n\n/, '\n'); // an OPTIONS section that had only extensions
+    .replace(/\n {2}OPTIONS\n\n/, '\n'); // an OPTIONS section that had only extensions
 }
 
 /** virsh as the helpers run it (with -q), on the server under test. */

@@ -413,7 +413,7 @@ test('the shell: a download typed at the prompt completes; Ctrl-C stops one and 
     const out = path.join(t.dir, 'v1.img');
     let from = sh.output().length;
     sh.type(`vol-download --pool ${t.pool} data.img ${out} --sparse\r`);
-    await sh.waitFor(/download 100%[^\r]*\x1b\[K\r\x1b\[K\r?\n[^]*virsh # /, 20_000, from);
+    await sh.waitFor(/download 100%[^\r]*\x1b\[K\r\x1b\[K\r?\n[\s\S]*virsh # /, 20_000, from);
     assert.equal(await sha256File(out), await sha256File(src), 'downloaded at the prompt');
 
     sh.type('quit\r');
@@ -432,7 +432,7 @@ test('the shell: a download typed at the prompt completes; Ctrl-C stops one and 
     sh3.type('\x03');
     await sh3.waitFor('error: interrupted by SIGINT', 10_000, from);
     held.release();
-    await sh3.waitFor(/error: interrupted by SIGINT\r?\n\r?\n[^]*virsh # /, 10_000, from);
+    await sh3.waitFor(/error: interrupted by SIGINT\r?\n\r?\n[\s\S]*virsh # /, 10_000, from);
     await assert.rejects(fs.stat(fresh), 'the file is removed');
     assert.ok(held.clientFrames.some(isAbort), 'the stream was aborted on the wire');
     sh3.type('uri\r');

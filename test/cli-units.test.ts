@@ -352,7 +352,7 @@ test('progress bar: an update that came too soon is drawn once the interval is o
   assert.equal(writes.length, 1);
   await new Promise((r) => setTimeout(r, 80));
   assert.equal(writes.length, 2, 'the last counts are drawn although no update followed');
-  assert.match(writes[1]!, /^\rdownload  70% /);
+  assert.match(writes[1]!, /^\rdownload {2}70% /);
   bar.update({ dataBytes: 800, holeBytes: 0 });
   bar.clear();
   await new Promise((r) => setTimeout(r, 80));
@@ -424,7 +424,7 @@ test('-d and -l: the parse lines at INFO, errors logged; VIRSH_DEBUG and VIRSH_L
     process.env.VIRSH_LOG_FILE = path.join(dir, 'env.log');
     try {
       const e = await runLocal(['help', 'uri']);
-      assert.match(e.out, /^help: command\(optdata\): uri\n  NAME\n/);
+      assert.match(e.out, /^help: command\(optdata\): uri\n {2}NAME\n/);
       assert.match(await fs.readFile(path.join(dir, 'env.log'), 'utf8'), /\] INFO help: command\(optdata\): uri\n$/);
       process.env.VIRSH_DEBUG = 'x';
       assert.equal((await runLocal(['-l', log, 'help', 'uri'])).err, 'error: VIRSH_DEBUG not set with a valid numeric value\n'.repeat(2));

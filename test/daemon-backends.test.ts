@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
-import { Pool, registerBackend, type PoolBackend, type Volume } from '../src/daemon/backend.js';
+import { type Pool, registerBackend, type PoolBackend, type Volume } from '../src/daemon/backend.js';
 import { CODE, storageError } from '../src/daemon/errors.js';
 import { formatPoolXml, parsePoolXml } from '../src/daemon/xml.js';
 import { VolType } from '../src/protocol/remote.js';

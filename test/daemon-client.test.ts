@@ -415,17 +415,17 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
     await rejectsWith(forged.delete(), 8, 18, /symbolic link/);
     await rejectsWith(pool.createVol({ name: 'dangling.img', capacity: MiB }), 90, 18, "storage volume 'dangling.img' exists already");
     // a name that leads from the pool's directory to the real file outside it
-    const escape = path.relative(poolDir, path.join(outside, 'secret'));
-    assert.equal(escape, '../../outside/secret');
-    assert.equal(await fsp.readFile(path.join(poolDir, escape), 'utf8'), 'secret', 'the name leads to an existing file');
-    await rejectsWith(pool.volLookupByName(escape), 50, 18, `Storage volume not found: no storage vol with matching name '${escape}'`);
-    const traversal = conn.vol({ pool: 'main', name: escape, key: '' });
+    const escaping = path.relative(poolDir, path.join(outside, 'secret'));
+    assert.equal(escaping, '../../outside/secret');
+    assert.equal(await fsp.readFile(path.join(poolDir, escaping), 'utf8'), 'secret', 'the name leads to an existing file');
+    await rejectsWith(pool.volLookupByName(escaping), 50, 18, `Storage volume not found: no storage vol with matching name '${escaping}'`);
+    const traversal = conn.vol({ pool: 'main', name: escaping, key: '' });
     await rejectsWith(traversal.info(), 50, 18);
     await rejectsWith(traversal.download(), 50, 18);
     await rejectsWith(traversal.upload(), 50, 18);
     await rejectsWith(traversal.wipe(), 50, 18);
     await rejectsWith(traversal.delete(), 50, 18);
-    await rejectsWith(conn.storageVolLookupByPath(path.join(poolDir, escape)), 50, 18);
+    await rejectsWith(conn.storageVolLookupByPath(path.join(poolDir, escaping)), 50, 18);
     assert.equal(await fsp.readFile(path.join(outside, 'secret'), 'utf8'), 'secret');
     assert.ok(!fs.existsSync(path.join(outside, 'new.img')), 'nothing created outside the pool');
     assert.deepEqual((await fsp.readdir(outside)).sort(), ['secret']);

@@ -166,7 +166,7 @@ function frameBytes(m: Message): string {
 
 function assertExact(r: Replay, name: string): void {
   assert.deepEqual(r.actual.map(describeFrame), r.expected.map(describeFrame), `${name}: frame sequence`);
-  r.expected.forEach((e, i) => assert.equal(frameBytes(r.actual[i]!), frameBytes(e), `${name}: frame ${i} (${describeFrame(e)}) bytes`));
+  for (const [i, e] of r.expected.entries()) assert.equal(frameBytes(r.actual[i]!), frameBytes(e), `${name}: frame ${i} (${describeFrame(e)}) bytes`);
 }
 
 /** Same frames and the same decoded values, numbers and digits in XML masked (sizes, timestamps). */
@@ -178,7 +178,7 @@ function assertShape(r: Replay, name: string): void {
     return JSON.stringify(c.dec(new XdrReader(m.payload)), (_k, v: unknown) =>
       typeof v === 'bigint' || typeof v === 'number' ? 'N' : typeof v === 'string' ? v.replace(/\d+(\.\d+)?/g, 'N') : v);
   };
-  r.expected.forEach((e, i) => assert.equal(mask(r.actual[i]!), mask(e), `${name}: frame ${i} (${describeFrame(e)})`));
+  for (const [i, e] of r.expected.entries()) assert.equal(mask(r.actual[i]!), mask(e), `${name}: frame ${i} (${describeFrame(e)})`);
 }
 
 function maskLen(s: string): string {

@@ -87,7 +87,7 @@ describe('virsh against sparsevirtd', () => {
     assert.equal(await ok(uri, ['vol-info', '--pool', 'vp', 'a.img']), 'Name:           a.img\nType:           file\nCapacity:       4.00 MiB\nAllocation:     0.00 B\n\n');
     assert.equal(await ok(uri, ['vol-info', '--pool', 'vp', 'a.img', '--bytes', '--physical']), 'Name:           a.img\nType:           file\nCapacity:       4194304 bytes\nPhysical:       4194304 bytes\n\n');
     assert.match(await ok(uri, ['vol-info', `${poolDir}/a.img`]), /^Name:\s+a\.img/);
-    assert.match(await ok(uri, ['vol-dumpxml', '--pool', 'vp', 'a.img']), /^<volume type='file'>\n  <name>a\.img<\/name>\n/);
+    assert.match(await ok(uri, ['vol-dumpxml', '--pool', 'vp', 'a.img']), /^<volume type='file'>\n {2}<name>a\.img<\/name>\n/);
     assert.equal((await ok(uri, ['vol-path', '--pool', 'vp', 'a.img'])).trim(), `${poolDir}/a.img`);
     assert.equal((await ok(uri, ['vol-key', '--pool', 'vp', 'a.img'])).trim(), `${poolDir}/a.img`);
     assert.equal((await ok(uri, ['vol-resize', '--pool', 'vp', 'b.img', '2M'])).trim(), "Size of volume 'b.img' successfully changed to 2M");

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import diagnostics from 'node:diagnostics_channel';
 import path from 'node:path';
 import { rm } from 'node:fs/promises';
-import { connect, RemoteError, SparsevirtError } from '../src/index.js';
+import { connect, type RemoteError, type SparsevirtError } from '../src/index.js';
 import { Feature, P } from '../src/protocol/remote.js';
 import { busyPollState } from '../src/io/busy-poll.js';
 import { kPeer } from '../src/client/connection.js';

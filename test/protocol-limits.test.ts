@@ -19,7 +19,7 @@ import { spyAllocations } from './protocol-support.js';
 
 const be32 = (...words: number[]): Buffer => {
   const b = Buffer.alloc(words.length * 4);
-  words.forEach((w, i) => b.writeUInt32BE(w >>> 0, i * 4));
+  for (const [i, w] of words.entries()) b.writeUInt32BE(w >>> 0, i * 4);
   return b;
 };
 const hdr = { prog: REMOTE_PROGRAM, vers: 1, proc: 66, type: MessageType.CALL, serial: 7, status: Status.OK };

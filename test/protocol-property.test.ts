@@ -73,7 +73,7 @@ function fitBytes(str: string, max: number): string {
   return cps.join('');
 }
 
-function valueOf(s: Shape): fc.Arbitrary<unknown> {
+function arbitraryOf(s: Shape): fc.Arbitrary<unknown> {
   switch (s.k) {
     case 'int': return fc.integer({ min: -(2 ** 31), max: 2 ** 31 - 1 });
     case 'uint': return fc.integer({ min: 0, max: 2 ** 32 - 1 });
@@ -83,13 +83,13 @@ function valueOf(s: Shape): fc.Arbitrary<unknown> {
     case 'string': return fc.string({ unit: s.unit, maxLength: s.max }).map((x) => fitBytes(x, s.max));
     case 'opaque': return fc.uint8Array({ maxLength: s.max }).map((b) => Buffer.from(b));
     case 'fixed': return fc.uint8Array({ minLength: s.n, maxLength: s.n }).map((b) => Buffer.from(b));
-    case 'optional': return fc.option(valueOf(s.of), { nil: null });
-    case 'array': return fc.array(valueOf(s.of), { maxLength: s.max });
-    case 'struct': return fc.tuple(...s.fields.map(valueOf)).map((vs) => Object.fromEntries(vs.map((v, i) => [`f${i}`, v])));
+    case 'optional': return fc.option(arbitraryOf(s.of), { nil: null });
+    case 'array': return fc.array(arbitraryOf(s.of), { maxLength: s.max });
+    case 'struct': return fc.tuple(...s.fields.map(arbitraryOf)).map((vs) => Object.fromEntries(vs.map((v, i) => [`f${i}`, v])));
   }
 }
 
-const shapeAndValue = shapeArb.chain((s) => fc.tuple(fc.constant(s), valueOf(s)));
+const shapeAndValue = shapeArb.chain((s) => fc.tuple(fc.constant(s), arbitraryOf(s)));
 
 describe('XDR round trip of random shapes', () => {
   test('encode → decode gives the value back; re-encoding gives the same bytes', () => {
@@ -256,7 +256,7 @@ describe('payload codecs on random bytes', () => {
       fc.uint8Array({ maxLength: 200 }).map((b) => Buffer.from(b)),
       fc.array(word, { maxLength: 40 }).map((ws) => {
         const b = Buffer.alloc(ws.length * 4);
-        ws.forEach((w, i) => b.writeUInt32BE(w, i * 4));
+        for (const [i, w] of ws.entries()) b.writeUInt32BE(w, i * 4);
         return b;
       }),
     );

@@ -92,7 +92,7 @@ const REF: Record<number, [name: string, args: Fields, ret: Fields]> = {
   391: ['STORAGE_POOL_LOOKUP_BY_TARGET_PATH', [['path', 'string']], [pool]],
   403: ['CONNECT_GET_STORAGE_POOL_CAPABILITIES', [flags], [['capabilities', 'string']]],
   // sparsevirt's own (not libvirt's): asked for only after Feature.SPARSEVIRT_CONTENT_DIGEST
-  0x53560001: ['SPARSEVIRT_VOL_CONTENT_DIGEST', [vol, ['offset', 'u64'], ['length', 'u64'], flags], [['algorithm', 'string'], ['digest', 'string']]],
+  1398145025: ['SPARSEVIRT_VOL_CONTENT_DIGEST', [vol, ['offset', 'u64'], ['length', 'u64'], flags], [['algorithm', 'string'], ['digest', 'string']]],
 };
 
 /** A sample value for a field, distinct for every `k`, written by hand into `w`. */

@@ -24,7 +24,7 @@ async function quickStartBlocks(): Promise<string[][]> {
   assert.ok(start >= 0, 'README.md has a Quick start section');
   const end = readme.indexOf('\n## ', start + 1);
   const section = readme.slice(start, end < 0 ? undefined : end);
-  return [...section.matchAll(/```sh\n([^]*?)```/g)].map((m) => m[1]!.split('\n').filter((l) => l.trim() !== ''));
+  return [...section.matchAll(/```sh\n([\s\S]*?)```/g)].map((m) => m[1]!.split('\n').filter((l) => l.trim() !== ''));
 }
 
 const command = (line: string) => line.replace(/\s+#.*$/, '').trim();

@@ -14,7 +14,7 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { connect } from '../src/client/index.js';
-import { RemoteError } from '../src/errors.js';
+import type { RemoteError } from '../src/errors.js';
 import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, buildFrame, type Header } from '../src/rpc/message.js';
 import { P } from '../src/protocol/remote.js';
 import { XdrReader, XdrWriter, encode } from '../src/xdr/index.js';

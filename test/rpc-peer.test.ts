@@ -19,7 +19,7 @@ import { encodeRemoteError } from '../src/rpc/structs.js';
 import { P } from '../src/protocol/remote.js';
 import { Stream } from '../src/stream/index.js';
 import { connect } from '../src/index.js';
-import { remoteErrorFields, RemoteError, SparsevirtError } from '../src/errors.js';
+import { remoteErrorFields, type RemoteError, SparsevirtError } from '../src/errors.js';
 import type { Chunk } from '../src/chunk.js';
 
 interface Pair { client: Peer; server: Peer; cleanup: () => void }

@@ -143,7 +143,7 @@ test('any chunk sequence through the pair arrives intact, whatever the reader', 
             const sentBuffers = input.flatMap((c) => (c.kind === 'data' ? [c.bytes] : []));
             const gotBuffers = got.structure.flatMap((c) => (c.kind === 'data' ? [c.bytes] : []));
             assert.equal(gotBuffers.length, sentBuffers.length);
-            gotBuffers.forEach((b, i) => assert.equal(b, sentBuffers[i], 'data chunks are the sender\'s buffers, not copies'));
+            for (const [i, b] of gotBuffers.entries()) assert.equal(b, sentBuffers[i], 'data chunks are the sender\'s buffers, not copies');
           }
         } else {
           assert.ok(got.structure.every((c) => c.kind === 'data'), 'no hole travels on a non-sparse stream');

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { connect, SparsevirtError } from '../src/index.js';
+import { connect, type SparsevirtError } from '../src/index.js';
 import { kPeer } from '../src/client/connection.js';
 import { parseUri } from '../src/transport/uri.js';
 import { shellQuote, sshCommand } from '../src/transport/ssh.js';

@@ -6,7 +6,7 @@
  *   LOOKUP_BY_VOLUME to check it belongs to that pool; without --pool: by key, then by path.
  */
 import type { StoragePool, StorageVol } from '../client/index.js';
-import { Ctl, CommandFailed, DEBUG, INFO } from './ctl.js';
+import { type Ctl, CommandFailed, DEBUG, INFO } from './ctl.js';
 import { parseUuid } from './numbers.js';
 import { optString, type ParsedCmd } from './vsh.js';
 

@@ -10,7 +10,7 @@ import { findCommand } from './commands.js';
 import { signalStatus } from './exit.js';
 import { parseGlobals } from './globals.js';
 import { parseInt32 } from './numbers.js';
-import { argvTokens, parseCommands, stringTokens, SyntaxError, type ParsedCmd } from './vsh.js';
+import { argvTokens, parseCommands, stringTokens, CommandSyntaxError, type ParsedCmd } from './vsh.js';
 
 type Handler = (ctl: Ctl, cmd: ParsedCmd) => Promise<void>;
 
@@ -76,7 +76,7 @@ export async function run(argv: readonly string[], io: Io): Promise<number> {
         cmds = parseCommands(argvTokens(g.rest), findCommand, onError);
       }
     } catch (err) {
-      if (err instanceof SyntaxError) return 1;
+      if (err instanceof CommandSyntaxError) return 1;
       throw err;
     }
     traceParsed(ctl, cmds);
@@ -180,7 +180,7 @@ async function interactive(io: Io, ctl: Ctl, onError: (msg: string) => void): Pr
       try {
         cmds = parseCommands(stringTokens(line, onError), findCommand, onError);
       } catch (err) {
-        if (err instanceof SyntaxError) continue;
+        if (err instanceof CommandSyntaxError) continue;
         throw err;
       }
       traceParsed(ctl, cmds);

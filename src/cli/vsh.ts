@@ -46,7 +46,7 @@ export interface ParsedCmd {
   opts: Map<string, string | true>;
 }
 
-export class SyntaxError extends Error {}
+export class CommandSyntaxError extends Error {}
 
 type Token = { tk: 'arg'; data: string } | { tk: 'end' } | { tk: 'subcmd_end' } | { tk: 'error' };
 
@@ -121,14 +121,14 @@ export function stringTokens(input: string, onError: (msg: string) => void): Tok
 const isAlnum = (c: string | undefined): boolean => c !== undefined && /^[A-Za-z0-9]$/.test(c);
 
 /**
- * vshCommandParse: the commands of `source`, or a SyntaxError after `onError` reported why.
+ * vshCommandParse: the commands of `source`, or a CommandSyntaxError after `onError` reported why.
  * `lookup` finds a command by name (null = unknown).
  */
 export function parseCommands(source: TokenSource, lookup: (name: string) => CmdDef | null, onError: (msg: string) => void): ParsedCmd[] {
   const cmds: ParsedCmd[] = [];
   const fail = (msg?: string): never => {
     if (msg !== undefined) onError(msg);
-    throw new SyntaxError(msg ?? 'syntax error');
+    throw new CommandSyntaxError(msg ?? 'syntax error');
   };
   for (;;) {
     let def: CmdDef | null = null;

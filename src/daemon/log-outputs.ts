@@ -41,7 +41,7 @@ export function parseLogOutputs(text: string): OutputSpec[] {
       if (arg !== undefined) throw new Error(`'${item}': ${kind} takes no argument`);
       specs.push({ level, kind });
     } else if (kind === 'file') {
-      if (!arg || !arg.startsWith('/')) throw new Error(`'${item}': file needs an absolute path (LEVEL:file:/PATH)`);
+      if (!arg?.startsWith('/')) throw new Error(`'${item}': file needs an absolute path (LEVEL:file:/PATH)`);
       specs.push({ level, kind, path: arg });
     } else {
       throw new Error(`'${item}': output '${kind}' is not supported (stderr, file, journald)`);

@@ -66,7 +66,7 @@ async function main(argv: string[]): Promise<number> {
     try {
       const c = loadConfig(configFile, required);
       resolveOptions(flags, c);
-      outputsOf(c).forEach((o) => o.close?.());
+      for (const o of outputsOf(c)) o.close?.();
       process.stdout.write(c.file ? `${c.file}: OK\n` : `${configFile}: no such file (the defaults apply)\n`);
       return 0;
     } catch (err) {

@@ -310,7 +310,7 @@ class Daemon implements DaemonHandle {
   private onTlsConnection(sock: tls.TLSSocket): void {
     const remote = `${sock.remoteAddress}:${sock.remotePort}`;
     const cert = sock.getPeerCertificate();
-    const cn = cert && cert.subject ? (Array.isArray(cert.subject.CN) ? cert.subject.CN[0] : cert.subject.CN) : undefined;
+    const cn = cert?.subject ? (Array.isArray(cert.subject.CN) ? cert.subject.CN[0] : cert.subject.CN) : undefined;
     const t = this.opts.tls ?? {};
     const allow = t.allow ?? [];
     if (!sock.authorized) {

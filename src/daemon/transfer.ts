@@ -19,7 +19,7 @@
  * reported instead of the OK.
  */
 import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
-import { RemoteError, SparsevirtError } from '../errors.js';
+import { RemoteError, type SparsevirtError } from '../errors.js';
 import { bufferStats, releaseFramePayloads } from '../io/pools.js';
 import { releaseFreeMemory } from '../io/sys.js';
 import type { WireStream } from '../rpc/peer.js';

@@ -985,7 +985,7 @@ export async function openSandbox(opts: { tmpfsSize?: string; fileSizeLimit?: nu
     ];
     for (const [name, make, size] of want) {
       const st = await fsp.lstat(path.join(anchorDir, name)).catch(() => null);
-      if (!st || !st.isFile() || st.size !== size) {
+      if (!st?.isFile() || st.size !== size) {
         await fsp.rm(path.join(anchorDir, name), { recursive: true, force: true }).catch(() => undefined);
         await make().catch(() => undefined);
         if (isRoot()) await fsp.chown(path.join(anchorDir, name), 65534, 65534).catch(() => undefined);
