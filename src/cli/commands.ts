@@ -118,24 +118,6 @@ export const GROUPS: CmdGroup[] = [
     keyword: 'volume',
     commands: [
       {
-        name: 'vol-copy', help: 'copy a volume to another host (sparsevirt extension)',
-        desc: 'Copy volume contents straight to a volume of another connection, holes kept, optionally verified.',
-        opts: [
-          volData(),
-          { name: 'desturi', type: 'string', required: true, namedOnly: true, help: 'connection URI of the destination host' },
-          poolOptional,
-          { name: 'dest-pool', type: 'string', help: 'destination pool (default: the source\'s pool name)' },
-          { name: 'dest-vol', type: 'string', help: 'destination volume (default: the source\'s name)' },
-          { name: 'create', type: 'bool', help: 'create the destination volume (same capacity and format, allocation 0) if it does not exist' },
-          { name: 'offset', type: 'int', help: 'offset to copy from (the same in both volumes)' },
-          { name: 'length', type: 'int', help: 'amount of data to copy' },
-          { name: 'sparse', type: 'bool', help: 'preserve sparseness of volume' },
-          { name: 'verify', type: 'bool', help: 'compare the content digests of source and destination afterwards' },
-          { name: 'verbose', type: 'bool', help: 'print a summary line on stderr at the end' },
-          json,
-        ],
-      },
-      {
         name: 'vol-create-as', help: 'create a volume from a set of args', desc: 'Create a vol.',
         opts: [
           poolData('pool name'),
@@ -213,6 +195,24 @@ export const GROUPS: CmdGroup[] = [
       {
         name: 'vol-wipe', help: 'wipe a vol', desc: 'Ensure data previously on a volume is not accessible to future reads',
         opts: [volData(), poolOptional, { name: 'algorithm', type: 'string', help: 'perform selected wiping algorithm' }],
+      },
+      {
+        name: 'vol-copy', help: 'copy a volume to another host (sparsevirt extension)',
+        desc: 'Copy volume contents straight to a volume of another connection, holes kept, optionally verified.',
+        opts: [
+          volData(),
+          { name: 'desturi', type: 'string', required: true, namedOnly: true, help: 'connection URI of the destination host' },
+          poolOptional,
+          { name: 'dest-pool', type: 'string', help: 'destination pool (default: the source\'s pool name)' },
+          { name: 'dest-vol', type: 'string', help: 'destination volume (default: the source\'s name)' },
+          { name: 'create', type: 'bool', help: 'create the destination volume (same capacity and format, allocation 0) if it does not exist' },
+          { name: 'offset', type: 'int', help: 'offset to copy from (the same in both volumes)' },
+          { name: 'length', type: 'int', help: 'amount of data to copy' },
+          { name: 'sparse', type: 'bool', help: 'preserve sparseness of volume' },
+          { name: 'verify', type: 'bool', help: 'compare the content digests of source and destination afterwards' },
+          { name: 'verbose', type: 'bool', help: 'print a summary line on stderr at the end' },
+          json,
+        ],
       },
     ],
   },
