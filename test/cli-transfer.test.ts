@@ -317,7 +317,7 @@ test('a failed download removes the file it created, keeps one that existed', as
   await withWork(async (pool, dir) => {
     await createVolume(pool, 'f.img', MiB);
     const fresh = path.join(dir, 'fresh.img');
-    // libvirtd 9.0 fails a sparse download that starts past the end of the volume (bug B2): two
+    // libvirtd 9.0 fails a sparse download that starts past the end of the volume (libvirt-quirks download-past-end-fails): two
     // STREAM/ERROR frames, which even virsh does not always report the same way.
     const r = await cli(['vol-download', '--pool', pool.name, 'f.img', fresh, '--offset', String(5 * MiB), '--sparse']);
     assert.equal(r.code, 1, show(r));

@@ -5,7 +5,8 @@
  *    libvirtd) are sent to our daemon, in causal order, and our answers are compared with
  *    libvirtd's: byte for byte where nothing but paths can differ, structurally where sizes or
  *    timestamps differ, by stream content where only packetization differs, and as documented
- *    where we deliberately fix a libvirt bug (B2, B3, B4).
+ *    where we deliberately fix a libvirt bug (docs/libvirt-quirks.md: download-past-end-fails, hole-errors-as-reply,
+ *    hole-on-plain-stream-drops-connection).
  * 2. Hand-written frames for protocol misuse: bad lengths, orphan stream packets, undecodable
  *    arguments, malformed holes, names that try to leave their pool.
  */
@@ -309,7 +310,7 @@ describe('sparsevirtd answers the libvirt 9.0 captures as libvirtd does', () => 
     assert.ok(grown.subarray(MiB, 2 * MiB).equals(Buffer.alloc(MiB)), 'the gap reads as zeros');
   });
 
-  test('upload-sparse-offset-truncates: same wire, but the volume is not truncated and the hole reads as zeros (B1 fixed)', async () => {
+  test('upload-sparse-offset-truncates: same wire, but the volume is not truncated and the hole reads as zeros (libvirt-quirks upload-holes-truncate)', async () => {
     const vol = await resetVolume('proto-up3.img', 4 * MiB);
     await fsp.writeFile(vol, Buffer.alloc(4 * MiB, 0xaa));
     const r = await replay('upload-sparse-offset-truncates', d.socket, subst);
@@ -341,7 +342,7 @@ describe('sparsevirtd answers the libvirt 9.0 captures as libvirtd does', () => 
     assert.equal(createHash('sha256').update(source).digest('hex'), CAPTURE_SHA);
   });
 
-  test('download-beyond-eof-sparse: an empty stream instead of two STREAM/ERRORs (B2 fixed)', async () => {
+  test('download-beyond-eof-sparse: an empty stream instead of two STREAM/ERRORs (libvirt-quirks download-past-end-fails)', async () => {
     await resetVolume('proto-sparse.img', 0, true);
     const r = await replay('download-beyond-eof-sparse', d.socket, subst, { done: (f) => f.some(isEof) });
     const serial = r.expected.find((m) => m.proc === 209)!.serial;
@@ -367,7 +368,7 @@ describe('sparsevirtd answers the libvirt 9.0 captures as libvirtd does', () => 
     }
   });
 
-  test('invalid holes get a STREAM/ERROR with a real message, and the connection stays usable (B3, B4 fixed)', async () => {
+  test('invalid holes get a STREAM/ERROR with a real message, and the connection stays usable (libvirt-quirks hole-errors-as-reply, hole-on-plain-stream-drops-connection)', async () => {
     for (const [name, pattern] of [['raw-hole-flags', /flags/], ['raw-hole-negative', /invalid length/], ['raw-hole-nonsparse', /not opened with the sparse flag/]] as const) {
       await resetVolume('proto-up2.img', MiB);
       const r = await replay(name, d.socket, subst);

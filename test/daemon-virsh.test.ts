@@ -151,7 +151,7 @@ describe('virsh against sparsevirtd', () => {
     assert.equal(await sha256File(vol), await sha256File(src));
     assert.deepEqual(await extentMap(vol), CAPTURE_LAYOUT);
 
-    // upload at an offset: the rest untouched, the size unchanged (libvirt would truncate: B1)
+    // upload at an offset: the rest untouched, the size unchanged (libvirt would truncate: libvirt-quirks upload-holes-truncate)
     const hf = path.join(dir, 'holefirst.img');
     const hfLayout: Layout = [{ kind: 'hole', length: 65536 }, { kind: 'data', length: 65536 }];
     await makeImage(hf, hfLayout, 'hf');

@@ -229,7 +229,7 @@ describe('XDR maxima and truncation', () => {
     assert.equal(decode(int, be32(0x80000000)), -0x80000000);
   });
 
-  test('trailing bytes are tolerated (libvirt B9) unless strict', () => {
+  test('trailing bytes are tolerated (libvirt-quirks trailing-bytes-accepted) unless strict', () => {
     const b = be32(1, 99);
     assert.equal(decode(int, b), 1);
     assert.throws(() => decode(int, b, true), isXdrError());

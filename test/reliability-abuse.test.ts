@@ -1,5 +1,5 @@
 /**
- * Issue 6, semantic abuse: well-formed frames that ask for something they must not get.
+ * Semantic abuse: well-formed frames that ask for something they must not get.
  * Each gets a clear error (a libvirt code other than "internal error", with a message) and
  * changes nothing it should not: files outside the pool, the volume beyond the written range,
  * other streams on the same connection. (An upload past the volume's end grows it, as libvirt's.)

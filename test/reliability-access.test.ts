@@ -1,5 +1,5 @@
 /**
- * Issue 6, access. Complements test/daemon-client.test.ts (no client certificate, a CN not on
+ * Access. Complements test/daemon-client.test.ts (no client certificate, a CN not on
  * the allow-list, the read-only refusals through the client library) and test/daemon-cli.test.ts
  * (the parsed defaults) with:
  *  - a client certificate from another CA is refused in the TLS handshake: no session, so no

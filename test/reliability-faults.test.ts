@@ -1,5 +1,5 @@
 /**
- * Issue 6, faults. sparsevirtd runs as a child process here, so that it can be killed, stopped
+ * Faults. sparsevirtd runs as a child process here, so that it can be killed, stopped
  * and looked at through /proc/<pid>/fd:
  *  - a client killed (SIGKILL) mid-upload and mid-download: the daemon frees the stream and its
  *    file descriptor, and other transfers in flight finish correctly;

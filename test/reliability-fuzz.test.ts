@@ -1,5 +1,5 @@
 /**
- * Issue 6, bad input (CI short form of test/long/fuzz.ts):
+ * Bad input (CI short form of test/long/fuzz.ts):
  *  - sparsevirtd under frame and XDR fuzzing (random bytes; the libvirt 9.0 captures and one
  *    call of every procedure, mutated in lengths, counts, string sizes, types, statuses,
  *    serials, hole lengths and flags): it answers or drops that one connection, never dies,

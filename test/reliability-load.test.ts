@@ -1,5 +1,5 @@
 /**
- * Issue 6, load (CI short form of test/long/soak.ts):
+ * Load (CI short form of test/long/soak.ts):
  *  - 64 concurrent transfers (32 sparse uploads, 32 sparse downloads, 64 volumes) through one
  *    daemon from 4 client processes: every result byte-identical, the daemon's RSS bounded, no
  *    stream starved (when the first transfer ends, every other one is well under way);

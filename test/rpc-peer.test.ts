@@ -1,6 +1,6 @@
 /**
  * The Peer on both sides of a real unix socket: calls and replies, download and upload streams
- * with holes, finish/abort handshakes, keepalive, and libvirt 9.0's quirks (B2, B3).
+ * with holes, finish/abort handshakes, keepalive, and libvirt 9.0's quirks (docs/libvirt-quirks.md: download-past-end-fails, hole-errors-as-reply).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -164,7 +164,7 @@ test('client abort mid-download: server confirms, late packets discarded, connec
   }
 });
 
-test('B3: a REPLY/ERROR on an open stream serial fails that stream; B2: a repeated STREAM/ERROR is ignored', async () => {
+test('hole-errors-as-reply: a REPLY/ERROR on an open stream serial fails that stream; download-past-end-fails: a repeated STREAM/ERROR is ignored', async () => {
   const { client, server, cleanup } = await pair();
   try {
     server.on('call', (m: Message) => {

@@ -7,11 +7,11 @@
  * Download: the reader's batches (dir: SEEK_DATA/SEEK_HOLE; from a file in memory, ranges that the
  * socket takes by sendfile or reads into its batch) → `Stream.sendBatch` → `WireStream`: one hole packet
  * per hole region (trailing hole included), data in packets ≤ 262120 bytes, EOF as an empty
- * STREAM/CONTINUE; an offset at or past the end is an empty stream (libvirt 9.0 fails there, B2).
+ * STREAM/CONTINUE; an offset at or past the end is an empty stream (libvirt 9.0 fails there: libvirt-quirks download-past-end-fails).
  * Backpressure: each batch waits for the socket.
  *
  * Upload: `Stream.recvBatch` → the writer at `offset` (dir: `writeChunks`): holes read back as zeros even over old
- * data and the volume is never truncated (libvirt 9.0 does both wrong, B1). Bytes past `length`
+ * data and the volume is never truncated (libvirt 9.0 does both wrong: libvirt-quirks upload-holes-truncate). Bytes past `length`
  * fail the stream with libvirt's ENOSPC error. Data or a hole past the volume's end grows it, as
  * libvirt does (up to 2^53 bytes). A packet that fails the stream (past `length`, or one the rpc
  * layer refuses) never costs what came before it: all of that is written first. The client's

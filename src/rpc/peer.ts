@@ -351,7 +351,7 @@ export class Peer extends EventEmitter implements StreamHost {
     const key = streamKey(m.proc, m.serial);
     const s = this.#streams.get(key);
     if (s && m.status === Status.ERROR) {
-      // libvirt 9.0 reports a failed STREAM_HOLE as a REPLY/ERROR on the stream's serial (B3).
+      // libvirt 9.0 reports a failed STREAM_HOLE as a REPLY/ERROR on the stream's serial (libvirt-quirks hole-errors-as-reply).
       s.onPacket({ ...m, type: MessageType.STREAM });
     } else if (m.status === Status.ERROR && this.#ended.has(key)) {
       // libvirtd may answer an abort (or a packet it failed to write) of a stream we already

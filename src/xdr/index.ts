@@ -298,7 +298,7 @@ export function encode<T>(c: Codec<T>, v: T): Buffer {
   return Buffer.from(w.view());
 }
 
-/** Decode a whole buffer. Trailing bytes are tolerated, as libvirt does (B9), unless `strict`. */
+/** Decode a whole buffer. Trailing bytes are tolerated, as libvirt does (libvirt-quirks trailing-bytes-accepted), unless `strict`. */
 export function decode<T>(c: Codec<T>, buf: Buffer, strict = false): T {
   const r = new XdrReader(buf);
   const v = c.dec(r);
