@@ -462,3 +462,10 @@ test('a call while a stream is open and unread: its reply is read past the full 
     cleanup();
   }
 });
+
+test('connect() to a unix URI with an empty socket= fails as libvirt does, never reaching for tcp', async () => {
+  await assert.rejects(connect('qemu+unix:///system?socket='), (err: Error) => {
+    assert.match(err.message, /Failed to connect socket to '': Connection refused/);
+    return true;
+  });
+});

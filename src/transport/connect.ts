@@ -90,6 +90,10 @@ export async function openTransport(u: ParsedUri, opts: { signal?: AbortSignal; 
   const timeout = opts.timeout ?? 30000;
   let sock: net.Socket;
   let ready: string;
+  if (u.transport === 'unix' && u.socket === '') {
+    // (Node would take an empty path for a tcp connection to localhost; libvirt refuses it)
+    throw Object.assign(new SparsevirtError('ERR_CONNECTION_CLOSED', "Failed to connect socket to '': Connection refused"), { errno: -111, syscall: 'connect' });
+  }
   if (u.transport === 'unix' || u.transport === 'tcp') {
     const hook = new ReadHook();
     const where = u.transport === 'unix' ? { path: u.socket } : { host: u.host, port: u.port };
