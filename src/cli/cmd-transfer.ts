@@ -12,7 +12,7 @@
  */
 import fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { chunkLength, isBatch, tapChunks, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
+import { chunkLength, isBatch, LEGACY_PAYLOAD_MAX, tapChunks, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
 import type { StorageVol } from '../client/index.js';
 import type { Stream } from '../stream/index.js';
 import { errorText, type Ctl } from './ctl.js';
@@ -25,7 +25,7 @@ import { optBool, type ParsedCmd } from './vsh.js';
 
 type Handler = (ctl: Ctl, cmd: ParsedCmd) => Promise<void>;
 
-const CHUNK = 262120;
+const CHUNK = LEGACY_PAYLOAD_MAX;
 
 /** vshCommandOptULongLong(Wrap): absent = 0. */
 function numberOpt(ctl: Ctl, cmd: ParsedCmd, name: string, wrap: boolean): bigint {
