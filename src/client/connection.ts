@@ -2,6 +2,7 @@
  * The client: `connect(uri)` opens a libvirt connection (to libvirtd or sparsevirtd) and gives
  * typed access to storage pools and volumes, with sparse upload and download.
  */
+import { escapeXml } from '../xml.js';
 import { RemoteError, SparsevirtError, VIR_ERR_CODE } from '../errors.js';
 import { Peer } from '../rpc/peer.js';
 import {
@@ -203,9 +204,7 @@ export function connect(uri?: string, opts: ConnectOptions = {}): Promise<Connec
   return Connection.open(uri, opts);
 }
 
-export function escapeXml(s: string): string {
-  return s.replace(/[<>&'"]/g, (c) => ({ '<': '&lt;', '>': '&gt;', '&': '&amp;', "'": '&apos;', '"': '&quot;' })[c]!);
-}
+export { escapeXml };
 
 export function dirPoolXml(name: string, target: string): string {
   return `<pool type='dir'>\n  <name>${escapeXml(name)}</name>\n  <target>\n    <path>${escapeXml(target)}</path>\n  </target>\n</pool>\n`;

@@ -8,6 +8,7 @@
  * the five predefined entities plus character references. A DOCTYPE is refused: no entity
  * expansion, no external anything.
  */
+import { escapeXml } from '../xml.js';
 import type { PoolAuth, PoolBackend, PoolDef, PoolSource, PoolSourceHost, VolDef } from './backend.js';
 import { CODE, DOMAIN, storageError, virError } from './errors.js';
 
@@ -152,9 +153,7 @@ export function textAt(el: XmlElement | undefined, ...path: string[]): string | 
   return cur === undefined ? undefined : cur.text.trim();
 }
 
-export function escapeXml(s: string): string {
-  return s.replace(/[<>&'"]/g, (c) => ({ '<': '&lt;', '>': '&gt;', '&': '&amp;', "'": '&apos;', '"': '&quot;' })[c]!);
-}
+export { escapeXml };
 
 // ------------------------------------------------------------------ scaled integers
 

@@ -17,15 +17,12 @@
  * - text is escaped as libvirt does: & < > ' " as entities, control characters other than tab,
  *   newline and carriage return dropped.
  */
+import { escapeXml as escapeXmlText } from '../../xml.js';
 import type { BigIntStats } from 'node:fs';
 import type { ImageFormat, ProbeResult } from './probe.js';
 
 /** libvirt's virBufferEscapeString. */
-export function escapeXmlText(s: string): string {
-  return s
-    .replace(/[\x00-\x08\x0b\x0c\x0e-\x1f]/g, '')
-    .replace(/[&<>'"]/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', "'": '&apos;', '"': '&quot;' })[c]!);
-}
+export { escapeXmlText };
 
 /** What `<permissions>` and `<timestamps>` need from a stat. */
 export interface FileStatXml {
