@@ -69,12 +69,15 @@ test('both programs run as installed (their #! line) without NODE_EXTRA_CA_CERTS
   // node itself warns about a CA file it cannot load, before any script runs
   const env = { ...process.env, NODE_EXTRA_CA_CERTS: '/nonexistent-sv-ca.pem' };
   const direct = await run(process.execPath, [CLI, '--version'], { env });
-  assert.match(direct.stderr, /extra certs/i, 'node reads the variable at start-up');
+  // Node 20 reads the variable at start-up (and warns about a file it cannot load); Node 24 only
+  // when TLS first needs it, so there the programs must simply run.
+  const readAtStart = /extra certs/i.test(direct.stderr);
+  if (process.versions.node.startsWith('20.')) assert.ok(readAtStart, 'Node 20 reads the variable at start-up');
   for (const prog of [CLI, MAIN]) {
     const r = await run(prog, ['--version'], { env });
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /^(sparsevirtd )?\d+\.\d+\.\d+\n/);
-    assert.doesNotMatch(r.stderr, /extra certs/i, `${path.basename(prog)}: the variable is dropped before node starts`);
+    if (readAtStart) assert.doesNotMatch(r.stderr, /extra certs/i, `${path.basename(prog)}: the variable is dropped before node starts`);
   }
 });
 

@@ -80,7 +80,8 @@ describe('toWritable / toReadable', { timeout: 30_000 }, () => {
     const window = 64 * 1024;
     const piece = 16 * 1024;
     const { sender, receiver } = createStreamPair({ sparse: true, highWaterMark: window });
-    const readable = receiver.toReadable();
+    // the Readable's own buffer set here: Node's default is 16 KiB up to Node 20, 64 KiB from 22
+    const readable = receiver.toReadable({ highWaterMark: piece });
     for (let i = 0; i < 4; i++) await sender.send(Buffer.alloc(piece, i)); // 64 KiB: at the window
     const fifth = sender.send(Buffer.alloc(piece, 4)); // 80 KiB > window: waits
     assert.equal(await hasSettled(fifth), false, 'the producer is paused');

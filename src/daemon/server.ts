@@ -227,7 +227,10 @@ class Daemon implements DaemonHandle {
   private makeServer(role: ListenerRole): net.Server {
     let server: net.Server;
     if (role === 'tls') {
-      const t = tls.createServer({ ...this.tlsOptions(), requestCert: true, rejectUnauthorized: true }, (sock) => this.onTlsConnection(sock));
+      // TLS 1.2 at most: libvirt 9.0's client reads its one confirmation byte once, and fails with
+      // EAGAIN when a TLS 1.3 session ticket arrives apart from it (docs/libvirt-quirks.md
+      // tls13-ticket-before-confirmation).
+      const t = tls.createServer({ ...this.tlsOptions(), maxVersion: 'TLSv1.2', requestCert: true, rejectUnauthorized: true }, (sock) => this.onTlsConnection(sock));
       t.on('tlsClientError', (err, sock) => {
         this.log.warn('TLS handshake refused', { remote: `${sock.remoteAddress}:${sock.remotePort}`, error: err.message });
       });
