@@ -23,6 +23,8 @@ import { StorageDriver } from './storage.js';
 import { listenerRole, unixSocketPath, type ActivatedSocket, type ListenerRole } from './systemd.js';
 
 const TLS_CONFIRMATION = Buffer.from([1]);
+/** Anything but 0x01 in its place tells a libvirt client that the server refused it. */
+const TLS_REFUSAL = Buffer.from([0]);
 
 export type ListenSpec =
   | { kind: 'unix'; path: string; readonly?: boolean }
@@ -144,6 +146,16 @@ export function dnMatches(pattern: string, dn: string): boolean {
 }
 
 /** The subject DN as libvirt matches it: attributes in certificate order, `C=…,O=…,CN=…`. */
+/**
+ * Refuse a client whose handshake completed: a byte other than the confirmation, then the end
+ * (a bare close can reach the client before its own handshake has finished, and look like a
+ * broken connection instead of a refusal).
+ */
+function refuseTls(sock: tls.TLSSocket): void {
+  sock.end(TLS_REFUSAL);
+  setTimeout(() => sock.destroy(), 1000).unref();
+}
+
 export function subjectDn(sock: tls.TLSSocket): string | null {
   const x = sock.getPeerX509Certificate();
   if (!x) return null;
@@ -323,19 +335,19 @@ class Daemon implements DaemonHandle {
     }
     if (allow.length > 0 && (cn === undefined || !allow.includes(cn))) {
       this.log.warn('TLS client refused: certificate CN not in the allow-list', { remote, cn: cn ?? null });
-      sock.destroy();
+      refuseTls(sock);
       return;
     }
     if (t.allowDn !== undefined && t.allowDn !== null) {
       const dn = subjectDn(sock);
       if (dn === null || !t.allowDn.some((p) => dnMatches(p, dn))) {
         this.log.warn('TLS client refused: certificate DN not in tls_allowed_dn_list', { remote, dn });
-        sock.destroy();
+        refuseTls(sock);
         return;
       }
     }
     if (this.closing || !this.admit({ transport: 'tls', remote })) {
-      sock.destroy();
+      refuseTls(sock);
       return;
     }
     // libvirt's TLS confirmation: one byte 0x01 once the client's certificate passed our checks;
