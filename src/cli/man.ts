@@ -5,29 +5,13 @@
  *
  * Inline markup in texts: `**bold**` and `__italic__`.
  */
+import type { ManBlock, ManItem, ManPage } from '../man.js';
 import { GROUPS } from './commands.js';
 import { globalOptions } from './completion-scripts.js';
 import { SPARSEVIRT_VERSION, VIRSH_VERSION } from './globals.js';
 import type { CmdDef, OptDef } from './vsh.js';
 
-export interface ManItem {
-  term: string;
-  text: string;
-  items?: ManItem[];
-}
-
-export type ManBlock = { para: string } | { items: ManItem[] } | { pre: string } | { sub: string };
-
-export interface ManPage {
-  name: string;
-  section: number;
-  /** The NAME line's description. */
-  title: string;
-  /** The footer's source, e.g. `sparsevirt 0.1.0`. */
-  source: string;
-  manual: string;
-  sections: Array<{ heading: string; blocks: ManBlock[] }>;
-}
+export type { ManBlock, ManItem, ManPage };
 
 /** The synopsis `help CMD` prints. */
 function synopsis(def: CmdDef): string {

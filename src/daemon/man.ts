@@ -5,26 +5,12 @@
  *
  * Inline markup in texts: `**bold**` and `__italic__`.
  */
+import type { ManBlock, ManItem, ManPage } from '../man.js';
 import { CONFIG_KEYS, RO_SOCKET_NAME, RW_SOCKET_NAME } from './config.js';
 import { DAEMON_OPTIONS, HELP_INTRO, packageVersion } from './options.js';
 import { UNIT_FILES } from './systemd.js';
 
-export interface ManItem {
-  term: string;
-  text: string;
-  items?: ManItem[];
-}
-
-export type ManBlock = { para: string } | { items: ManItem[] } | { pre: string } | { sub: string };
-
-export interface ManPage {
-  name: string;
-  section: number;
-  title: string;
-  source: string;
-  manual: string;
-  sections: Array<{ heading: string; blocks: ManBlock[] }>;
-}
+export type { ManBlock, ManItem, ManPage };
 
 /** `--listen unix:PATH` → `**--listen** __unix:PATH__`. */
 function optionTerm(usage: string): string {
