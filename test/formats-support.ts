@@ -173,9 +173,21 @@ export function requireQemuImg(t: TestContext): boolean {
   return false;
 }
 
-/** Run qemu-img directly (test setup), throwing with its stderr. */
+/**
+ * Run qemu-img directly (test setup), throwing with its stderr. qemu 7.2 (Debian 12) times its
+ * LUKS key derivation on the thread's CPU clock and gives up with "Unable to get accurate CPU
+ * usage" when a round measures 0 ms (fixed in qemu 9.2.1): it depends on the machine's load, so
+ * that one message is retried.
+ */
 export function qemuImg(...args: string[]): string {
-  return execFileSync('qemu-img', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return execFileSync('qemu-img', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    } catch (e) {
+      const stderr = String((e as { stderr?: unknown }).stderr ?? '');
+      if (attempt >= 8 || !stderr.includes('Unable to get accurate CPU usage')) throw e;
+    }
+  }
 }
 
 // ------------------------------------------------------------------ XML
