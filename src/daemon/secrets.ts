@@ -298,6 +298,29 @@ export class SecretStore {
     return secret.value;
   }
 
+  /**
+   * The value of the secret a pool's `<auth><secret uuid=…|usage=…/>` names, for the daemon's
+   * own use (private or not), as libvirt's virSecretGetSecretString finds it: by uuid, or by
+   * usage of `usageType`. NO_SECRET for a missing secret or value; INVALID_ARG for a secret of
+   * another usage type.
+   */
+  lookupValue(ref: { uuid: string } | { usage: string }, usageType: number): Buffer {
+    let secret: Secret;
+    if ('uuid' in ref) {
+      const uuid = normUuid(ref.uuid) ?? ref.uuid;
+      secret = this.byUuid(uuid);
+      const type = secret.def.usageType;
+      if (type !== SecretUsage.NONE && type !== usageType) {
+        // (libvirt reports this one from its secret utilities, without an error domain)
+        throw virError(CODE.INVALID_ARG, 0,
+          `secret with uuid ${uuid} is of type '${USAGE_NAMES[type]}' not expected '${USAGE_NAMES[usageType]}' type`);
+      }
+    } else {
+      secret = this.byUsage(usageType, ref.usage);
+    }
+    return this.value(secret);
+  }
+
   async undefine(secret: Secret): Promise<void> {
     this.current(secret);
     if (!secret.def.ephemeral) await this.removeFiles(secret.def.uuid);
@@ -324,48 +347,6 @@ export class SecretStore {
     await fsp.rm(this.file(uuid, 'base64'), { force: true });
     await fsp.rm(this.file(uuid, 'xml'), { force: true });
   }
-}
-
-// ------------------------------------------------------------------ the daemon's stores
-
-/**
- * The secret stores open in this process, newest first: the storage backends find a pool's
- * secret here (a daemon has one store; tests may run several daemons in one process).
- */
-const openStores: SecretStore[] = [];
-
-/** The store of `stateDir`, loaded now and known to the backends from now on. */
-export function openSecretStore(stateDir: string, onBad?: (file: string, err: unknown) => void): SecretStore {
-  const store = new SecretStore(stateDir, onBad);
-  openStores.unshift(store);
-  return store;
-}
-
-/** The store stops being searched by the backends. */
-export function closeSecretStore(store: SecretStore): void {
-  const i = openStores.indexOf(store);
-  if (i >= 0) openStores.splice(i, 1);
-}
-
-/**
- * The value of the secret a pool's `<auth><secret uuid=…|usage=…/>` names, for the daemon's
- * own use (private or not). Throws NO_SECRET as libvirt does for a missing secret or value.
- */
-export function lookupSecretValue(ref: { uuid: string } | { usage: string }, usageType: number = SecretUsage.CEPH): Buffer {
-  const find = (store: SecretStore): Secret | null => {
-    try {
-      return 'uuid' in ref ? store.byUuid(normUuid(ref.uuid) ?? ref.uuid) : store.byUsage(usageType, ref.usage);
-    } catch {
-      return null;
-    }
-  };
-  for (const store of openStores) {
-    const s = find(store);
-    if (s) return store.value(s);
-  }
-  throw 'uuid' in ref
-    ? secretError(NO_SECRET, `no secret with matching uuid '${normUuid(ref.uuid) ?? ref.uuid}'`)
-    : secretError(NO_SECRET, `no secret with matching usage '${ref.usage}'`);
 }
 
 // ------------------------------------------------------------------ the procedures
