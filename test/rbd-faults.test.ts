@@ -551,7 +551,7 @@ test("Ceph's refusals at pool-start and vol-create: libvirtd's error code and do
     assert.equal(r.code, 0, r.stderr);
     const out = new Map<string, { code: number; domain: number; seconds: number; message: string } | null>();
     for (const line of r.stdout.trim().split('\n')) {
-      const m = /^(\S+) (ok|err (-?\d+) (-?\d+) ([\d.]+) ([^]*))$/.exec(line);
+      const m = /^(\S+) (ok|err (-?\d+) (-?\d+) ([\d.]+) (.*))$/.exec(line);
       assert.ok(m, line);
       out.set(m[1]!, m[2] === 'ok' ? null : { code: Number(m[3]), domain: Number(m[4]), seconds: Number(m[5]), message: m[6]! });
     }
