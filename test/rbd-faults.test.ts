@@ -485,9 +485,12 @@ test("Ceph's timeouts as rbd:config_opts set them are what bounds the calls", as
 
 // ------------------------------------------------------------------ refusals, next to libvirtd
 
-/** One line per case: `NAME err CODE DOMAIN SECONDS MESSAGE` or `NAME ok`. */
+/**
+ * One line per case: `NAME err CODE DOMAIN SECONDS MESSAGE` or `NAME ok` from libvirt's Python
+ * client, then `NAME virsh STATUS STDERR` (lines joined by ' | ') from virsh doing the same.
+ */
 const REFUSALS = String.raw`
-import libvirt, os, base64, time
+import libvirt, os, base64, time, subprocess
 libvirt.registerErrorHandler(lambda *a: None, None)
 uri = os.environ['URI']; key = os.environ['KEY']; tag = os.environ['TAG']; mon = os.environ['MON']
 c = libvirt.open(uri)
@@ -514,6 +517,9 @@ cases = [
   ('unreachable-monitor', pool('unreachable-monitor', U(1), host="<host name='127.0.0.1' port='1'/>", opts="<rbd:option name='client_mount_timeout' value='3'/>")),
 ]
 out = []
+def virsh(name, *args):
+    v = subprocess.run(['virsh', '-q', '-c', uri] + list(args), capture_output=True, text=True, timeout=120)
+    out.append('%s virsh %d %s' % (name, v.returncode, ' | '.join(v.stderr.strip().split('\n'))))
 for name, xml in cases:
     p = c.storagePoolDefineXML(xml)
     t0 = time.time()
@@ -521,6 +527,7 @@ for name, xml in cases:
         p.create(); out.append('%s ok' % name); p.destroy()
     except libvirt.libvirtError as e:
         out.append('%s err %d %d %.1f %s' % (name, e.get_error_code(), e.get_error_domain(), time.time() - t0, e.get_error_message()))
+    virsh(name, 'pool-start', p.name())
     p.undefine()
 p = c.storagePoolDefineXML(pool('good', U(1)))
 p.create()
@@ -529,6 +536,7 @@ for name, vol in [('name-too-long', 'x' * 5000), ('name-with-slash', 'svtest/%s'
         v = p.createXML("<volume><name>%s</name><capacity>1048576</capacity></volume>" % vol); out.append('%s ok' % name); v.delete()
     except libvirt.libvirtError as e:
         out.append('%s err %d %d 0 %s' % (name, e.get_error_code(), e.get_error_domain(), e.get_error_message()))
+        virsh(name, 'vol-create-as', p.name(), vol, '1M')
 p.destroy(); p.undefine()
 for s in secrets: s.undefine()
 print('\n'.join(out))
@@ -546,14 +554,22 @@ test("Ceph's refusals at pool-start and vol-create: libvirtd's error code and do
   }
   const tag = randomBytes(4).toString('hex');
   const mon = s.ceph.monitors.map((m) => `<host name='${m.host}' port='${m.port}'/>`).join('');
-  const refusals = async (uri: string): Promise<Map<string, { code: number; domain: number; seconds: number; message: string } | null>> => {
-    const r = await run('/usr/bin/python3', ['-c', REFUSALS], { timeoutMs: 240_000, env: { ...process.env, URI: uri, KEY: s.ceph.libvirt.key, TAG: tag, MON: mon } });
+  type Refusal = { code: number; domain: number; seconds: number; message: string; virsh: string };
+  const refusals = async (uri: string): Promise<Map<string, Refusal | null>> => {
+    const r = await run('/usr/bin/python3', ['-c', REFUSALS], { timeoutMs: 300_000, env: { ...process.env, URI: uri, KEY: s.ceph.libvirt.key, TAG: tag, MON: mon } });
     assert.equal(r.code, 0, r.stderr);
-    const out = new Map<string, { code: number; domain: number; seconds: number; message: string } | null>();
+    const out = new Map<string, Refusal | null>();
     for (const line of r.stdout.trim().split('\n')) {
+      const v = /^(\S+) virsh (\d+) (.*)$/.exec(line);
+      if (v) {
+        const prev = out.get(v[1]!);
+        assert.ok(prev, line);
+        prev.virsh = `${v[2]} ${v[3]}`;
+        continue;
+      }
       const m = /^(\S+) (ok|err (-?\d+) (-?\d+) ([\d.]+) (.*))$/.exec(line);
       assert.ok(m, line);
-      out.set(m[1]!, m[2] === 'ok' ? null : { code: Number(m[3]), domain: Number(m[4]), seconds: Number(m[5]), message: m[6]! });
+      out.set(m[1]!, m[2] === 'ok' ? null : { code: Number(m[3]), domain: Number(m[4]), seconds: Number(m[5]), message: m[6]!, virsh: '' });
     }
     return out;
   };
@@ -573,7 +589,13 @@ test("Ceph's refusals at pool-start and vol-create: libvirtd's error code and do
     t.diagnostic(`${name}: libvirtd ${want ? `${want.code}/${want.domain} ${want.message.slice(0, 160)}` : 'ok'} | sparsevirtd ${got ? `${got.code}/${got.domain} ${got.message.slice(0, 160)}` : 'ok'}`);
     assert.deepEqual(got && [got.code, got.domain], want && [want.code, want.domain], `${name}: code and domain`);
     if (!got || !want) continue;
-    if (want.domain === 30 || want.code === 8) assert.equal(got.message, want.message, `${name}: the secret driver's message`);
+    if (want.domain === 30 || want.code === 8) {
+      assert.equal(got.message, want.message, `${name}: the secret driver's message`);
+      assert.equal(got.virsh, want.virsh, `${name}: virsh`);
+    }
+    // virsh: the same status and first line ("1 error: Failed to start pool …"), then the daemon's message
+    assert.equal(got.virsh.split(' | ')[0], want.virsh.split(' | ')[0], `${name}: virsh`);
+    assert.ok(got.virsh.endsWith(`error: ${got.message}`), `${name}: virsh prints the daemon's message: ${got.virsh}`);
     const re = reason[name];
     if (re) assert.match(got.message, re, name);
     assert.ok(got.seconds <= want.seconds + 2, `${name}: ${got.seconds} s here, ${want.seconds} s in libvirtd`);
