@@ -586,7 +586,8 @@ test("Ceph's refusals at pool-start and vol-create: libvirtd's error code and do
   };
   for (const [name, want] of theirs) {
     const got = ours.get(name);
-    t.diagnostic(`${name}: libvirtd ${want ? `${want.code}/${want.domain} ${want.message.slice(0, 160)}` : 'ok'} | sparsevirtd ${got ? `${got.code}/${got.domain} ${got.message.slice(0, 160)}` : 'ok'}`);
+    const show = (r: Refusal | null | undefined) => (r ? `${r.code}/${r.domain} ${r.seconds} s ${r.message.slice(0, 160)}` : 'ok');
+    t.diagnostic(`${name}: libvirtd ${show(want)} | sparsevirtd ${show(got)}`);
     assert.deepEqual(got && [got.code, got.domain], want && [want.code, want.domain], `${name}: code and domain`);
     if (!got || !want) continue;
     if (want.domain === 30 || want.code === 8) {
