@@ -13,7 +13,7 @@ import { randomBytes } from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { run, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { run, startTestDaemon } from './helpers/daemon.js';
 import { LIBVIRTD_URI, requireLibvirt, virsh, virshOk } from './helpers/libvirt.js';
 
 const PYTHON = '/usr/bin/python3';
@@ -164,16 +164,9 @@ stop = True
 print('\n'.join(sorted(out[:2]) + sorted(out[2:])))
 `;
 
-function daemonOrSkip(t: TestContext): Promise<boolean> {
-  return requireLibvirt(t);
-}
-
-let shared: TestDaemon | null = null;
-
 test('secret events: virsh secret-event --loop prints from sparsevirtd what it prints from libvirtd', { timeout: 180_000 }, async (t) => {
-  if (!(await daemonOrSkip(t))) return;
+  if (!(await requireLibvirt(t))) return;
   const d = await startTestDaemon();
-  shared = d;
   try {
     const id = (n: number) => `e7e7e7e7-0000-4000-8000-${randomBytes(5).toString('hex')}${n}0`;
     const ids = { uuid: id(1), eph: id(2), other: id(3), probe: id(4) };
@@ -188,14 +181,13 @@ test('secret events: virsh secret-event --loop prints from sparsevirtd what it p
     ]);
     assert.deepEqual(ours.value, [`event 'value-changed' for secret ${ids.uuid}`, `event 'value-changed' for secret ${ids.uuid}`]);
   } finally {
-    shared = null;
     await d.stop();
   }
 });
 
 test("secret events: libvirt's Python client gets the same fields, read-only too, filtered by secret, none after deregistering", { timeout: 120_000 }, async (t) => {
-  if (!(await daemonOrSkip(t)) || !(await requirePython(t))) return;
-  const d = shared ?? (await startTestDaemon());
+  if (!(await requireLibvirt(t)) || !(await requirePython(t))) return;
+  const d = await startTestDaemon();
   try {
     const uuid = `e8e8e8e8-0000-4000-8000-${randomBytes(6).toString('hex')}`;
     const py = async (uri: string): Promise<string[]> => {
@@ -211,12 +203,12 @@ test("secret events: libvirt's Python client gets the same fields, read-only too
       `ro-filtered lifecycle ${uuid} 2 py events ${uuid} 1 0`, `rw lifecycle ${uuid} 2 py events ${uuid} 1 0`,
     ]);
   } finally {
-    if (d !== shared) await d.stop();
+    await d.stop();
   }
 });
 
 test('secret procedures: virsh gets the same output and status from sparsevirtd as from libvirtd', { timeout: 120_000 }, async (t) => {
-  if (!(await daemonOrSkip(t))) return;
+  if (!(await requireLibvirt(t))) return;
   const d = await startTestDaemon();
   const uuid = `e9e9e9e9-0000-4000-8000-${randomBytes(6).toString('hex')}`;
   const open = `eaeaeaea-0000-4000-8000-${randomBytes(6).toString('hex')}`;
