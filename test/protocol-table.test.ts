@@ -1,6 +1,6 @@
 /**
  * The procedure table against an independent transcription of the wire reference
- * (shared/reference/libvirt-protocol.md §6.2; 71-76, 91, 92, 125, 149, 368-373, 391 and 403 from
+ * (shared/reference/libvirt-protocol.md §6.2; 71-76, 91, 92, 125, 149, 368-373, 380-383, 391 and 403 from
  * libvirt's remote_protocol.x). Every field gets a distinct value, so a swapped field order or a
  * wrong XDR type changes the bytes — the captures cannot catch all of these (e.g. every captured
  * vol-info reply has capacity == allocation, and procedures 81, 85, 90, 91, 165 never appear).
@@ -11,7 +11,7 @@ import { P, PROCEDURES_BY_NUM } from '../src/protocol/remote.js';
 import { decode, encode, XdrWriter } from '../src/xdr/index.js';
 
 type T = 'int' | 'uint' | 'u64' | 'string' | 'optstring' | 'uuid' | 'pool' | 'optpool' | 'vol' | 'int<20>' | 'pool<4096>' | 'vol<16384>'
-  | 'string<4096>' | 'string<16384>' | 'secret' | 'secret<16384>' | 'opaque';
+  | 'string<4096>' | 'string<16384>' | 'secret' | 'optsecret' | 'secret<16384>' | 'opaque';
 type Fields = [string, T][];
 
 const pool: [string, T] = ['pool', 'pool'];
@@ -89,6 +89,10 @@ const REF: Record<number, [name: string, args: Fields, ret: Fields]> = {
   370: ['STORAGE_POOL_EVENT_LIFECYCLE', [['callbackID', 'int'], pool, ['event', 'int'], ['detail', 'int']], []],
   373: ['STORAGE_POOL_EVENT_REFRESH', [['callbackID', 'int'], pool], []],
   378: ['STORAGE_VOL_GET_INFO_FLAGS', [vol, flags], [['type', 'int'], ['capacity', 'u64'], ['allocation', 'u64']]],
+  380: ['CONNECT_SECRET_EVENT_REGISTER_ANY', [['eventID', 'int'], ['secret', 'optsecret']], [['callbackID', 'int']]],
+  381: ['CONNECT_SECRET_EVENT_DEREGISTER_ANY', [['callbackID', 'int']], []],
+  382: ['SECRET_EVENT_LIFECYCLE', [['callbackID', 'int'], secret, ['event', 'int'], ['detail', 'int']], []],
+  383: ['SECRET_EVENT_VALUE_CHANGED', [['callbackID', 'int'], secret], []],
   391: ['STORAGE_POOL_LOOKUP_BY_TARGET_PATH', [['path', 'string']], [pool]],
   403: ['CONNECT_GET_STORAGE_POOL_CAPABILITIES', [flags], [['capabilities', 'string']]],
   // sparsevirt's own (not libvirt's): asked for only after Feature.SPARSEVIRT_CONTENT_DIGEST
@@ -114,6 +118,7 @@ function sample(t: T, k: number, w: XdrWriter): unknown {
   };
   switch (t) {
     case 'secret': return secretV(k);
+    case 'optsecret': w.uint(1); return secretV(k);
     case 'secret<16384>': w.uint(2); return [secretV(k), secretV(k + 50)];
     case 'opaque': { const v = Buffer.from([k, 0, 0xff, k + 1, 7]); w.opaque(v); return v; }
     case 'int': w.int(-1000 - k); return -1000 - k;

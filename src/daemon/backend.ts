@@ -11,6 +11,10 @@
  *
  * Errors: a backend throws `RemoteError`s with libvirt's codes (errors.ts), e.g. NO_STORAGE_VOL
  * from `lookupVolume`, STORAGE_VOL_EXIST from `createVolume`.
+ *
+ * A backend is one object for every daemon of the process: what belongs to one daemon (its
+ * secrets) reaches it as a `BackendContext` from that daemon's driver, never through a store of
+ * the process.
  */
 import type { Chunk, FileRange, FileRef, WrittenRange } from '../chunk.js';
 
@@ -216,6 +220,17 @@ export interface VolFormatCaps {
 
 // ------------------------------------------------------------------ the backend
 
+/** What a daemon's storage driver gives the backend calls that need the daemon's own state. */
+export interface BackendContext {
+  /**
+   * The value of the secret `<auth><secret uuid=…|usage=…/>` names, from this daemon's secret
+   * driver, for the daemon's own use (a private secret's too). `usageType` is the type the pool
+   * needs (virSecretUsageType: CEPH for rbd). Throws libvirt's errors: NO_SECRET for a missing
+   * secret or value, INVALID_ARG for a secret of another usage type.
+   */
+  lookupSecretValue(ref: PoolAuth['secret'], usageType: number): Buffer;
+}
+
 export interface PoolBackend {
   /** The pool type: 'dir', 'rbd'. */
   readonly type: string;
@@ -231,7 +246,7 @@ export interface PoolBackend {
 
   build?(pool: Pool, flags: number): Promise<void>;
   /** Connect to / check the target and fill `pool.stats` (and `pool.perms`, `pool.conn`). */
-  start(pool: Pool): Promise<void>;
+  start(pool: Pool, ctx: BackendContext): Promise<void>;
   /** Let go of what start took (`pool.conn`); never throws for a target that went away. */
   stop(pool: Pool): Promise<void>;
   /** Re-check the target and refill `pool.stats`; a failure stops the pool (the driver's). */

@@ -7,14 +7,21 @@
  * Rules as libvirt 9.0's secret driver has them: the value of a private secret is never returned
  * to a client (only the daemon's own users, such as the RBD backend, read it); a read-only
  * connection may list and look up but not define, set, read a value, or undefine; errors carry
- * domain SECRET with libvirt's codes and messages.
+ * domain SECRET with libvirt's codes and messages. Secret events as libvirtd sends them: lifecycle
+ * (DEFINED at every define, UNDEFINED) and value-changed, to the callbacks a client registered,
+ * read-only clients included.
+ *
+ * Each daemon has its own store; the storage backends reach it through the driver's
+ * `BackendContext` (`lookupValue`), never through anything shared by the process.
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { RemoteError } from '../errors.js';
-import { ListSecretsFlags, SECRET_LIST_MAX, SecretUsage, type SecretRef } from '../protocol/secret.js';
+import { ListSecretsFlags, P, SECRET_LIST_MAX, SecretEventId, SecretLifecycle, SecretUsage, type SecretRef } from '../protocol/index.js';
+import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Header } from '../rpc/message.js';
+import { encode } from '../xdr/index.js';
 import { CODE, rpcError, virError } from './errors.js';
 import { writeFileAtomic } from './state.js';
 import { child, escapeXml, parseXml, type XmlElement } from './xml.js';
@@ -85,6 +92,11 @@ export interface Secret {
   def: SecretDef;
   value: Buffer | null;
 }
+
+/** What a store tells its listeners (the sessions' secret event callbacks). */
+export type SecretEvent =
+  | { kind: 'lifecycle'; secret: Secret; event: number }
+  | { kind: 'value'; secret: Secret };
 
 const UUID_RE = /^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$/i;
 
@@ -170,12 +182,29 @@ const TMP_MARK = '.tmp-';
 export class SecretStore {
   readonly dir: string;
   private readonly secrets = new Map<string, Secret>();
+  private readonly listeners = new Set<(e: SecretEvent) => void>();
 
   private loaded = false;
 
   /** `<stateDir>/secrets/` is read at the first use (after the daemon holds its state directory). */
   constructor(stateDir: string, private readonly onBad: (file: string, err: unknown) => void = () => undefined) {
     this.dir = path.join(stateDir, 'secrets');
+  }
+
+  /** Listen to this store's secret events; returns the function that stops listening. */
+  onEvent(fn: (e: SecretEvent) => void): () => void {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  private emit(e: SecretEvent): void {
+    for (const fn of this.listeners) {
+      try {
+        fn(e);
+      } catch {
+        // (a listener's failure is its own: the change is made)
+      }
+    }
   }
 
   /** Loads the directory synchronously (it is small); unreadable entries go to `onBad`. */
@@ -276,6 +305,7 @@ export class SecretStore {
       await this.removeFiles(def.uuid);
     }
     this.secrets.set(def.uuid, secret);
+    this.emit({ kind: 'lifecycle', secret, event: SecretLifecycle.DEFINED });
     return secret;
   }
 
@@ -283,6 +313,7 @@ export class SecretStore {
     this.current(secret);
     if (!secret.def.ephemeral) await this.saveValue(secret.def.uuid, value);
     secret.value = Buffer.from(value);
+    this.emit({ kind: 'value', secret });
   }
 
   /** The value as a client may read it: never a private secret's. */
@@ -298,10 +329,34 @@ export class SecretStore {
     return secret.value;
   }
 
+  /**
+   * The value of the secret a pool's `<auth><secret uuid=…|usage=…/>` names, for the daemon's
+   * own use (private or not), as libvirt's virSecretGetSecretString finds it: by uuid, or by
+   * usage of `usageType`. NO_SECRET for a missing secret or value; INVALID_ARG for a secret of
+   * another usage type.
+   */
+  lookupValue(ref: { uuid: string } | { usage: string }, usageType: number): Buffer {
+    let secret: Secret;
+    if ('uuid' in ref) {
+      const uuid = normUuid(ref.uuid) ?? ref.uuid;
+      secret = this.byUuid(uuid);
+      const type = secret.def.usageType;
+      if (type !== SecretUsage.NONE && type !== usageType) {
+        // (libvirt reports this one from its secret utilities, without an error domain)
+        throw virError(CODE.INVALID_ARG, 0,
+          `secret with uuid ${uuid} is of type '${USAGE_NAMES[type]}' not expected '${USAGE_NAMES[usageType]}' type`);
+      }
+    } else {
+      secret = this.byUsage(usageType, ref.usage);
+    }
+    return this.value(secret);
+  }
+
   async undefine(secret: Secret): Promise<void> {
     this.current(secret);
     if (!secret.def.ephemeral) await this.removeFiles(secret.def.uuid);
     this.secrets.delete(secret.def.uuid);
+    this.emit({ kind: 'lifecycle', secret, event: SecretLifecycle.UNDEFINED });
   }
 
   /** A secret still defined (not replaced or undefined meanwhile). */
@@ -326,53 +381,89 @@ export class SecretStore {
   }
 }
 
-// ------------------------------------------------------------------ the daemon's stores
-
-/**
- * The secret stores open in this process, newest first: the storage backends find a pool's
- * secret here (a daemon has one store; tests may run several daemons in one process).
- */
-const openStores: SecretStore[] = [];
-
-/** The store of `stateDir`, loaded now and known to the backends from now on. */
-export function openSecretStore(stateDir: string, onBad?: (file: string, err: unknown) => void): SecretStore {
-  const store = new SecretStore(stateDir, onBad);
-  openStores.unshift(store);
-  return store;
-}
-
-/** The store stops being searched by the backends. */
-export function closeSecretStore(store: SecretStore): void {
-  const i = openStores.indexOf(store);
-  if (i >= 0) openStores.splice(i, 1);
-}
-
-/**
- * The value of the secret a pool's `<auth><secret uuid=…|usage=…/>` names, for the daemon's
- * own use (private or not). Throws NO_SECRET as libvirt does for a missing secret or value.
- */
-export function lookupSecretValue(ref: { uuid: string } | { usage: string }, usageType: number = SecretUsage.CEPH): Buffer {
-  const find = (store: SecretStore): Secret | null => {
-    try {
-      return 'uuid' in ref ? store.byUuid(normUuid(ref.uuid) ?? ref.uuid) : store.byUsage(usageType, ref.usage);
-    } catch {
-      return null;
-    }
-  };
-  for (const store of openStores) {
-    const s = find(store);
-    if (s) return store.value(s);
-  }
-  throw 'uuid' in ref
-    ? secretError(NO_SECRET, `no secret with matching uuid '${normUuid(ref.uuid) ?? ref.uuid}'`)
-    : secretError(NO_SECRET, `no secret with matching usage '${ref.usage}'`);
-}
-
 // ------------------------------------------------------------------ the procedures
+
+/** The client's connection, as far as secret events need it. */
+interface EventPeer {
+  readonly closed: boolean;
+  sendFrame(h: Header, payload?: Uint8Array): void;
+  once(event: 'close', fn: () => void): unknown;
+}
 
 /** What a secret handler needs of its session. */
 interface SecretCall {
-  session: { readonly readonly: boolean; readonly driver: { readonly secrets: SecretStore } };
+  session: { readonly readonly: boolean; readonly driver: { readonly secrets: SecretStore }; readonly peer: EventPeer };
+}
+
+/** libvirtd's serial on the event messages it sends. */
+const EVENT_SERIAL = 1;
+/** Secret event callback ids, unique in the process as libvirt's are in its daemon. */
+let nextCallbackId = 1;
+
+/** One client's secret event callbacks: id → event id and the uuid it is limited to. */
+class SecretCallbacks {
+  private readonly callbacks = new Map<number, { eventID: number; uuid: string | null }>();
+  private stop: (() => void) | null = null;
+
+  constructor(private readonly peer: EventPeer, private readonly store: SecretStore) {
+    peer.once('close', () => this.clear());
+  }
+
+  /** CONNECT_SECRET_EVENT_REGISTER_ANY: events of one kind, of every secret or of `secret` (by uuid). */
+  register(eventID: number, secret: SecretRef | null): number {
+    if (eventID !== SecretEventId.LIFECYCLE && eventID !== SecretEventId.VALUE_CHANGED) {
+      throw rpcError(CODE.INTERNAL_ERROR, `unsupported secret event ID ${eventID}`);
+    }
+    const id = nextCallbackId++;
+    this.callbacks.set(id, { eventID, uuid: secret ? uuidFromBytes(secret.uuid) : null });
+    this.stop ??= this.store.onEvent((e) => this.onEvent(e));
+    return id;
+  }
+
+  deregister(callbackID: number): void {
+    if (!this.callbacks.delete(callbackID)) throw rpcError(CODE.INTERNAL_ERROR, `secret event callback ${callbackID} not registered`);
+    if (this.callbacks.size === 0) this.clear();
+  }
+
+  private clear(): void {
+    this.callbacks.clear();
+    this.stop?.();
+    this.stop = null;
+  }
+
+  /**
+   * An event for each matching callback, as a MESSAGE, sent on the next turn of the event loop:
+   * after the reply to the call that caused it, as libvirtd queues its events.
+   */
+  private onEvent(e: SecretEvent): void {
+    const eventID = e.kind === 'lifecycle' ? SecretEventId.LIFECYCLE : SecretEventId.VALUE_CHANGED;
+    const uuid = e.secret.def.uuid;
+    const ids: number[] = [];
+    for (const [id, cb] of this.callbacks) if (cb.eventID === eventID && (cb.uuid === null || cb.uuid === uuid)) ids.push(id);
+    if (ids.length === 0) return;
+    const secret = ref(e.secret);
+    setImmediate(() => {
+      for (const callbackID of ids) {
+        if (this.peer.closed || !this.callbacks.has(callbackID)) continue;
+        const proc = e.kind === 'lifecycle' ? P.SECRET_EVENT_LIFECYCLE : P.SECRET_EVENT_VALUE_CHANGED;
+        const payload = e.kind === 'lifecycle'
+          ? encode(P.SECRET_EVENT_LIFECYCLE.args, { callbackID, secret, event: e.event, detail: 0 })
+          : encode(P.SECRET_EVENT_VALUE_CHANGED.args, { callbackID, secret });
+        this.peer.sendFrame({ prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc: proc.num, type: MessageType.MESSAGE, serial: EVENT_SERIAL, status: Status.OK }, payload);
+      }
+    });
+  }
+}
+
+const callbacksByPeer = new WeakMap<EventPeer, SecretCallbacks>();
+
+function callbacksOf(session: SecretCall['session']): SecretCallbacks {
+  let c = callbacksByPeer.get(session.peer);
+  if (!c) {
+    c = new SecretCallbacks(session.peer, session.driver.secrets);
+    callbacksByPeer.set(session.peer, c);
+  }
+  return c;
 }
 
 interface SecretHandler {
@@ -440,4 +531,8 @@ export const SECRET_HANDLERS = new Map<number, SecretHandler>([
       return { secrets: a.needResults ? all.map(ref) : [], ret: all.length };
     },
   }],
+  [380, {
+    run: ({ session }, a: { eventID: number; secret: SecretRef | null }) => ({ callbackID: callbacksOf(session).register(a.eventID, a.secret) }),
+  }],
+  [381, { run: ({ session }, a: { callbackID: number }) => callbacksOf(session).deregister(a.callbackID) }],
 ]);

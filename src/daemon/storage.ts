@@ -10,13 +10,13 @@ import type { RemoteError } from '../errors.js';
 import { ListPoolsFlags, PoolCreateFlags, PoolLifecycle, PoolState, VolCreateFlags, VolResizeFlags, WipeAlgorithm } from '../protocol/remote.js';
 import {
   Pool, backendFor, registeredBackends,
-  type PoolBackend, type PoolDef, type PoolStats, type ReadOptions, type Volume, type VolumeReader, type VolumeWriter, type WriteOptions,
+  type BackendContext, type PoolBackend, type PoolDef, type PoolStats, type ReadOptions, type Volume, type VolumeReader, type VolumeWriter, type WriteOptions,
 } from './backend.js';
 import './backends/index.js';
 import { CODE, checkFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';
-import { openSecretStore, type SecretStore } from './secrets.js';
+import { SecretStore } from './secrets.js';
 import { POOL_TYPES, formatPoolCapabilities, formatPoolXml, parsePoolXml, parseVolXml, sanitizePath } from './xml.js';
 
 export { Pool, type PoolStats, type VolInfo, type Volume } from './backend.js';
@@ -89,11 +89,15 @@ export class StorageDriver {
   private readonly log: Logger;
   private readonly pools = new Map<string, Pool>();
   private readonly listeners = new Set<(e: PoolEvent) => void>();
+  /** What this daemon's backends calls get: its own secrets. */
+  private readonly backendCtx: BackendContext;
 
   constructor(opts: StorageDriverOptions) {
     this.store = new PoolStore(opts.stateDir);
     this.log = opts.log;
-    this.secrets = openSecretStore(opts.stateDir, (file, err) => this.log.error('secret file unreadable, skipped', { file, error: (err as Error).message }));
+    const secrets = new SecretStore(opts.stateDir, (file, err) => this.log.error('secret file unreadable, skipped', { file, error: (err as Error).message }));
+    this.secrets = secrets;
+    this.backendCtx = { lookupSecretValue: (ref, usageType) => secrets.lookupValue(ref, usageType) };
   }
 
   /**
@@ -347,7 +351,7 @@ export class StorageDriver {
     this.pools.set(pool.name, pool);
     try {
       if (flags) await this.buildTarget(pool, buildFlagsOf(flags));
-      await backend.start(pool);
+      await backend.start(pool, this.backendCtx);
     } catch (err) {
       if (this.pools.get(pool.name) === pool) this.pools.delete(pool.name);
       throw err;
@@ -378,7 +382,7 @@ export class StorageDriver {
     this.requireInactive(pool, 'already');
     if (flags) await this.buildTarget(pool, buildFlagsOf(flags));
     const backend = backendOf(pool);
-    await backend.start(pool);
+    await backend.start(pool, this.backendCtx);
     pool.active = true;
     if (opts.save !== false) {
       try {

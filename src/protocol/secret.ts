@@ -3,7 +3,7 @@
  * on the wire by `remote_nonnull_secret` (uuid, usage type, usage id). Merged into `P` by
  * remote.ts.
  */
-import { array, fixedOpaque, int, opaque, string, struct, uint, voidCodec, type Codec } from '../xdr/index.js';
+import { array, fixedOpaque, int, opaque, optional, string, struct, uint, voidCodec, type Codec } from '../xdr/index.js';
 import type { Procedure } from './remote.js';
 
 const STRING_MAX = 4194304;
@@ -21,8 +21,8 @@ export interface SecretRef { uuid: Buffer; usageType: number; usageID: string }
  * None is marked `writes`: the secret driver refuses a read-only connection itself, with its own
  * error domain (daemon/secrets.ts), as libvirt's secret API does.
  */
-function proc<A, R>(num: number, name: string, args: Codec<A>, ret: Codec<R>): Procedure<A, R> {
-  return { num, name, args, ret };
+function proc<A, R>(num: number, name: string, args: Codec<A>, ret: Codec<R>, extra: { event?: boolean } = {}): Procedure<A, R> {
+  return { num, name, args, ret, ...extra };
 }
 
 const secretArg = struct({ secret: secretRef });
@@ -41,9 +41,18 @@ export const SECRET_PROCEDURES = {
   SECRET_LOOKUP_BY_USAGE: proc(147, 'SECRET_LOOKUP_BY_USAGE', struct({ usageType: int, usageID: str }), retSecret),
   CONNECT_LIST_ALL_SECRETS: proc(287, 'CONNECT_LIST_ALL_SECRETS', struct({ needResults: int, flags: uint }),
     struct({ secrets: array(secretRef, SECRET_LIST_MAX), ret: uint })),
+  CONNECT_SECRET_EVENT_REGISTER_ANY: proc(380, 'CONNECT_SECRET_EVENT_REGISTER_ANY',
+    struct({ eventID: int, secret: optional(secretRef) }), struct({ callbackID: int })),
+  CONNECT_SECRET_EVENT_DEREGISTER_ANY: proc(381, 'CONNECT_SECRET_EVENT_DEREGISTER_ANY', struct({ callbackID: int }), voidCodec),
+  SECRET_EVENT_LIFECYCLE: proc(382, 'SECRET_EVENT_LIFECYCLE',
+    struct({ callbackID: int, secret: secretRef, event: int, detail: int }), voidCodec, { event: true }),
+  SECRET_EVENT_VALUE_CHANGED: proc(383, 'SECRET_EVENT_VALUE_CHANGED', struct({ callbackID: int, secret: secretRef }), voidCodec, { event: true }),
 } as const;
 
 /** virSecretUsageType */
 export const SecretUsage = { NONE: 0, VOLUME: 1, CEPH: 2, ISCSI: 3, TLS: 4, VTPM: 5 } as const;
+/** virSecretEventID and virSecretEventLifecycleType. */
+export const SecretEventId = { LIFECYCLE: 0, VALUE_CHANGED: 1 } as const;
+export const SecretLifecycle = { DEFINED: 0, UNDEFINED: 1 } as const;
 /** virConnectListAllSecretsFlags */
 export const ListSecretsFlags = { EPHEMERAL: 1, NO_EPHEMERAL: 2, PRIVATE: 4, NO_PRIVATE: 8 } as const;

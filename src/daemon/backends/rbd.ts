@@ -5,9 +5,14 @@
  * vol-create-from across backends.
  *
  * Start connects with the pool's monitors, Ceph pool and cephx user; the key is the value of the
- * secret `<auth><secret>` names, base64-encoded as libvirt encodes it. Ceph's own timeouts (30 s
- * as libvirt's, or `client_mount_timeout` from `<rbd:config_opts>`) bound the time a pool whose
- * cluster cannot be reached takes to fail; the daemon serves its other pools meanwhile.
+ * secret `<auth><secret>` names (found through the daemon's `BackendContext`), base64-encoded as
+ * libvirt encodes it. Ceph's own timeouts bound the time a pool whose cluster cannot be reached
+ * takes to fail, and an operation a stopped OSD or monitor does not answer: 30 s each as
+ * libvirt's, or what `<rbd:config_opts>` sets (`client_mount_timeout` for connecting,
+ * `rados_mon_op_timeout` for statistics, `rados_osd_op_timeout` for every image operation and so
+ * every transfer). A transfer whose operation times out fails with libvirt's SYSTEM_ERROR and
+ * Ceph's reason (ETIMEDOUT) on the stream; the daemon serves its other pools meanwhile, and the
+ * pool's connection serves again once the cluster answers.
  *
  * Volumes are images: key and target path `<source name>/<image>`, type network, format raw.
  * A download reads the extents `rbd_diff_iterate2` reports and sends the rest as holes (zeros
@@ -19,15 +24,18 @@ import { RemoteError, SparsevirtError } from '../../errors.js';
 import type { Chunk, FileRange, WrittenRange } from '../../chunk.js';
 import { readFileRange } from '../../chunk.js';
 import { VolType, WipeAlgorithm } from '../../protocol/remote.js';
+import { SecretUsage } from '../../protocol/secret.js';
 import type {
-  PoolBackend, Pool, PoolDef, ReadOptions, VolDef, VolInfo, Volume, VolumeReader, VolumeSource, VolumeWriter, WriteHooks, WriteOptions,
+  BackendContext, PoolBackend, Pool, PoolDef, ReadOptions, VolDef, VolInfo, Volume, VolumeReader, VolumeSource, VolumeWriter, WriteHooks, WriteOptions,
 } from '../backend.js';
 import { CODE, DOMAIN, checkFlags, storageError } from '../errors.js';
 import { RbdPool, rbdReadChunks, rbdWriteChunks, type RbdImage } from '../rbd/index.js';
-import { lookupSecretValue } from '../secrets.js';
 import { escapeXml } from '../xml.js';
 
-/** libvirt's Ceph timeouts (client_mount_timeout, rados_mon_op_timeout, rados_osd_op_timeout). */
+/**
+ * libvirt's Ceph timeouts in seconds (client_mount_timeout, rados_mon_op_timeout,
+ * rados_osd_op_timeout), each of which `<rbd:config_opts>` may set otherwise.
+ */
 const DEFAULT_TIMEOUT = 30;
 /** Chunks and bytes gathered into one batch of a download. */
 const BATCH_CHUNKS = 64;
@@ -63,16 +71,6 @@ function conn(pool: Pool): RbdPool {
 
 function sourceName(def: PoolDef): string {
   return def.source.name ?? '';
-}
-
-function timeoutOf(def: PoolDef): number {
-  for (const o of def.configOpts) {
-    if (o.name === 'client_mount_timeout') {
-      const n = Number(o.value);
-      if (Number.isFinite(n) && n > 0) return n;
-    }
-  }
-  return DEFAULT_TIMEOUT;
 }
 
 function volumeOf(pool: Pool, name: string): Volume {
@@ -214,11 +212,11 @@ export const rbdBackend: PoolBackend = {
     return false;
   },
 
-  async start(pool: Pool): Promise<void> {
+  async start(pool: Pool, ctx: BackendContext): Promise<void> {
     const def = pool.def;
     let auth: { username: string; key: string } | null = null;
     if (def.source.auth) {
-      const value = lookupSecretValue(def.source.auth.secret);
+      const value = ctx.lookupSecretValue(def.source.auth.secret, SecretUsage.CEPH);
       auth = { username: def.source.auth.username, key: value.toString('base64') };
     }
     let c: RbdPool;
@@ -228,7 +226,7 @@ export const rbdBackend: PoolBackend = {
         pool: sourceName(def),
         auth,
         configOpts: def.configOpts.map((o) => [o.name, o.value] as const),
-        timeout: timeoutOf(def),
+        timeout: DEFAULT_TIMEOUT,
       });
     } catch (err) {
       throw rbdError(err);

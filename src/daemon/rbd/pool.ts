@@ -19,9 +19,12 @@
  * the extents `rbd_diff_iterate2(whole_object=1)` reports as existing.
  *
  * Every call that may wait on the cluster runs off the event loop (see librbd.ts) and fails
- * within a bounded time: Ceph's own timeouts (the `timeout` option), and a deadline of that
- * plus a margin here, after which the call is reported as ERR_TIMEOUT even if Ceph has not
- * answered.
+ * within a bounded time: Ceph's own timeouts (the `timeout` option, or what `<rbd:config_opts>`
+ * sets in its place, read back from the handle as Ceph applies them), and a deadline of the
+ * longest of them plus a margin here, after which the call is reported as ERR_TIMEOUT even if
+ * Ceph has not answered. An aio operation Ceph gives up on (ETIMEDOUT) completes, and its
+ * buffers are released then; one past the deadline here keeps them until librbd completes it
+ * (librbd may still write into them). `rbdOpsInFlight()` counts them for the whole process.
  */
 import { SparsevirtError, checkByteCount } from '../../errors.js';
 import {
@@ -59,10 +62,46 @@ export interface RbdPoolSource {
   configOpts?: ReadonlyArray<readonly [string, string]>;
   /**
    * Seconds for `client_mount_timeout`, `rados_mon_op_timeout` and `rados_osd_op_timeout`
-   * (default 30, libvirt's). A connect to unreachable monitors fails after about this long; so
-   * does an operation an OSD does not answer.
+   * (default 30, libvirt's), set before `configOpts`, which may set any of them otherwise. A
+   * connect to unreachable monitors fails after about this long; so does an operation an OSD
+   * does not answer.
    */
   timeout?: number;
+}
+
+/** Ceph's timeouts in seconds as the cluster handle applies them (0: Ceph waits without end). */
+export interface RbdTimeouts {
+  /** `client_mount_timeout`: connecting to the monitors. */
+  mount: number;
+  /** `rados_mon_op_timeout`: a request to the monitors (cluster and pool statistics). */
+  monOp: number;
+  /** `rados_osd_op_timeout`: a request to an OSD (every image operation). */
+  osdOp: number;
+}
+
+const TIMEOUT_OPTIONS = { mount: 'client_mount_timeout', monOp: 'rados_mon_op_timeout', osdOp: 'rados_osd_op_timeout' } as const;
+
+/** The timeouts as the handle applies them; an option it does not report keeps `fallback`. */
+function appliedTimeouts(native: CephNative, cluster: Ptr, fallback: number): RbdTimeouts {
+  const read = (option: string): number => {
+    const v = Number(native.confGet(cluster, option) ?? NaN);
+    return Number.isFinite(v) && v >= 0 ? v : fallback;
+  };
+  return { mount: read(TIMEOUT_OPTIONS.mount), monOp: read(TIMEOUT_OPTIONS.monOp), osdOp: read(TIMEOUT_OPTIONS.osdOp) };
+}
+
+/** The deadline of the calls here: the longest of Ceph's timeouts (`fallback` where none is set) plus a margin. */
+function deadlineOf(t: RbdTimeouts, fallback: number): number {
+  const longest = Math.max(t.mount, t.monOp, t.osdOp);
+  return Math.ceil(longest > 0 ? longest : fallback) * 1000 + DEADLINE_MARGIN_MS;
+}
+
+/** aio operations submitted by this process and not completed by librbd, and the bytes of the buffers they hold. */
+const inFlight = { ops: 0, bytes: 0 };
+
+/** The aio operations of every image of the process that librbd has not completed yet, and the buffer bytes they hold. */
+export function rbdOpsInFlight(): { ops: number; bytes: number } {
+  return { ...inFlight };
 }
 
 export interface RbdPoolStats {
@@ -169,8 +208,10 @@ export class RbdPool {
   /** Whom the connection authenticated as (`client.admin` without auth). */
   readonly user: string;
   readonly monHost: string;
-  /** Ceph's timeouts in seconds; calls here give up after this plus a margin. */
-  readonly timeout: number;
+  /** Ceph's timeouts as the handle applies them. */
+  readonly timeouts: Readonly<RbdTimeouts>;
+  /** Milliseconds after which a call here gives up (the longest of Ceph's timeouts plus a margin). */
+  readonly deadlineMs: number;
   /**
    * `rbd_discard_granularity_bytes` (librbd's default 64 KiB): a discard leaves the parts of
    * its range that are not aligned to it as they were. 0: discards are exact.
@@ -182,14 +223,15 @@ export class RbdPool {
   readonly #images = new Set<RbdImage>();
   #closed: Promise<void> | null = null;
 
-  private constructor(native: CephNative, cluster: Ptr, ioctx: Ptr, source: RbdPoolSource, user: string, monHost: string, timeout: number) {
+  private constructor(native: CephNative, cluster: Ptr, ioctx: Ptr, source: RbdPoolSource, user: string, monHost: string, timeouts: RbdTimeouts, deadlineMs: number) {
     this.#native = native;
     this.#cluster = cluster;
     this.#ioctx = ioctx;
     this.name = source.pool;
     this.user = user;
     this.monHost = monHost;
-    this.timeout = timeout;
+    this.timeouts = Object.freeze({ ...timeouts });
+    this.deadlineMs = deadlineMs;
     const g = Number(native.confGet(cluster, 'rbd_discard_granularity_bytes') ?? NaN);
     this.discardGranularity = Number.isSafeInteger(g) && g >= 0 ? g : DEFAULT_DISCARD_GRANULARITY;
   }
@@ -225,7 +267,8 @@ export class RbdPool {
       ['rbd_cache', 'false', false],
     );
     for (const [name, value] of source.configOpts ?? []) options.push([name, value, false]);
-    const ms = Math.ceil(timeout) * 1000 + DEADLINE_MARGIN_MS;
+    let timeouts: RbdTimeouts = { mount: timeout, monOp: timeout, osdOp: timeout };
+    let ms = deadlineOf(timeouts, timeout);
     // The handle is shut down on failure, but never under a call still running on it: a call
     // past its deadline shuts it down when it returns.
     let running: Promise<unknown> | null = null;
@@ -249,8 +292,10 @@ export class RbdPool {
           throw cephError(`failed to set RADOS option ${name}${secret ? '' : `=${value}`}`, rc, 'rados_conf_set', 'ERR_INVALID_ARG');
         }
       }
+      timeouts = appliedTimeouts(native, cluster, timeout);
+      ms = deadlineOf(timeouts, timeout);
       const rc = await deadline(track(native.connect(cluster)), ms, `connect to the Ceph monitors at ${monHost}`);
-      if (rc < 0) throw connectError(rc, monHost, user, timeout);
+      if (rc < 0) throw connectError(rc, monHost, user, timeouts.mount);
       const res = await deadline(track(native.ioctxCreate(cluster, source.pool)), ms, `open Ceph pool '${source.pool}'`, (late) => {
         if (late.r >= 0) void native.ioctxDestroy(late.ioctx).catch(() => undefined);
       });
@@ -264,16 +309,11 @@ export class RbdPool {
       dispose();
       throw err;
     }
-    return new RbdPool(native, cluster, ioctx, source, user, monHost, timeout);
+    return new RbdPool(native, cluster, ioctx, source, user, monHost, timeouts, ms);
   }
 
   get closed(): boolean {
     return this.#closed !== null;
-  }
-
-  /** Milliseconds after which a call here gives up (Ceph's timeout plus a margin). */
-  get deadlineMs(): number {
-    return Math.ceil(this.timeout) * 1000 + DEADLINE_MARGIN_MS;
   }
 
   #check(): void {
@@ -661,8 +701,9 @@ export class RbdImage {
    * One aio operation: settles with its result (bytes for a read, 0 otherwise) or an ERR_IO /
    * ERR_TIMEOUT error. `keep` (the buffers) stays referenced until librbd completes it.
    */
-  #aio(what: string, call: string, start: (c: Ptr) => number, keep: unknown, opts: RbdOpOptions): Promise<number> {
+  #aio(what: string, call: string, start: (c: Ptr) => number, keep: Buffer | readonly Buffer[] | null, opts: RbdOpOptions): Promise<number> {
     this.#check();
+    const bytes = keep === null ? 0 : Buffer.isBuffer(keep) ? keep.length : keep.reduce((n, b) => n + b.length, 0);
     return new Promise<number>((resolve, reject) => {
       let held: unknown = keep;
       let settled = false;
@@ -676,8 +717,12 @@ export class RbdImage {
       }, ms);
       this.#inFlight++;
       if (this.#inFlight > this.#maxInFlight) this.#maxInFlight = this.#inFlight;
+      inFlight.ops++;
+      inFlight.bytes += bytes;
       const done = (ret: number, err?: unknown): void => {
         held = undefined;
+        inFlight.ops--;
+        inFlight.bytes -= bytes;
         this.#inFlight--;
         if (this.#inFlight === 0) for (const wake of this.#idle.splice(0)) wake();
         clearTimeout(timer);
