@@ -25,7 +25,7 @@ import type {
 import { CODE, DOMAIN, checkFlags, storageError } from '../errors.js';
 import { RbdPool, rbdReadChunks, rbdWriteChunks, type RbdImage } from '../rbd/index.js';
 import { lookupSecretValue } from '../secrets.js';
-import { escapeXml } from '../xml.js';
+import { escapeXml } from '../../xml.js';
 
 /** libvirt's Ceph timeouts (client_mount_timeout, rados_mon_op_timeout, rados_osd_op_timeout). */
 const DEFAULT_TIMEOUT = 30;
