@@ -80,6 +80,16 @@ export function zeroBytes(n: number): Buffer {
   return n === zeroBuffer.length ? zeroBuffer : zeroBuffer.subarray(0, n);
 }
 
+/** Whether every byte of `b` is zero (compared with the shared zero buffer, at most 1 MiB at a time). */
+export function isAllZero(b: Uint8Array): boolean {
+  if (b.length <= ZERO_CHUNK_SIZE) return Buffer.compare(b, zeroBytes(b.length)) === 0;
+  for (let at = 0; at < b.length; at += ZERO_CHUNK_SIZE) {
+    const n = Math.min(ZERO_CHUNK_SIZE, b.length - at);
+    if (Buffer.compare(b.subarray(at, at + n), zeroBytes(n)) !== 0) return false;
+  }
+  return true;
+}
+
 /** Byte counts are `number`: exact up to 2^53. */
 export const MAX_SAFE_BYTES = Number.MAX_SAFE_INTEGER;
 

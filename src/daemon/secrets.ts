@@ -16,7 +16,7 @@ import path from 'node:path';
 import { RemoteError } from '../errors.js';
 import { ListSecretsFlags, SECRET_LIST_MAX, SecretUsage, type SecretRef } from '../protocol/secret.js';
 import { CODE, rpcError, virError } from './errors.js';
-import { writeFileAtomic } from './state.js';
+import { TMP_MARK, writeFileAtomic } from './state.js';
 import { attributeOf, childElement, escapeXml, ownText, type XmlElement } from '../xml.js';
 import { readClientXml } from './xml.js';
 
@@ -165,8 +165,6 @@ export function formatSecretXml(def: SecretDef): string {
   }
   return `${s}</secret>\n`;
 }
-
-const TMP_MARK = '.tmp-';
 
 /** The secrets of one state directory. */
 export class SecretStore {

@@ -5,6 +5,7 @@
  * newline). A dir volume's XML is the format layer's (formats/volxml.ts).
  */
 import { attributeOf, childElement, childElements, escapeXml, ownText, parseXml, textAt, XmlSyntaxError, type XmlElement } from '../xml.js';
+import { POOL_TYPES } from '../protocol/remote.js';
 import type { PoolAuth, PoolBackend, PoolDef, PoolSource, PoolSourceHost, VolDef } from './backend.js';
 import { CODE, DOMAIN, storageError, virError } from './errors.js';
 
@@ -50,9 +51,6 @@ export function scaledBytes(value: string, unit: string | undefined, what: strin
 }
 
 // ------------------------------------------------------------------ pools
-
-/** libvirt's pool types, in its order. */
-export const POOL_TYPES: readonly string[] = ['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage'];
 
 /** Pool types without a local target (libvirt prints no `<target>` for them). */
 const NO_TARGET_TYPES = new Set(['rbd', 'sheepdog', 'gluster', 'iscsi-direct']);
