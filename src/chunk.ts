@@ -82,10 +82,11 @@ export function zeroBytes(n: number): Buffer {
 
 /** Whether every byte of `b` is zero (compared with the shared zero buffer, at most 1 MiB at a time). */
 export function isAllZero(b: Uint8Array): boolean {
-  if (b.length <= ZERO_CHUNK_SIZE) return Buffer.compare(b, zeroBytes(b.length)) === 0;
+  zeroBuffer ??= Buffer.alloc(ZERO_CHUNK_SIZE);
+  // compare(target, targetStart, targetEnd, sourceStart, sourceEnd): ranges, no views made
   for (let at = 0; at < b.length; at += ZERO_CHUNK_SIZE) {
     const n = Math.min(ZERO_CHUNK_SIZE, b.length - at);
-    if (Buffer.compare(b.subarray(at, at + n), zeroBytes(n)) !== 0) return false;
+    if (zeroBuffer.compare(b, at, at + n, 0, n) !== 0) return false;
   }
   return true;
 }

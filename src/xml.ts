@@ -152,7 +152,6 @@ const NAME_START = ':A-Z_a-z\\u00C0-\\u00D6\\u00D8-\\u00F6\\u00F8-\\u02FF\\u0370
 const NAME = new RegExp(`[${NAME_START}][${NAME_START}\\-.0-9\\u00B7\\u0300-\\u036F\\u203F\\u2040]*`, 'uy');
 /** Characters XML 1.0 does not allow anywhere (Char), found as raw text. */
 const NOT_CHAR = /[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
-const SPACE = /[ \t\n]/;
 
 function isXmlChar(cp: number): boolean {
   return cp === 0x9 || cp === 0xa || cp === 0xd || (cp >= 0x20 && cp <= 0xd7ff) || (cp >= 0xe000 && cp <= 0xfffd) || (cp >= 0x10000 && cp <= 0x10ffff);
@@ -186,7 +185,7 @@ export function parseXml(text: string, opts: XmlReadOptions = {}): XmlElement {
     return order++;
   };
   const skipSpace = (): void => {
-    while (pos < src.length && SPACE.test(src[pos]!)) pos++;
+    for (let c = src.charCodeAt(pos); c === 0x20 || c === 0x09 || c === 0x0a; c = src.charCodeAt(++pos));
   };
   const checkChars = (s: string, at: number): void => {
     const bad = NOT_CHAR.exec(s);
@@ -259,21 +258,27 @@ export function parseXml(text: string, opts: XmlReadOptions = {}): XmlElement {
     parent.children.push({ type: 'text', value, parent, order: count() });
   };
 
-  /** Reads a start tag at `pos` (on its '<'); returns the element and whether it is empty (`/>`). */
-  const startTag = (parent: XmlElement | null): { el: XmlElement; empty: boolean } => {
+  /** Whether the last start tag read was an empty-element tag (`/>`). */
+  let emptyTag = false;
+  /** Reads a start tag at `pos` (on its '<'). */
+  const startTag = (parent: XmlElement | null): XmlElement => {
     pos++;
     const el = newElement(readName('element name'), parent);
-    const seen = new Set<string>();
+    const attrs = el.attributes;
+    // the names seen, once there are enough of them for a lookup to beat a scan
+    let seen: Set<string> | null = null;
     for (;;) {
       const before = pos;
       skipSpace();
       if (src.startsWith('/>', pos)) {
         pos += 2;
-        return { el, empty: true };
+        emptyTag = true;
+        return el;
       }
       if (src[pos] === '>') {
         pos++;
-        return { el, empty: false };
+        emptyTag = false;
+        return el;
       }
       if (pos >= src.length) fail(`unterminated start tag <${el.name}>`);
       if (pos === before) fail(`white space, '>' or '/>' expected in <${el.name}>`);
@@ -289,9 +294,10 @@ export function parseXml(text: string, opts: XmlReadOptions = {}): XmlElement {
       const raw = src.slice(pos + 1, end);
       const lt = raw.indexOf('<');
       if (lt >= 0) fail(`'<' in the value of attribute ${name} (write &lt;)`, pos + 1 + lt);
-      if (seen.has(name)) fail(`attribute ${name} given twice`, nameAt);
-      seen.add(name);
-      el.attributes.push({ type: 'attribute', name, value: decode(raw, pos + 1, true), parent: el, order: count() });
+      if (seen === null && attrs.length >= 8) seen = new Set(attrs.map((a) => a.name));
+      if (seen ? seen.has(name) : attrs.some((a) => a.name === name)) fail(`attribute ${name} given twice`, nameAt);
+      seen?.add(name);
+      attrs.push({ type: 'attribute', name, value: decode(raw, pos + 1, true), parent: el, order: count() });
       pos = end + 1;
     }
   };
@@ -299,9 +305,8 @@ export function parseXml(text: string, opts: XmlReadOptions = {}): XmlElement {
   skipMisc(true);
   if (pos >= src.length) fail('no root element');
   if (src[pos] !== '<') fail('markup expected: text before the root element');
-  const first = startTag(null);
-  const root = first.el;
-  const open: XmlElement[] = first.empty ? [] : [root];
+  const root = startTag(null);
+  const open: XmlElement[] = emptyTag ? [] : [root];
   while (open.length > 0) {
     const el = open[open.length - 1]!;
     if (pos >= src.length) fail(`unterminated element <${el.name}> (end of document)`);
@@ -345,8 +350,8 @@ export function parseXml(text: string, opts: XmlReadOptions = {}): XmlElement {
     } else {
       if (open.length >= maxDepth) fail(`elements nested deeper than ${maxDepth}`);
       const child = startTag(el);
-      el.children.push(child.el);
-      if (!child.empty) open.push(child.el);
+      el.children.push(child);
+      if (!emptyTag) open.push(child);
     }
   }
   skipMisc(false);

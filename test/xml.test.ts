@@ -127,6 +127,8 @@ describe('malformed input: a clear error with its position', () => {
   test('attributes: duplicates, missing values and quotes, < in values', () => {
     refused('<a x="1" x="2"/>', /attribute x given twice/, [1, 10]);
     refused("<a x='1' y='2' x='1'/>", /attribute x given twice/);
+    refused(`<a ${Array.from({ length: 20 }, (_, i) => `a${i}="${i}"`).join(' ')} a3="again"/>`, /attribute a3 given twice/);
+    assert.equal(parseXml(`<a ${Array.from({ length: 20 }, (_, i) => `a${i}="${i}"`).join(' ')}/>`).attributes.length, 20);
     refused('<a x/>', /attribute x has no value/);
     refused('<a x=1/>', /attribute x: a quoted value expected/);
     refused('<a x="1/>', /unterminated value of attribute x/);
@@ -189,5 +191,36 @@ describe('malformed input: a clear error with its position', () => {
   test('the position counts lines and columns from 1', () => {
     const e = refused('<a>\n\n   <b>\n   </c>\n</a>', /<\/c> closes <b>/);
     assert.deepEqual([e.line, e.column, e.offset], [4, 4, 15]);
+  });
+});
+
+describe('the readers built on it', () => {
+  test("the daemon: malformed XML from a client is libvirt's XML_DETAIL error, with the line and the reason", async () => {
+    const { parsePoolXml, parseVolXml } = await import('../src/daemon/xml.js');
+    const { parseSecretXml } = await import('../src/daemon/secrets.js');
+    const { RemoteError } = await import('../src/errors.js');
+    const detail = (fn: () => unknown): [number, number, string] => {
+      try {
+        fn();
+      } catch (err) {
+        assert.ok(err instanceof RemoteError, String(err));
+        return [err.virCode, err.domain, err.message];
+      }
+      assert.fail('accepted');
+    };
+    assert.deepEqual(detail(() => parsePoolXml("<pool type='dir'>\n  <name>x</pool>")), [35, 18, '(storage_pool_definition):2: </pool> closes <name>']);
+    assert.deepEqual(detail(() => parseVolXml('<volume><name>a&b</name></volume>')), [35, 18, "(storage_volume_definition):1: reference &b is missing its ';'"]);
+    assert.deepEqual(detail(() => parseSecretXml('<secret x="1" x="2"/>')), [35, 30, '(definition_of_secret):1: attribute x given twice']);
+    const def = parsePoolXml("<pool type='dir'><name> p&amp;q </name><target><path>/a//b/</path></target><source><host name='h' port='1'/></source></pool>");
+    assert.deepEqual([def.name, def.target, def.source.hosts], ['p&q', '/a/b', [{ name: 'h', port: 1 }]]);
+    assert.equal(parseVolXml('<volume><name> v </name><capacity unit="KiB">2</capacity></volume>').name, ' v ', 'a volume name is not trimmed');
+  });
+
+  test('the CLI: --xpath reads with libxml2\'s blanks; a malformed document gives no nodes', async () => {
+    const { evalXPath, renderNodes } = await import('../src/cli/xml.js');
+    const r = evalXPath('<a>\n  <b> </b>\n  <c>x</c>\n</a>', '/a/node()');
+    assert.ok(r.ok);
+    assert.equal(renderNodes(r.nodes, false), '<b> </b>\n<c>x</c>\n');
+    assert.deepEqual(evalXPath('<a><b></a>', '/a'), { ok: false, kind: 'syntax' });
   });
 });
