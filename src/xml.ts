@@ -136,7 +136,7 @@ export interface XmlReadOptions {
   maxNodes?: number;
 }
 
-/** The default longest document: the protocol's longest string (REMOTE_STRING_MAX), 4 MiB. */
+/** The default longest document, 4 Mi characters (what libvirt sends and takes is far shorter). */
 export const XML_MAX_LENGTH = 4 * 1024 * 1024;
 /** The default deepest nesting: libxml2's limit without XML_PARSE_HUGE. */
 export const XML_MAX_DEPTH = 256;
