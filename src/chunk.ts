@@ -80,6 +80,17 @@ export function zeroBytes(n: number): Buffer {
   return n === zeroBuffer.length ? zeroBuffer : zeroBuffer.subarray(0, n);
 }
 
+/** Whether every byte of `b` is zero (compared with the shared zero buffer, at most 1 MiB at a time). */
+export function isAllZero(b: Uint8Array): boolean {
+  zeroBuffer ??= Buffer.alloc(ZERO_CHUNK_SIZE);
+  // compare(target, targetStart, targetEnd, sourceStart, sourceEnd): ranges, no views made
+  for (let at = 0; at < b.length; at += ZERO_CHUNK_SIZE) {
+    const n = Math.min(ZERO_CHUNK_SIZE, b.length - at);
+    if (zeroBuffer.compare(b, at, at + n, 0, n) !== 0) return false;
+  }
+  return true;
+}
+
 /** Byte counts are `number`: exact up to 2^53. */
 export const MAX_SAFE_BYTES = Number.MAX_SAFE_INTEGER;
 

@@ -18,21 +18,12 @@
  */
 import { createHash, type Hash } from 'node:crypto';
 import { SparsevirtError } from './errors.js';
-import type { Chunk } from './chunk.js';
+import { isAllZero, type Chunk } from './chunk.js';
 
 export const DIGEST_NAME = 'sparsevirt-content-sha256';
 export const DIGEST_PAGE = 4096;
 export const DIGEST_BLOCK = 1 << 20;
 const PAGES_PER_BLOCK = DIGEST_BLOCK / DIGEST_PAGE;
-const ZERO_PAGE = Buffer.alloc(DIGEST_PAGE);
-
-function isZero(b: Uint8Array): boolean {
-  for (let at = 0; at < b.length; at += DIGEST_PAGE) {
-    const n = Math.min(DIGEST_PAGE, b.length - at);
-    if (Buffer.compare(b.subarray(at, at + n), n === DIGEST_PAGE ? ZERO_PAGE : ZERO_PAGE.subarray(0, n)) !== 0) return false;
-  }
-  return true;
-}
 
 function u64(n: number): Buffer {
   const b = Buffer.allocUnsafe(8);
@@ -110,7 +101,7 @@ export class ContentDigest {
       const piece = bytes.subarray(at, at + n);
       if (this.pageStart < 0 && this.pos === Math.max(pageBase, this.offset) && n === pageEnd - this.pos) {
         // a whole page in this chunk: hashed in place
-        if (!isZero(piece)) this.hashPage(this.pos, piece);
+        if (!isAllZero(piece)) this.hashPage(this.pos, piece);
       } else {
         if (this.pageStart < 0) {
           this.pageStart = Math.max(pageBase, this.offset);
@@ -124,7 +115,7 @@ export class ContentDigest {
         }
         this.page.set(piece, this.pageFill);
         this.pageFill += n;
-        if (!this.pageNonZero && !isZero(piece)) this.pageNonZero = true;
+        if (!this.pageNonZero && !isAllZero(piece)) this.pageNonZero = true;
         if (this.pos + n === pageEnd) {
           this.pos += n;
           at += n;

@@ -12,6 +12,7 @@
  *   ERR_STREAM_NOT_SPARSE  a hole on a stream that was not opened sparse
  *   ERR_SPARSE_UNSUPPORTED the peer rejected the sparse flag
  *   ERR_IO                 a local file operation failed (errno in `cause`)
+ *   ERR_XML                malformed XML (`XmlSyntaxError`: the reason, line and column)
  *   ERR_NOT_FOUND, ERR_EXISTS, ERR_ACCESS_DENIED, ERR_UNSUPPORTED
  * Remote errors (`RemoteError`) use libvirt's names, e.g. VIR_ERR_NO_STORAGE_VOL.
  */

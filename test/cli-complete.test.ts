@@ -9,13 +9,16 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
+import { tmpdir } from 'node:os';
 import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { GROUPS } from '../src/cli/commands.js';
 import { analyse, candidates, joinEquals, splitLine, type NameSource } from '../src/cli/cmd-complete.js';
 import { bashCompletion, globalOptions, zshCompletion } from '../src/cli/completion-scripts.js';
 import { connect } from '../src/client/index.js';
-import { run, startTestDaemon, tempDir, type TestDaemon } from './helpers/daemon.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { scratchDir } from './helpers/images.js';
+import { run } from './helpers/run.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CLI = path.join(ROOT, 'dist/bin/sparsevirt.cjs');
@@ -70,7 +73,7 @@ before(async () => {
   const dev = await conn.storagePoolLookupByName('devpool');
   for (const v of ['disk-a.img', 'disk-b.img', 'other.img']) await dev.createVol({ name: v, capacity: 1 << 20 });
   await conn.close();
-  bin = await tempDir('sv-complete-bin-');
+  bin = await scratchDir(tmpdir(), 'sv-complete-bin-');
   fs.symlinkSync(CLI, path.join(bin, 'sparsevirt'));
 });
 

@@ -8,11 +8,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { connect } from '../src/index.js';
-import { ContentDigest } from '../src/digest.js';
 import { CLI_MAIN, cliRaw, text } from './cli-support.js';
 import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { createVolume, requireLibvirt, withScratchPool } from './helpers/libvirt.js';
-import { extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
+import { extentMap, fileContentDigest, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 import { barLines, plain, spawnPty } from './helpers/pty.js';
 
 const MiB = 1 << 20;
@@ -23,12 +22,6 @@ const LAYOUT: Layout = [
   { kind: 'data', length: 6 * MiB + 4096 },
   { kind: 'hole', length: 90 * MiB - 4096 },
 ];
-
-function fileDigest(file: string): string {
-  const d = new ContentDigest(0, SIZE);
-  d.update({ kind: 'data', bytes: fs.readFileSync(file) });
-  return d.digest();
-}
 
 async function daemonWithPool(dir: string, name: string): Promise<{ d: TestDaemon; poolDir: string }> {
   fs.mkdirSync(path.join(dir, name));
@@ -65,7 +58,7 @@ test('vol-copy between two sparsevirtds: on a terminal with its progress bar, --
     const out = pty.output();
     assert.deepEqual(exit, { code: 0, signal: null }, plain(out));
     assert.ok(barLines(out).some((l) => /copy/.test(l) && /100%/.test(l)), `a progress bar reaching 100%: ${JSON.stringify(plain(out))}`);
-    assert.match(plain(out), new RegExp(`Verified: sha256 content digest ${fileDigest(src)}`));
+    assert.match(plain(out), new RegExp(`Verified: sha256 content digest ${fileContentDigest(src)}`));
     const dst = path.join(b.poolDir, 'disk.img');
     assert.equal(await sha256File(dst), await sha256File(src));
     assert.deepEqual(await extentMap(dst), await extentMap(src));
@@ -105,7 +98,7 @@ test('vol-copy from libvirtd to sparsevirtd, verified; --create removes the volu
       const dst = path.join(b.poolDir, 'disk.img');
       assert.equal(await sha256File(dst), await sha256File(srcFile));
       assert.deepEqual(await extentMap(dst), await extentMap(srcFile));
-      assert.equal(JSON.parse(text(r.stdout)).digest, fileDigest(srcFile));
+      assert.equal(JSON.parse(text(r.stdout)).digest, fileContentDigest(srcFile));
 
       // a failing copy (a range past the source's end) with --create: the new volume is removed
       const bad = await cliRaw(['-c', sp.uri, 'vol-copy', '--pool', sp.name, 'disk.img', '--desturi', b.d.uri, '--dest-pool', 'p', '--dest-vol', 'gone.img',

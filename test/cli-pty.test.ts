@@ -15,8 +15,8 @@ import { MessageType, Status, type Message } from '../src/rpc/message.js';
 import { FrameParser } from '../src/rpc/parser.js';
 import { P } from '../src/protocol/remote.js';
 import { CLI_MAIN } from './cli-support.js';
-import { extentMap, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
-import { makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 import { LIBVIRTD_SOCKET, LIBVIRTD_URI, requireLibvirt, virshOk, withScratchPool } from './helpers/libvirt.js';
 import { barLines, plain, spawnPty, type PtyExit, type PtyProcess } from './helpers/pty.js';
 

@@ -7,13 +7,16 @@
  * `SPARSEVIRT_CLI_URI='sparsevirt+unix:///system?socket=…' node --test dist/test/cli*.test.js`.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { TestContext } from 'node:test';
+import { withScratchDir } from './helpers/images.js';
 import { LIBVIRTD_URI, requireLibvirt } from './helpers/libvirt.js';
+import { runBytes, type RunOptions, type RunResult as Result } from './helpers/run.js';
+
+export type { RunOptions };
 
 /** dist/test/cli-support.js → dist/bin/sparsevirt.cjs: the program users run (`bin`: the launcher of the bundle). */
 export const CLI_MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../bin/sparsevirt.cjs');
@@ -21,28 +24,11 @@ export const CLI_MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)
 /** The server under test. */
 export const CLI_URI = process.env.SPARSEVIRT_CLI_URI ?? LIBVIRTD_URI;
 
-export interface RunResult {
-  stdout: Buffer;
-  stderr: Buffer;
-  code: number;
-}
+export type RunResult = Result<Buffer>;
 
-export interface RunOptions {
-  env?: NodeJS.ProcessEnv;
-  timeoutMs?: number;
-}
-
+/** A program's run, output as bytes; 120 s unless told. */
 function exec(file: string, args: string[], opts: RunOptions): Promise<RunResult> {
-  return new Promise((resolve) => {
-    execFile(file, args, {
-      encoding: 'buffer', maxBuffer: 256 * 1024 * 1024, timeout: opts.timeoutMs ?? 120_000,
-      env: opts.env ?? process.env,
-    }, (err, stdout, stderr) => {
-      let code = 0;
-      if (err) code = typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : -1;
-      resolve({ stdout, stderr, code });
-    });
-  });
+  return runBytes(file, args, { ...opts, timeoutMs: opts.timeoutMs ?? 120_000 });
 }
 
 /** `virsh ARGS` exactly as given (no -c added). */
@@ -109,15 +95,12 @@ export function text(b: Buffer): string {
  * `CMD ARGS` reading `input` from a real pipe on its stdin (`cat FILE | CMD …`, as in a shell;
  * Node's own stdio 'pipe' is a socket, which /dev/stdin cannot be opened on).
  */
-export async function withStdin(cmd: string[], input: Buffer | string, opts: RunOptions = {}): Promise<RunResult> {
-  const dir = await mkdtemp(path.join(tmpdir(), 'sparsevirt-cli-input-'));
-  try {
+export function withStdin(cmd: string[], input: Buffer | string, opts: RunOptions = {}): Promise<RunResult> {
+  return withScratchDir(tmpdir(), 'sparsevirt-cli-input-', async (dir) => {
     const file = path.join(dir, 'input');
     await writeFile(file, input);
-    return await exec('/bin/sh', ['-c', 'cat "$0" | exec "$@"', file, ...cmd], opts);
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+    return exec('/bin/sh', ['-c', 'cat "$0" | exec "$@"', file, ...cmd], opts);
+  });
 }
 
 /** `sparsevirt ARGS` with `input` piped into its stdin. */
@@ -129,15 +112,12 @@ export function cliWithInput(args: string[], input: Buffer | string, opts: RunOp
  * Runs `cmd ARGS` with its stdout going into a real pipe (`cmd … | cat`), as a shell would:
  * `/dev/stdout` is then a FIFO (Node's own stdio is a socket, which cannot be opened).
  */
-export async function throughPipe(cmd: string[], opts: RunOptions = {}): Promise<RunResult> {
-  const dir = await mkdtemp(path.join(tmpdir(), 'sparsevirt-cli-pipe-'));
-  try {
+export function throughPipe(cmd: string[], opts: RunOptions = {}): Promise<RunResult> {
+  return withScratchDir(tmpdir(), 'sparsevirt-cli-pipe-', async (dir) => {
     const status = path.join(dir, 'status');
     const r = await exec('/bin/sh', ['-c', '{ "$@"; echo $? > "$0"; } | cat', status, ...cmd], opts);
     return { ...r, code: Number((await readFile(status, 'utf8')).trim()) };
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+  });
 }
 
 /** `same` for many read-only argument lists, a few pairs at a time. */

@@ -10,10 +10,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { connect, type Connection, type StoragePool } from '../src/index.js';
 import { compareVolumes, copyVolume } from '../src/client/copy.js';
-import { ContentDigest } from '../src/digest.js';
 import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { createVolume, requireLibvirt, withScratchPool } from './helpers/libvirt.js';
-import { extentMap, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
+import { extentMap, fileContentDigest, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 
 const MiB = 1 << 20;
 const LAYOUT: Layout = [
@@ -24,23 +23,6 @@ const LAYOUT: Layout = [
   { kind: 'hole', length: 196 * MiB - 4096 },
 ];
 const SIZE = 256 * MiB;
-
-/** The digest of a local file's range, read whole (zeros cost nothing in the digest itself). */
-function fileDigest(file: string, offset: number, length: number): string {
-  const d = new ContentDigest(offset, length);
-  const fd = fs.openSync(file, 'r');
-  try {
-    const buf = Buffer.alloc(4 * MiB);
-    for (let at = offset; at < offset + length;) {
-      const n = fs.readSync(fd, buf, 0, Math.min(buf.length, offset + length - at), at);
-      d.update({ kind: 'data', bytes: buf.subarray(0, n) });
-      at += n;
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-  return d.digest();
-}
 
 interface Side {
   d: TestDaemon;
@@ -83,13 +65,13 @@ test('sparsevirtd → sparsevirtd: identical bytes and holes, the digest verifie
     assert.deepEqual(await extentMap(dstFile), await extentMap(srcFile));
     assert.equal(r.dataBytes, 17 * MiB + 4096);
     assert.equal(r.holeBytes, SIZE - r.dataBytes);
-    assert.equal(r.digest, fileDigest(srcFile, 0, SIZE));
+    assert.equal(r.digest, fileContentDigest(srcFile, 0, SIZE));
     assert.ok(seen.length > 1 && seen.at(-1) === SIZE, 'progress went up to the whole size');
 
     // the daemon's own digest, without reading holes, equals the definition's
     assert.equal(await src.contentDigestOffered(), true);
-    assert.equal(await src.contentDigest(0, SIZE), fileDigest(srcFile, 0, SIZE));
-    assert.equal(await src.contentDigest(3 * MiB + 5, 47 * MiB), fileDigest(srcFile, 3 * MiB + 5, 47 * MiB));
+    assert.equal(await src.contentDigest(0, SIZE), fileContentDigest(srcFile, 0, SIZE));
+    assert.equal(await src.contentDigest(3 * MiB + 5, 47 * MiB), fileContentDigest(srcFile, 3 * MiB + 5, 47 * MiB));
     await assert.rejects(src.contentDigest(SIZE - 10, 11), /runs past the end/);
 
     // a range: only it is written
@@ -101,7 +83,7 @@ test('sparsevirtd → sparsevirtd: identical bytes and holes, the digest verifie
     const want = fs.readFileSync(srcFile);
     assert.ok(got.subarray(4 * MiB, 54 * MiB).equals(want.subarray(4 * MiB, 54 * MiB)));
     assert.ok(got.subarray(0, 4 * MiB).every((x) => x === 0) && got.subarray(54 * MiB).every((x) => x === 0));
-    assert.equal(r2.digest, fileDigest(srcFile, 4 * MiB, 50 * MiB));
+    assert.equal(r2.digest, fileContentDigest(srcFile, 4 * MiB, 50 * MiB));
 
     // plain (non-sparse): same bytes
     const plain = await b.pool.createVol({ name: 'plain.img', capacity: SIZE, allocation: 0, format: 'raw' });
@@ -134,7 +116,7 @@ test('compareVolumes names the first differing 1 MiB block', { timeout: 60_000 }
       assert.match(err.message, new RegExp(`1 MiB block at byte ${45 * MiB}\\b`));
       return true;
     });
-    assert.equal(await compareVolumes(v1, v2, { offset: 0, length: 45 * MiB }), fileDigest(one, 0, 45 * MiB));
+    assert.equal(await compareVolumes(v1, v2, { offset: 0, length: 45 * MiB }), fileContentDigest(one, 0, 45 * MiB));
   } finally {
     await closeSide(a);
     fs.rmSync(dir, { recursive: true, force: true });
@@ -162,7 +144,7 @@ test('libvirtd → sparsevirtd: identical bytes and holes, verified', { timeout:
         const dstFile = path.join(b.poolDir, 'disk.img');
         assert.equal(await sha256File(dstFile), await sha256File(srcFile));
         assert.deepEqual(await extentMap(dstFile), await extentMap(srcFile));
-        assert.equal(r.digest, fileDigest(srcFile, 0, SIZE));
+        assert.equal(r.digest, fileContentDigest(srcFile, 0, SIZE));
       } finally {
         await lv.close();
       }

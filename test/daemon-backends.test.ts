@@ -11,7 +11,8 @@ import { type Pool, registerBackend, type PoolBackend, type Volume } from '../sr
 import { CODE, storageError } from '../src/daemon/errors.js';
 import { formatPoolXml, parsePoolXml } from '../src/daemon/xml.js';
 import { VolType } from '../src/protocol/remote.js';
-import { run, startTestDaemon } from './helpers/daemon.js';
+import { startTestDaemon } from './helpers/daemon.js';
+import { run } from './helpers/run.js';
 import { LIBVIRTD_URI, libvirtdAvailable } from './helpers/libvirt.js';
 
 const RBD_XML = `<pool type='rbd' xmlns:rbd='http://libvirt.org/schemas/storagepool/rbd/1.0'>

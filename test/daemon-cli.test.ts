@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
+import { tmpdir } from 'node:os';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import vm from 'node:vm';
@@ -16,7 +17,8 @@ import { connect } from '../src/client/index.js';
 import { RemoteError } from '../src/errors.js';
 import { defaultStateDir, parseDaemonArgs, packageVersion } from '../src/daemon/options.js';
 import { defaultDaemonSocket } from '../src/transport/uri.js';
-import { fillRandom, run, tempDir } from './helpers/daemon.js';
+import { makeFilledFile, scratchDir } from './helpers/images.js';
+import { run } from './helpers/run.js';
 
 const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../bin/sparsevirtd.mjs');
 const PKG = JSON.parse(fs.readFileSync(path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../package.json'), 'utf8')) as { version: string };
@@ -89,7 +91,7 @@ test('the CLI starts from the V8 code cache its build made (this Node accepts it
   assert.equal(script.cachedDataRejected, false, 'V8 takes the cache');
   // the training run compiled what a transfer uses, not just the start: far more than --version's
   assert.ok(cache.length > 200_000, `${cache.length} bytes of cache`);
-  const dir = await tempDir('sv-cache-');
+  const dir = await scratchDir(tmpdir(), 'sv-cache-');
   try {
     for (const f of ['sparsevirt.cjs', 'sparsevirt-main.cjs']) fs.copyFileSync(path.join(bin, f), path.join(dir, f));
     fs.symlinkSync(path.resolve(bin, '../../node_modules'), path.join(dir, 'node_modules'));
@@ -130,7 +132,7 @@ test('defaults: the per-user state directory and the socket sparsevirt looks for
 });
 
 test('runs in the foreground: owner-only socket, default pool, JSON logs; SIGTERM aborts a stream in flight and cleans up', async () => {
-  const dir = await tempDir();
+  const dir = await scratchDir();
   const sock = path.join(dir, 'run', 'sparsevirtd.sock');
   const stateDir = path.join(dir, 'state');
   const r = startMain(['--listen', `unix:${sock}`, '--state-dir', stateDir]);
@@ -142,7 +144,7 @@ test('runs in the foreground: owner-only socket, default pool, JSON logs; SIGTER
     assert.equal(await pool.isActive(), true);
     assert.equal(await pool.autostart(), true);
     const vol = await pool.createVol({ name: 'big.img', capacity: 64 << 20, allocation: 0 });
-    await fillRandom(path.join(stateDir, 'images', 'big.img'), 64 << 20);
+    await makeFilledFile(path.join(stateDir, 'images', 'big.img'), 64 << 20);
     const stream = await vol.download({ sparse: true, highWaterMark: 1 << 20 });
     const it = stream[Symbol.asyncIterator]();
     await it.next(); // in flight, and we stop reading
@@ -171,7 +173,7 @@ test('runs in the foreground: owner-only socket, default pool, JSON logs; SIGTER
 });
 
 test('--socket-mode, SIGINT, a stale socket is replaced, a live one is refused', async () => {
-  const dir = await tempDir();
+  const dir = await scratchDir();
   const sock = path.join(dir, 's.sock');
   // a stale socket file left by a crash: bound, never unlinked, nobody listening
   const py = await run('python3', ['-c', 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1])', sock]);

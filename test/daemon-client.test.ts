@@ -13,10 +13,11 @@ import { RemoteError } from '../src/errors.js';
 import { PoolState } from '../src/protocol/remote.js';
 import { startDaemon } from '../src/daemon/index.js';
 import { fileChunks } from '../src/sparse/index.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import {
-  CAPTURE_LAYOUT, allocatedBytes, extentMap, fillRandom, makeImage, readRange, run, sha256File, startTestDaemon, tempDir,
-  type Layout, type TestDaemon,
-} from './helpers/daemon.js';
+  CAPTURE_LAYOUT, allocatedBytes, layoutOf, makeFilledFile, makeImage, readRange, scratchDir, sha256File, type Layout,
+} from './helpers/images.js';
+import { run } from './helpers/run.js';
 
 const MiB = 1 << 20;
 
@@ -35,8 +36,8 @@ async function rejectsWith(p: Promise<unknown>, code: number, domain: number, me
 }
 
 /** Allocation of a file that holds `dataBytes` of data: within a few filesystem blocks of it. */
-function assertAllocationNear(file: string, dataBytes: number): void {
-  const alloc = allocatedBytes(file);
+async function assertAllocationNear(file: string, dataBytes: number): Promise<void> {
+  const alloc = await allocatedBytes(file);
   assert.ok(alloc >= dataBytes && alloc <= dataBytes + 64 * 1024, `${file}: allocated ${alloc}, expected about ${dataBytes}`);
 }
 
@@ -141,7 +142,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
     assert.equal(await sparse.path(), p);
     assert.equal(fs.statSync(p).mode & 0o777, 0o600);
     assert.deepEqual(await sparse.info(), { type: 0, capacity: 4 * MiB, allocation: 0 });
-    assert.equal(allocatedBytes(path.join(poolDir, 'v-noalloc.img')), 0, 'no <allocation>: kept sparse');
+    assert.equal(await allocatedBytes(path.join(poolDir, 'v-noalloc.img')), 0, 'no <allocation>: kept sparse');
     assert.ok((await alloc.info()).allocation >= MiB, 'allocation 1M is allocated');
     assert.deepEqual(await sparse.infoFlags(1), { type: 0, capacity: 4 * MiB, allocation: 4 * MiB });
     const names = (await pool.listAllVolumes()).map((v) => v.name);
@@ -182,11 +183,11 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
 
     // wipe: zero keeps the size and reads back zeros; random overwrites
     const w = path.join(poolDir, 'v-noalloc.img');
-    await fillRandom(w, 2 * MiB);
+    await makeFilledFile(w, 2 * MiB);
     await noAlloc.wipe(0);
     assert.equal(fs.statSync(w).size, 2 * MiB);
     assert.ok((await readRange(w, 0, 2 * MiB)).every((b) => b === 0));
-    assert.ok(allocatedBytes(w) < 2 * MiB, 'zero wipe deallocates');
+    assert.ok((await allocatedBytes(w)) < 2 * MiB, 'zero wipe deallocates');
     await noAlloc.wipe(8); // random
     assert.equal(fs.statSync(w).size, 2 * MiB);
     assert.ok(!(await readRange(w, 0, 65536)).every((b) => b === 0));
@@ -208,18 +209,18 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
     assert.equal(r.sparse, true);
     const target = path.join(poolDir, 'cap.img');
     assert.equal(await sha256File(target), srcSha);
-    assert.deepEqual(await extentMap(target), CAPTURE_LAYOUT);
-    assertAllocationNear(target, dataOf(CAPTURE_LAYOUT));
+    assert.deepEqual(await layoutOf(target), CAPTURE_LAYOUT);
+    await assertAllocationNear(target, dataOf(CAPTURE_LAYOUT));
     const info = await vol.info();
     assert.equal(info.capacity, 4 * MiB);
-    assert.equal(info.allocation, allocatedBytes(target), 'allocation refreshed after the upload');
+    assert.equal(info.allocation, await allocatedBytes(target), 'allocation refreshed after the upload');
 
     const out = path.join(work, 'cap.out');
     const dl = await vol.downloadFile(out, { sparse: true });
     assert.equal(dl.dataBytes, dataOf(CAPTURE_LAYOUT));
     assert.equal(await sha256File(out), srcSha);
-    assert.deepEqual(await extentMap(out), CAPTURE_LAYOUT);
-    assertAllocationNear(out, dataOf(CAPTURE_LAYOUT));
+    assert.deepEqual(await layoutOf(out), CAPTURE_LAYOUT);
+    await assertAllocationNear(out, dataOf(CAPTURE_LAYOUT));
 
     const plain = path.join(work, 'cap.plain');
     const pdl = await vol.downloadFile(plain, { sparse: false });
@@ -230,31 +231,31 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
     const vol2 = await pool.createVol({ name: 'cap-plain.img', capacity: 4 * MiB, allocation: 0 });
     await vol2.uploadFile(src, { sparse: false });
     assert.equal(await sha256File(path.join(poolDir, 'cap-plain.img')), srcSha);
-    assert.ok(allocatedBytes(path.join(poolDir, 'cap-plain.img')) >= 4 * MiB, 'a plain upload writes the zeros');
+    assert.ok((await allocatedBytes(path.join(poolDir, 'cap-plain.img'))) >= 4 * MiB, 'a plain upload writes the zeros');
     await vol2.delete();
     await vol.delete();
   });
 
   test('sparse upload over a volume full of random bytes reads back exactly as the source', async () => {
     const src = path.join(work, 'over.img');
-    await makeImage(src, CAPTURE_LAYOUT, 'over');
+    await makeImage(src, CAPTURE_LAYOUT, 21);
     const vol = await pool.createVol({ name: 'over.img', capacity: 4 * MiB, allocation: 0 });
     const target = path.join(poolDir, 'over.img');
-    await fillRandom(target, 4 * MiB);
+    await makeFilledFile(target, 4 * MiB);
     await vol.uploadFile(src, { sparse: true });
     assert.equal(fs.statSync(target).size, 4 * MiB);
     assert.equal(await sha256File(target), await sha256File(src));
-    assert.deepEqual(await extentMap(target), CAPTURE_LAYOUT, 'the holes are holes again');
+    assert.deepEqual(await layoutOf(target), CAPTURE_LAYOUT, 'the holes are holes again');
     await vol.delete();
   });
 
   test('upload at an offset leaves the rest untouched and the size unchanged', async () => {
     const src = path.join(work, 'holefirst.img');
     const layout: Layout = [{ kind: 'hole', length: 65536 }, { kind: 'data', length: 65536 }, { kind: 'hole', length: 8192 }];
-    await makeImage(src, layout, 'hf');
+    await makeImage(src, layout, 22);
     const vol = await pool.createVol({ name: 'off.img', capacity: 4 * MiB, allocation: 0 });
     const target = path.join(poolDir, 'off.img');
-    await fillRandom(target, 4 * MiB);
+    await makeFilledFile(target, 4 * MiB);
     const before = await fsp.readFile(target);
     for (const sparse of [true, false]) {
       await vol.uploadFile(src, { sparse, offset: MiB });
@@ -276,7 +277,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
 
   test('download windows: offset/length, past the end, beyond EOF', async () => {
     const src = path.join(work, 'win.img');
-    await makeImage(src, CAPTURE_LAYOUT, 'win');
+    await makeImage(src, CAPTURE_LAYOUT, 23);
     const vol = await pool.createVol({ name: 'win.img', capacity: 4 * MiB, allocation: 0 });
     await vol.uploadFile(src, { sparse: true });
     const whole = await fsp.readFile(src);
@@ -298,7 +299,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
 
   test('an upload longer than its length fails with libvirt ENOSPC error and the volume survives', async () => {
     const src = path.join(work, 'c64.bin');
-    await fillRandom(src, 65536);
+    await makeFilledFile(src, 65536);
     const vol = await pool.createVol({ name: 'len.img', capacity: MiB, allocation: 0 });
     // our client's uploadFile stops at `length`; virsh sends the whole file: do as virsh does
     const sendAll = async (file: string, length: number, sparse: boolean) => {
@@ -309,7 +310,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
     assert.equal(err.int1, 28);
     assert.equal(err.str1, '%s');
     const sp = path.join(work, 'len-sparse.img');
-    await makeImage(sp, CAPTURE_LAYOUT, 'len');
+    await makeImage(sp, CAPTURE_LAYOUT, 24);
     await rejectsWith(sendAll(sp, 100000, true), 38, 38, 'cannot write to stream: No space left on device');
     assert.equal(fs.statSync(path.join(poolDir, 'len.img')).size, MiB, 'never truncated');
     // the connection is still fine
@@ -319,7 +320,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
 
   test('a client abort ends the stream and closes the file', async () => {
     const src = path.join(work, 'ab.img');
-    await makeImage(src, [{ kind: 'data', length: 8 * MiB }], 'ab');
+    await makeImage(src, [{ kind: 'data', length: 8 * MiB }], 25);
     const vol = await pool.createVol({ name: 'ab.img', capacity: 8 * MiB, allocation: 0 });
     await vol.uploadFile(src, { sparse: true });
     const stream = await vol.download({ sparse: true });
@@ -343,7 +344,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
         const p = await c.storagePoolLookupByName('main');
         const layout: Layout = [{ kind: 'data', length: 300000 + i * 4096 }, { kind: 'hole', length: 2 * MiB }, { kind: 'data', length: 1000 + i }];
         const src = path.join(work, `many-${i}.img`);
-        await makeImage(src, layout, `many${i}`);
+        await makeImage(src, layout, 100 + i);
         const size = layout.reduce((n, e) => n + e.length, 0);
         const v = await p.createVol({ name: `many-${i}.img`, capacity: size, allocation: 0 });
         await v.uploadFile(src, { sparse: i % 2 === 0 });
@@ -361,7 +362,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
   test('a client that stops reading pauses only its own stream; memory stays bounded', async () => {
     const big = 96 * MiB;
     const vol = await pool.createVol({ name: 'big.img', capacity: big, allocation: 0 });
-    await fillRandom(path.join(poolDir, 'big.img'), big);
+    await makeFilledFile(path.join(poolDir, 'big.img'), big);
     const slow = await connect(d.uri);
     try {
       const sp = await slow.storagePoolLookupByName('main');
@@ -373,7 +374,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
       await new Promise((r) => setTimeout(r, 300));
       // meanwhile another client is served normally
       const src = path.join(work, 'side.img');
-      await makeImage(src, [{ kind: 'data', length: 2 * MiB }], 'side');
+      await makeImage(src, [{ kind: 'data', length: 2 * MiB }], 26);
       const side = await pool.createVol({ name: 'side.img', capacity: 2 * MiB, allocation: 0 });
       await side.uploadFile(src);
       const out = path.join(work, 'side.out');
@@ -435,7 +436,7 @@ describe('sparsevirtd with the sparsevirt client (unix socket)', () => {
 
   test('a read-only connection can list, look and download but not change anything', async () => {
     const src = path.join(work, 'ro.img');
-    await makeImage(src, CAPTURE_LAYOUT, 'ro');
+    await makeImage(src, CAPTURE_LAYOUT, 27);
     const vol = await pool.createVol({ name: 'ro.img', capacity: 4 * MiB, allocation: 0 });
     await vol.uploadFile(src, { sparse: true });
     const ro = await connect(d.uri, { readonly: true });
@@ -471,7 +472,7 @@ describe('sparsevirtd over tcp and tls', () => {
   let dir: string;
   let pki: string;
   before(async () => {
-    dir = await tempDir();
+    dir = await scratchDir();
     pki = path.join(dir, 'pki');
     const script = path.resolve('scripts', 'setup-tls.sh');
     const r = await run('bash', [script, pki]);
@@ -486,10 +487,10 @@ describe('sparsevirtd over tcp and tls', () => {
     try {
       const p = await conn.storagePoolLookupByName('net');
       const src = path.join(dir, `${name}.src`);
-      await makeImage(src, CAPTURE_LAYOUT, name);
+      await makeImage(src, CAPTURE_LAYOUT, 28);
       const v = await p.createVol({ name: `${name}.img`, capacity: 4 * MiB, allocation: 0 });
       await v.uploadFile(src, { sparse: true });
-      assert.deepEqual(await extentMap(path.join(poolDir, `${name}.img`)), CAPTURE_LAYOUT);
+      assert.deepEqual(await layoutOf(path.join(poolDir, `${name}.img`)), CAPTURE_LAYOUT);
       const out = path.join(dir, `${name}.out`);
       await v.downloadFile(out, { sparse: true });
       assert.equal(await sha256File(out), await sha256File(src));
@@ -578,7 +579,7 @@ describe('sparsevirtd over tcp and tls', () => {
 
 describe('sparsevirtd state', () => {
   test('a restart finds every pool and volume again, running pools running', async () => {
-    const dir = await tempDir();
+    const dir = await scratchDir();
     try {
       const d1 = await startTestDaemon({ dir });
       let c = await connect(d1.uri);
@@ -628,7 +629,7 @@ describe('sparsevirtd state', () => {
   });
 
   test('a fresh state directory gets a running, autostarted default pool; an unreadable pool file is skipped', async () => {
-    const dir = await tempDir();
+    const dir = await scratchDir();
     try {
       const d = await startTestDaemon({ dir, defaultPool: true });
       const c = await connect(d.uri);

@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
+import { tmpdir } from 'node:os';
 import { test } from 'node:test';
 import { parseConf } from '../src/daemon/conf-syntax.js';
 import { CONFIG_KEYS, ConfigError, defaultConfig, loadConfig, parseConfig } from '../src/daemon/config.js';
@@ -17,7 +18,7 @@ import { openOutputs, parseLogOutputs, stderrIsJournal } from '../src/daemon/log
 import { configListeners, parseDaemonArgs, resolveOptions } from '../src/daemon/options.js';
 import { dnMatches, parseListen } from '../src/daemon/server.js';
 import { listenFdsFromEnv, listenerRole, renderUnit } from '../src/daemon/systemd.js';
-import { tempDir } from './helpers/daemon.js';
+import { scratchDir } from './helpers/images.js';
 
 function refused(text: string): ConfigError {
   try {
@@ -155,7 +156,7 @@ test('options override the file; --listen replaces its listeners; --pkipath its 
 });
 
 test('loading: a missing default file is the defaults, a missing --config file, a directory or an unreadable file is refused', async () => {
-  const dir = await tempDir('sv-conf-');
+  const dir = await scratchDir(tmpdir(), 'sv-conf-');
   try {
     assert.deepEqual(loadConfig(path.join(dir, 'none.conf'), false), defaultConfig());
     assert.throws(() => loadConfig(path.join(dir, 'none.conf'), true), (err: ConfigError) => err.code === 'ERR_CONFIG' && err.line === null && /none\.conf: cannot read the configuration file: .*ENOENT/.test(err.message));
@@ -205,7 +206,7 @@ test('stderr is the journal only when JOURNAL_STREAM names it', () => {
 });
 
 test('journald output: the stream protocol (header, then <N> lines) to a fake journald; a file output appends JSON', async () => {
-  const dir = await tempDir('sv-journal-');
+  const dir = await scratchDir(tmpdir(), 'sv-journal-');
   const sock = path.join(dir, 'stdout');
   let got = '';
   const server = net.createServer((c) => c.on('data', (b) => (got += b.toString())));

@@ -16,7 +16,9 @@ import { connect } from '../src/client/index.js';
 import { P } from '../src/protocol/remote.js';
 import { Status } from '../src/rpc/message.js';
 import type { Codec } from '../src/xdr/index.js';
-import { RawClient, decodeWith, errorOf, run, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { RawClient, decodeWith, errorOf } from './helpers/raw-client.js';
+import { run } from './helpers/run.js';
 import { scratchDir } from './helpers/images.js';
 import {
   LIBVIRTD_PKI_DIR, LIBVIRTD_SOCKET, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, LIBVIRTD_URI, SCRATCH_ROOT,

@@ -13,7 +13,9 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
-import { fillRandom, run, startTestDaemon } from './helpers/daemon.js';
+import { startTestDaemon } from './helpers/daemon.js';
+import { makeFilledFile, scratchDir } from './helpers/images.js';
+import { run } from './helpers/run.js';
 import { requireLibvirt, withScratchPool } from './helpers/libvirt.js';
 
 const MiB = 1 << 20;
@@ -41,18 +43,13 @@ async function qemuImg(args: string[]): Promise<{ code: number; stdout: string; 
   return run('qemu-img', args, { timeoutMs: 60_000 });
 }
 
-/** A shm directory for our pool (the same filesystem as libvirtd's scratch pools: same allocation). */
-function shmDir(prefix: string): string {
-  return fs.mkdtempSync(`/dev/shm/sparsevirt-test-${prefix}-`);
-}
-
 describe('qcow2 in dir pools: virsh against sparsevirtd and libvirtd', () => {
   test('the same commands give the same output, and the same images', { timeout: 240_000 }, async (t) => {
     if (!(await requireTools(t))) return;
     if (!(await requireLibvirt(t))) return;
     const d = await startTestDaemon();
     const data = path.join(d.dir, 'data.bin');
-    await fillRandom(data, 3 * MiB);
+    await makeFilledFile(data, 3 * MiB);
     const xmlDir = path.join(d.dir, 'xml');
     await fsp.mkdir(xmlDir);
     const xml = async (name: string, body: string): Promise<string> => {
@@ -123,7 +120,7 @@ describe('qcow2 in dir pools: virsh against sparsevirtd and libvirtd', () => {
       }
       return out;
     };
-    const oursDir = shmDir('qcow2-ours');
+    const oursDir = await scratchDir('/dev/shm', 'sparsevirt-test-qcow2-ours-');
     const oursPool = `q-ours-${process.pid}`;
     try {
       await ok(d.virshUri, ['pool-define-as', oursPool, 'dir', '--target', oursDir]);
@@ -179,8 +176,8 @@ describe('bad images in a dir pool', () => {
   test('bad headers, backing loops and backing files outside the pool: listed, clear errors, the daemon keeps serving', { timeout: 120_000 }, async (t) => {
     if (!(await requireTools(t))) return;
     const d = await startTestDaemon();
-    const dir = shmDir('qcow2-bad');
-    const outside = shmDir('qcow2-outside');
+    const dir = await scratchDir('/dev/shm', 'sparsevirt-test-qcow2-bad-');
+    const outside = await scratchDir('/dev/shm', 'sparsevirt-test-qcow2-outside-');
     const uri = d.virshUri;
     try {
       const mk = async (name: string, args: string[] = []): Promise<string> => {
@@ -246,7 +243,7 @@ describe('bad images in a dir pool', () => {
       assert.match(await ok(uri, ['vol-dumpxml', '--pool', 'bad', 'after.qcow2']), /<format type='qcow2'\/>/);
       // an upload that is not an image is stored as it is; the next look shows what the file now is
       const junk = path.join(d.dir, 'junk.bin');
-      await fillRandom(junk, 70_000);
+      await makeFilledFile(junk, 70_000);
       await ok(uri, ['vol-upload', '--pool', 'bad', 'after.qcow2', junk]);
       assert.match(await ok(uri, ['vol-dumpxml', '--pool', 'bad', 'after.qcow2']), /<format type='raw'\/>/);
       await ok(uri, ['pool-destroy', 'bad']);

@@ -23,7 +23,9 @@ import { FrameParser } from '../src/rpc/parser.js';
 import { remoteErrorCodec } from '../src/rpc/structs.js';
 import { P, PROCEDURES_BY_NUM } from '../src/protocol/remote.js';
 import { XdrReader, XdrWriter, encode, type Codec } from '../src/xdr/index.js';
-import { CAPTURE_LAYOUT, RawClient, describe as describeFrame, errorOf, extentMap, sha256File, startTestDaemon, type Frame, type TestDaemon } from './helpers/daemon.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { CAPTURE_LAYOUT, layoutOf, sha256File } from './helpers/images.js';
+import { RawClient, describe as describeFrame, errorOf, type Frame } from './helpers/raw-client.js';
 
 const FIXTURES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../test/fixtures/libvirt-9.0');
 const ANCHOR_UUID = 'f2e3f50a-b527-4232-a2ca-999fc53420f8';
@@ -280,7 +282,7 @@ describe('sparsevirtd answers the libvirt 9.0 captures as libvirtd does', () => 
     assertExact(r, 'upload-sparse');
     r.client.close();
     assert.equal(await sha256File(vol), CAPTURE_SHA);
-    assert.deepEqual(await extentMap(vol), CAPTURE_LAYOUT);
+    assert.deepEqual(await layoutOf(vol), CAPTURE_LAYOUT);
 
     vol = await resetVolume('proto-up2.img', MiB);
     r = await replay('upload-plain', d.socket, subst);

@@ -13,7 +13,8 @@ import { randomBytes } from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { run, startTestDaemon } from './helpers/daemon.js';
+import { startTestDaemon } from './helpers/daemon.js';
+import { run } from './helpers/run.js';
 import { LIBVIRTD_URI, requireLibvirt, virsh, virshOk } from './helpers/libvirt.js';
 
 const PYTHON = '/usr/bin/python3';

@@ -10,7 +10,9 @@ import { randomBytes } from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { run, startTestDaemon, tempDir } from './helpers/daemon.js';
+import { startTestDaemon } from './helpers/daemon.js';
+import { scratchDir } from './helpers/images.js';
+import { run } from './helpers/run.js';
 import { requireLibvirt, virsh, virshOk } from './helpers/libvirt.js';
 
 const PYTHON = '/usr/bin/python3';
@@ -121,7 +123,7 @@ test('secrets: python3-libvirt and virsh get from sparsevirtd what they get from
 });
 
 test('secrets persist across a daemon restart; ephemeral ones do not', async () => {
-  const dir = await tempDir();
+  const dir = await scratchDir();
   try {
     const uuid = 'f7f7f7f7-0000-4000-8000-000000000001';
     const eph = 'f7f7f7f7-0000-4000-8000-000000000002';

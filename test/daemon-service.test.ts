@@ -11,11 +11,13 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
+import { tmpdir } from 'node:os';
 import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { connect, type Connection } from '../src/client/index.js';
 import { RemoteError } from '../src/errors.js';
-import { run, tempDir } from './helpers/daemon.js';
+import { scratchDir } from './helpers/images.js';
+import { run } from './helpers/run.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const MAIN = path.join(ROOT, 'dist/bin/sparsevirtd.mjs');
@@ -83,7 +85,7 @@ let dir: string;
 let pki: string;
 
 before(async () => {
-  dir = await tempDir('sv-service-');
+  dir = await scratchDir(tmpdir(), 'sv-service-');
   pki = path.join(dir, 'pki');
   const r = await run(path.join(ROOT, 'scripts/setup-tls.sh'), [pki, '--days', '2']);
   assert.equal(r.code, 0, r.stderr);

@@ -15,7 +15,8 @@ import { RemoteError, SparsevirtError } from '../src/errors.js';
 import { startDaemon, type DaemonHandle } from '../src/daemon/index.js';
 import { PID_FILE } from '../src/daemon/state.js';
 import { setNativeSyscalls } from '../src/io/sys.js';
-import { spawnDaemon, tempDir, waitUntil, type ChildDaemon } from './long/harness.js';
+import { scratchDir } from './helpers/images.js';
+import { spawnDaemon, waitUntil, type ChildDaemon } from './long/harness.js';
 
 const MAX_RECORD = 2048;
 
@@ -38,7 +39,7 @@ const modes = [
 describe('one sparsevirtd per state directory', () => {
   let dir: string;
   before(async () => {
-    dir = await tempDir();
+    dir = await scratchDir();
   });
   after(async () => {
     await fsp.rm(dir, { recursive: true, force: true });
@@ -262,7 +263,7 @@ function checkAtomicSaves(calls: Syscall[], final: string): number {
 describe('pool state is written by temp file, fsync and rename', () => {
   let dir: string;
   before(async () => {
-    dir = await tempDir();
+    dir = await scratchDir();
   });
   after(async () => {
     await fsp.rm(dir, { recursive: true, force: true });

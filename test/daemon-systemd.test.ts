@@ -13,9 +13,11 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
+import { tmpdir } from 'node:os';
 import { after, before, test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { run, tempDir } from './helpers/daemon.js';
+import { scratchDir } from './helpers/images.js';
+import { run } from './helpers/run.js';
 import { virsh } from './helpers/libvirt.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -36,7 +38,7 @@ function need(t: TestContext, ...cmds: string[]): boolean {
 
 let dir: string;
 before(async () => {
-  dir = await tempDir('sv-systemd-');
+  dir = await scratchDir(tmpdir(), 'sv-systemd-');
 });
 after(async () => {
   await fsp.rm(dir, { recursive: true, force: true });

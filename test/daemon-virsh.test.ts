@@ -11,7 +11,9 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
-import { CAPTURE_LAYOUT, extentMap, fillRandom, makeImage, run, sha256File, startTestDaemon, type Layout, type TestDaemon } from './helpers/daemon.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { CAPTURE_LAYOUT, layoutOf, makeFilledFile, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
+import { run } from './helpers/run.js';
 import { requireLibvirt, withScratchPool } from './helpers/libvirt.js';
 
 const MiB = 1 << 20;
@@ -95,7 +97,7 @@ describe('virsh against sparsevirtd', () => {
     assert.equal((await ok(uri, ['vol-resize', '--pool', 'vp', 'b.img', '1M', '--delta'])).trim(), "Size of volume 'b.img' successfully changed by 1M");
     assert.match((await ok(uri, ['vol-resize', '--pool', 'vp', 'b.img', '--shrink', '--', '-512K'])).trim(), /^Size of volume 'b\.img' successfully changed by -?512K$/);
     assert.equal(fs.statSync(path.join(poolDir, 'b.img')).size, 1536 * 1024);
-    await fillRandom(path.join(poolDir, 'b.img'), 1536 * 1024);
+    await makeFilledFile(path.join(poolDir, 'b.img'), 1536 * 1024);
     assert.equal((await ok(uri, ['vol-wipe', '--pool', 'vp', 'b.img'])).trim(), 'Vol b.img wiped');
     assert.ok((await fsp.readFile(path.join(poolDir, 'b.img'))).every((x) => x === 0));
     let r = await virshAt(uri, ['vol-wipe', '--pool', 'vp', 'b.img', '--algorithm', 'dod']);
@@ -116,17 +118,17 @@ describe('virsh against sparsevirtd', () => {
   test('vol-upload / vol-download, sparse and plain, with offset and length', async (t) => {
     if (!(await requireVirsh(t))) return;
     const src = path.join(dir, 'src.img');
-    await makeImage(src, CAPTURE_LAYOUT, 'virsh');
+    await makeImage(src, CAPTURE_LAYOUT, 11);
     const vol = path.join(poolDir, 'a.img');
     let r = await virshAt(uri, ['vol-upload', '--pool', 'vp', 'a.img', src, '--sparse']);
     assert.deepEqual([r.code, r.stdout.trim(), r.stderr], [0, '', '']);
     assert.equal(await sha256File(vol), await sha256File(src));
-    assert.deepEqual(await extentMap(vol), CAPTURE_LAYOUT);
+    assert.deepEqual(await layoutOf(vol), CAPTURE_LAYOUT);
 
     const out = path.join(dir, 'out.img');
     await ok(uri, ['vol-download', '--pool', 'vp', 'a.img', out, '--sparse']);
     assert.equal(await sha256File(out), await sha256File(src));
-    assert.deepEqual(await extentMap(out), CAPTURE_LAYOUT);
+    assert.deepEqual(await layoutOf(out), CAPTURE_LAYOUT);
     await fsp.rm(out);
     await ok(uri, ['vol-download', '--pool', 'vp', 'a.img', out]);
     assert.equal(await sha256File(out), await sha256File(src));
@@ -146,16 +148,16 @@ describe('virsh against sparsevirtd', () => {
     // plain upload over the sparse volume, then a sparse upload over random bytes
     await ok(uri, ['vol-upload', '--pool', 'vp', 'a.img', src]);
     assert.equal(await sha256File(vol), await sha256File(src));
-    await fillRandom(vol, 4 * MiB);
+    await makeFilledFile(vol, 4 * MiB);
     await ok(uri, ['vol-upload', '--pool', 'vp', 'a.img', src, '--sparse']);
     assert.equal(await sha256File(vol), await sha256File(src));
-    assert.deepEqual(await extentMap(vol), CAPTURE_LAYOUT);
+    assert.deepEqual(await layoutOf(vol), CAPTURE_LAYOUT);
 
     // upload at an offset: the rest untouched, the size unchanged (libvirt would truncate: libvirt-quirks upload-holes-truncate)
     const hf = path.join(dir, 'holefirst.img');
     const hfLayout: Layout = [{ kind: 'hole', length: 65536 }, { kind: 'data', length: 65536 }];
-    await makeImage(hf, hfLayout, 'hf');
-    await fillRandom(vol, 4 * MiB);
+    await makeImage(hf, hfLayout, 12);
+    await makeFilledFile(vol, 4 * MiB);
     const before = await fsp.readFile(vol);
     await ok(uri, ['vol-upload', '--pool', 'vp', 'a.img', hf, '--sparse', '--offset', String(MiB)]);
     const afterUp = await fsp.readFile(vol);
@@ -166,7 +168,7 @@ describe('virsh against sparsevirtd', () => {
 
     // more than --length: libvirt's error, virsh's message
     const c64 = path.join(dir, 'c64.bin');
-    await fillRandom(c64, 65536);
+    await makeFilledFile(c64, 65536);
     r = await virshAt(uri, ['vol-upload', '--pool', 'vp', 'a.img', c64, '--length', '8192']);
     assert.equal(r.code, 1);
     assert.equal(r.stderr.trimEnd(), 'error: cannot close volume a.img\nerror: cannot write to stream: No space left on device');
@@ -211,9 +213,9 @@ describe('virsh output: sparsevirtd vs libvirtd', () => {
     if (!(await requireLibvirt(t))) return;
     const d = await startTestDaemon();
     const src = path.join(d.dir, 'src.img');
-    await makeImage(src, CAPTURE_LAYOUT, 'cmp');
+    await makeImage(src, CAPTURE_LAYOUT, 13);
     const c64 = path.join(d.dir, 'c64.bin');
-    await fillRandom(c64, 65536);
+    await makeFilledFile(c64, 65536);
     try {
       const script = (pool: string): string[][] => [
         ['pool-info', pool],
@@ -266,7 +268,7 @@ describe('virsh output: sparsevirtd vs libvirtd', () => {
         return out;
       };
       // ours on /dev/shm too, so allocation granularity is the same filesystem's
-      const oursDir = fs.mkdtempSync('/dev/shm/sparsevirt-test-ours-');
+      const oursDir = await scratchDir('/dev/shm', 'sparsevirt-test-ours-');
       const oursPool = `cmp-ours-${process.pid}`;
       let ours: string[];
       try {

@@ -21,7 +21,8 @@ import { connect, type Connection, type StorageVol } from '../src/client/index.j
 import { RemoteError } from '../src/errors.js';
 import { RbdPool, rbdOpsInFlight } from '../src/daemon/rbd/pool.js';
 import { imageName, rbdCli, rbdExportSha256, requireCeph, type CephCluster } from './helpers/ceph.js';
-import { run, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { run } from './helpers/run.js';
 import { scratchDir, sha256File } from './helpers/images.js';
 import { requireLibvirt, virsh, virshOk } from './helpers/libvirt.js';
 

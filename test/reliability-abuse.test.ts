@@ -18,7 +18,9 @@ import type { RemoteError } from '../src/errors.js';
 import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, buildFrame, type Header } from '../src/rpc/message.js';
 import { P } from '../src/protocol/remote.js';
 import { XdrReader, XdrWriter, encode } from '../src/xdr/index.js';
-import { RawClient, errorOf, run, startTestDaemon, type Frame, type TestDaemon } from './helpers/daemon.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { RawClient, errorOf, type Frame } from './helpers/raw-client.js';
+import { run } from './helpers/run.js';
 import { makeFilledFile, makeImage, sha256File } from './helpers/images.js';
 
 const MiB = 1 << 20;

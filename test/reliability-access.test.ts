@@ -20,18 +20,20 @@ import { connect } from '../src/client/index.js';
 import { startDaemon } from '../src/daemon/index.js';
 import { MessageType, REMOTE_PROGRAM, Status, buildFrame } from '../src/rpc/message.js';
 import { P, PROCEDURES_BY_NUM } from '../src/protocol/remote.js';
-import { RawClient, errorOf, run, startTestDaemon } from './helpers/daemon.js';
+import { startTestDaemon } from './helpers/daemon.js';
+import { RawClient, errorOf } from './helpers/raw-client.js';
+import { run } from './helpers/run.js';
 import { encode } from '../src/xdr/index.js';
-import { makeImage, sha256File } from './helpers/images.js';
+import { makeImage, scratchDir, sha256File } from './helpers/images.js';
 import { synthesizedSessions } from './long/fuzz.js';
-import { isRoot, listeningTcpInodes, openFds, spawnDaemon, tempDir, waitUntil } from './long/harness.js';
+import { isRoot, listeningTcpInodes, openFds, spawnDaemon, waitUntil } from './long/harness.js';
 
 describe('TLS: who gets in', () => {
   let dir: string;
   let pkiA: string;
   let pkiB: string;
   before(async () => {
-    dir = await tempDir();
+    dir = await scratchDir();
     pkiA = path.join(dir, 'pki-a');
     pkiB = path.join(dir, 'pki-b');
     const script = path.resolve('scripts', 'setup-tls.sh');
@@ -102,7 +104,7 @@ describe('TLS: who gets in', () => {
 
 describe('plain TCP is off unless asked for', () => {
   test('a daemon started with default options listens on its unix socket and on no TCP port', async () => {
-    const dir = await tempDir();
+    const dir = await scratchDir();
     try {
       // not root, so that the defaults land in this directory (root's are /run and /var/lib)
       const home = path.join(dir, 'home');

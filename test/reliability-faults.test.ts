@@ -17,8 +17,8 @@ import { after, before, describe, test } from 'node:test';
 import type { Chunk } from '../src/chunk.js';
 import { connect, type Connection, type StoragePool } from '../src/client/index.js';
 import { RemoteError, SparsevirtError } from '../src/errors.js';
-import { allocatedBytes, makeFilledFile, makeImage, sha256File } from './helpers/images.js';
-import { MiB, isRoot, mountTmpfs, sleep, spawnDaemon, startWorker, tempDir, umount, waitUntil, type ChildDaemon } from './long/harness.js';
+import { allocatedBytes, makeFilledFile, makeImage, scratchDir, sha256File } from './helpers/images.js';
+import { MiB, isRoot, mountTmpfs, sleep, spawnDaemon, startWorker, umount, waitUntil, type ChildDaemon } from './long/harness.js';
 
 async function definePool(conn: Connection, name: string, dir: string): Promise<StoragePool> {
   const pool = await conn.storagePoolDefineDir(name, dir);
@@ -33,7 +33,7 @@ describe('faults: clients and the daemon killed or stopped mid-transfer', () => 
   let dir: string;
 
   before(async () => {
-    dir = await tempDir();
+    dir = await scratchDir();
   });
   after(async () => {
     await fsp.rm(dir, { recursive: true, force: true });

@@ -22,7 +22,8 @@ import { FrameParser } from '../src/rpc/parser.js';
 import { P } from '../src/protocol/remote.js';
 import { encode, type Codec } from '../src/xdr/index.js';
 import { fuzzClient, fuzzDaemon, virshAvailable } from './long/fuzz.js';
-import { MiB, tempDir } from './long/harness.js';
+import { scratchDir } from './helpers/images.js';
+import { MiB } from './long/harness.js';
 
 const SEED = Number(process.env.SPARSEVIRT_FUZZ_SEED ?? 6001);
 const mib = (n: number) => `${(n / MiB).toFixed(1)} MiB`;
@@ -57,7 +58,7 @@ test('daemon fuzz: 20,000 mutated frames, every connection answered or dropped a
 });
 
 test('client against a hostile server: coded errors, every wait bounded by keepalive or the caller\'s timeout, no crash', async (t) => {
-  const dir = await tempDir();
+  const dir = await scratchDir();
   try {
     const opTimeoutMs = 1000;
     const ka = { keepaliveInterval: 0.2, keepaliveCount: 2 };
@@ -85,7 +86,7 @@ test('client against a hostile server: coded errors, every wait bounded by keepa
 });
 
 test('a reply with a serial nobody asked for ends the connection, as libvirt\'s client does, instead of leaving a call waiting forever; a late reply to a call given up is ignored', { timeout: 20000 }, async () => {
-  const dir = await tempDir();
+  const dir = await scratchDir();
   const socket = path.join(dir, 'odd.sock');
   let lateMs = 0;
   let wrongSerial = false;

@@ -18,8 +18,8 @@ import { FrameParser } from '../src/rpc/parser.js';
 import { P } from '../src/protocol/remote.js';
 import { encode } from '../src/xdr/index.js';
 import { startTestDaemon } from './helpers/daemon.js';
-import { makeFilledFile, makeImage } from './helpers/images.js';
-import { MiB, sleep, spawnDaemon, startWorker, tempDir, waitUntil, type ChildDaemon, type TransferReport, type WorkerTransfer } from './long/harness.js';
+import { makeFilledFile, makeImage, scratchDir } from './helpers/images.js';
+import { MiB, sleep, spawnDaemon, startWorker, waitUntil, type ChildDaemon, type TransferReport, type WorkerTransfer } from './long/harness.js';
 import { layoutFor, prepareLoad, runRound } from './long/soak.js';
 
 const mib = (n: number) => `${(n / MiB).toFixed(1)} MiB`;
@@ -31,7 +31,7 @@ describe('load', () => {
   let poolDir: string;
 
   before(async () => {
-    dir = await tempDir();
+    dir = await scratchDir();
     d = await spawnDaemon({ dir, logLevel: 'warn' });
     poolDir = path.join(dir, 'pool');
     const conn = await connect(d.uri);

@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import { readExtents, type Extent } from '../src/sparse/index.js';
-import { emptyDir, layoutArb, layoutSize, makeImage, scratchDir, type Layout } from './helpers/images.js';
+import { emptyDir, layoutArb, layoutSize, scratchImages } from './helpers/images.js';
 
 const K = 4096;
 const hole = (length: number): { kind: 'hole'; length: number } => ({ kind: 'hole', length });
@@ -25,17 +25,7 @@ function assertWellFormed(extents: Extent[], start: number, end: number): void {
 
 for (const base of ['/tmp', '/dev/shm']) {
   describe(`readExtents on ${base}`, () => {
-    let dir = '';
-    let n = 0;
-    const image = async (layout: Layout): Promise<string> => {
-      const file = path.join(dir, `img${n++}`);
-      await makeImage(file, layout, n);
-      return file;
-    };
-    before(async () => {
-      dir = await scratchDir(base);
-    });
-    after(() => fs.rm(dir, { recursive: true, force: true }));
+    const { dir, image } = scratchImages(base);
 
     it('maps aligned data and holes exactly, the trailing hole from ENXIO included', async () => {
       const file = await image([hole(2 * K), data(K), hole(3 * K), data(2 * K), hole(5 * K)]);
@@ -106,8 +96,8 @@ for (const base of ['/tmp', '/dev/shm']) {
     });
 
     it('rejects bad windows and missing files with stable codes', async () => {
-      await assert.rejects(readExtents(path.join(dir, 'missing')), { code: 'ERR_IO' });
-      await assert.rejects(readExtents(dir), { code: 'ERR_UNSUPPORTED' });
+      await assert.rejects(readExtents(path.join(dir(), 'missing')), { code: 'ERR_IO' });
+      await assert.rejects(readExtents(dir()), { code: 'ERR_UNSUPPORTED' });
       const file = await image([data(1)]);
       await assert.rejects(readExtents(file, { offset: -1 }), { code: 'ERR_INVALID_ARG' });
       await assert.rejects(readExtents(file, { length: 2 ** 53 }), { code: 'ERR_INVALID_ARG' });
@@ -143,7 +133,7 @@ for (const base of ['/tmp', '/dev/shm']) {
             }
             pos += part.length;
           }
-        }).afterEach(() => emptyDir(dir)),
+        }).afterEach(() => emptyDir(dir())),
         { numRuns: 40 },
       );
     });

@@ -1,11 +1,10 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
-import path from 'node:path';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import type { Chunk } from '../src/chunk.js';
 import { ChunkReader, fileChunks, readExtents } from '../src/sparse/index.js';
-import { emptyDir, layoutArb, layoutSize, makeImage, scratchDir, sha256, sha256File, type Layout } from './helpers/images.js';
+import { emptyDir, layoutArb, layoutSize, scratchImages, sha256, sha256File } from './helpers/images.js';
 
 const K = 4096;
 
@@ -26,17 +25,7 @@ async function openFds(): Promise<number> {
 
 for (const base of ['/tmp', '/dev/shm']) {
   describe(`fileChunks on ${base}`, () => {
-    let dir = '';
-    let n = 0;
-    const image = async (layout: Layout): Promise<string> => {
-      const file = path.join(dir, `img${n++}`);
-      await makeImage(file, layout, n);
-      return file;
-    };
-    before(async () => {
-      dir = await scratchDir(base);
-    });
-    after(() => fs.rm(dir, { recursive: true, force: true }));
+    const { dir, image } = scratchImages(base);
 
     it('splits data at chunkSize and extent edges, one hole chunk per hole', async () => {
       const file = await image([{ kind: 'data', length: 10 * K }, { kind: 'hole', length: 8 * K }, { kind: 'data', length: K }, { kind: 'hole', length: 100 }]);
@@ -73,7 +62,7 @@ for (const base of ['/tmp', '/dev/shm']) {
             extents.flatMap((e) => (e.kind === 'hole' ? [e.length] : [])),
           );
           assert.equal(sha256(flatten(chunks)), await sha256File(file, offset, length));
-        }).afterEach(() => emptyDir(dir)),
+        }).afterEach(() => emptyDir(dir())),
         { numRuns: 40 },
       );
     });

@@ -13,12 +13,13 @@ import { execFile } from 'node:child_process';
 import diagnostics from 'node:diagnostics_channel';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
+import { tmpdir } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { connect } from '../src/client/index.js';
 import { SparsevirtError } from '../src/errors.js';
 import { startDaemon, type DaemonHandle } from '../src/daemon/index.js';
-import { tempDir } from './helpers/daemon.js';
+import { scratchDir } from './helpers/images.js';
 
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../bin/sparsevirt.cjs');
 
@@ -103,7 +104,7 @@ describe('the TLS client refuses a server certificate it cannot verify', () => {
   const daemons = new Map<Case, { handle: DaemonHandle; port: number }>();
 
   before(async () => {
-    dir = await tempDir('svtls-');
+    dir = await scratchDir(tmpdir(), 'svtls-');
     await Promise.all([makeCa(dir, 'trusted'), makeCa(dir, 'rogue')]);
     const hostSan = 'DNS:localhost,IP:127.0.0.1';
     await Promise.all([

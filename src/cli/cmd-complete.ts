@@ -9,16 +9,13 @@
  * The words follow virsh's grammar (`vsh.ts`): `--opt value`, `--opt=value`, values by position
  * in the order of the definition, `--` making the rest data.
  */
+import { POOL_TYPES, WIPE_ALGORITHM_NAMES } from '../protocol/remote.js';
 import type { Ctl, CommandFailed } from './ctl.js';
 import { findCommand, GROUPS } from './commands.js';
 import type { CmdDef, OptDef } from './vsh.js';
 
-/** libvirt's storage pool types (virsh's pool type completer). */
-export const POOL_TYPES = ['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage'];
 /** vol-create-as --format (its help text's list). */
 export const VOL_FORMATS = ['raw', 'bochs', 'qcow', 'qcow2', 'qed', 'vmdk'];
-/** vol-wipe --algorithm (virsh's list). */
-export const WIPE_ALGORITHMS = ['zero', 'nnsa', 'dod', 'bsi', 'gutmann', 'schneier', 'pfitzner7', 'pfitzner33', 'random', 'trim'];
 
 /** The values an option takes: names from the connection, a fixed list, a file, or anything. */
 export type ValueKind = 'pool' | 'vol' | 'file' | 'command' | { list: string[] } | null;
@@ -30,9 +27,9 @@ export function valueKind(cmd: CmdDef, opt: OptDef): ValueKind {
     case 'pool': return cmd.name === 'pool-define-as' ? null : 'pool';
     case 'vol': return 'vol';
     case 'file': return 'file';
-    case 'type': return { list: POOL_TYPES };
+    case 'type': return { list: [...POOL_TYPES] };
     case 'format': case 'backing-vol-format': return { list: VOL_FORMATS };
-    case 'algorithm': return { list: WIPE_ALGORITHMS };
+    case 'algorithm': return { list: [...WIPE_ALGORITHM_NAMES] };
     default: return null;
   }
 }

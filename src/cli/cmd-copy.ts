@@ -4,6 +4,7 @@
  * one progress bar, optional creation of the destination and verification by content digest.
  */
 import type { Connection, StoragePool, StorageVol } from '../client/index.js';
+import { attributeOf, childElement, parseXml } from '../xml.js';
 import type { Ctl } from './ctl.js';
 import { catchInterrupts } from './exit.js';
 import { lookupVol, requiredOpt, stringOpt } from './lookup.js';
@@ -23,8 +24,8 @@ function byteOpt(ctl: Ctl, cmd: ParsedCmd, name: string): number {
 
 /** The format of a volume, from its XML (raw when it does not say). */
 async function formatOf(vol: StorageVol): Promise<string> {
-  const xml = await vol.xmlDesc();
-  return /<format\s+type=['"]([^'"]+)['"]/.exec(xml.slice(xml.indexOf('<target>')))?.[1] ?? 'raw';
+  const root = parseXml(await vol.xmlDesc());
+  return attributeOf(childElement(childElement(root, 'target'), 'format'), 'type') ?? 'raw';
 }
 
 const volCopy: Handler = async (ctl, cmd) => {

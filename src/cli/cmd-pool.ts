@@ -1,5 +1,6 @@
 /** Storage pool commands, with virsh 9.0's calls, output and messages. */
 import type { StoragePool } from '../client/index.js';
+import { ListPoolsTypeFlags } from '../protocol/remote.js';
 import { DEBUG, type Ctl } from './ctl.js';
 import { labelLine, poolStateName, prettyCapacity, renderTable } from './format.js';
 import { lookupPool, quietOpt, requiredOpt, stringOpt } from './lookup.js';
@@ -10,12 +11,6 @@ type Handler = (ctl: Ctl, cmd: ParsedCmd) => Promise<void>;
 
 const RUNNING = 2;
 const DEGRADED = 3;
-
-/** VIR_CONNECT_LIST_STORAGE_POOLS_* for `--type`. */
-const POOL_TYPE_FLAGS: Record<string, number> = {
-  dir: 64, fs: 128, netfs: 256, logical: 512, disk: 1024, iscsi: 2048, scsi: 4096, mpath: 8192, rbd: 16384,
-  sheepdog: 32768, gluster: 65536, zfs: 131072, vstorage: 262144, 'iscsi-direct': 524288,
-};
 
 /** vshStringToArray: split on ',', with ',,' a literal comma. */
 export function splitCommaList(s: string): string[] {
@@ -72,7 +67,7 @@ const poolList: Handler = async (ctl, cmd) => {
   exclusive(ctl, cmd, 'details', 'name');
   if (type !== undefined) {
     for (const t of splitCommaList(type)) {
-      const bit = POOL_TYPE_FLAGS[t];
+      const bit = Object.hasOwn(ListPoolsTypeFlags, t) ? ListPoolsTypeFlags[t] : undefined;
       if (bit === undefined) ctl.fail(`Invalid pool type '${t}'`);
       flags |= bit!;
     }

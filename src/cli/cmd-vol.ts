@@ -1,5 +1,6 @@
 /** Storage volume commands (all but upload/download), with virsh 9.0's calls, output and messages. */
 import type { StorageVol, VolInfo } from '../client/index.js';
+import { WIPE_ALGORITHM_NAMES } from '../protocol/remote.js';
 import type { Ctl } from './ctl.js';
 import { asciiCaseCompare } from './cmd-pool.js';
 import { labelLine, prettyCapacity, renderTable, volTypeName } from './format.js';
@@ -109,14 +110,12 @@ const volDelete: Handler = async (ctl, cmd) => {
   ctl.printExtra(`Vol ${name} deleted\n`);
 };
 
-const WIPE_ALGORITHMS = ['zero', 'nnsa', 'dod', 'bsi', 'gutmann', 'schneier', 'pfitzner7', 'pfitzner33', 'random', 'trim'];
-
 const volWipe: Handler = async (ctl, cmd) => {
   const { vol, name } = await lookupVol(ctl, cmd);
   const algStr = stringOpt(ctl, cmd, 'algorithm');
   let algorithm = 0;
   if (algStr !== undefined) {
-    algorithm = WIPE_ALGORITHMS.indexOf(algStr);
+    algorithm = WIPE_ALGORITHM_NAMES.indexOf(algStr);
     if (algorithm < 0) ctl.fail(`Unsupported algorithm '${algStr}'`);
   }
   try {

@@ -10,147 +10,30 @@
  * `not()`), unions with `|` and `( … )[n]`. Other expressions are refused as virsh refuses
  * expressions that do not give a node set.
  */
+import { escapeNodeAttribute, escapeNodeText, parseXml as readXml, type XmlAttribute, type XmlElement, type XmlText } from '../xml.js';
 import type { Ctl } from './ctl.js';
 
-// ------------------------------------------------------------------ a small DOM
-
-interface Base {
-  parent: Elem | null;
-  /** Document order. */
-  order: number;
-}
-export interface Elem extends Base {
-  type: 'element';
-  name: string;
-  attrs: Attr[];
-  children: (Elem | Text)[];
-}
-export interface Text extends Base {
-  type: 'text';
-  value: string;
-}
-export interface Attr extends Base {
-  type: 'attribute';
-  name: string;
-  value: string;
-}
+type Elem = XmlElement;
+type Text = XmlText;
+type Attr = XmlAttribute;
 export type XNode = Elem | Text | Attr;
-
-class XmlSyntaxError extends Error {}
 
 /** The name given to the document node (what `/` selects). */
 const DOCUMENT = '#document';
 
-const ENTITIES: Record<string, string> = { lt: '<', gt: '>', amp: '&', apos: "'", quot: '"' };
-
-function decodeEntities(s: string): string {
-  return s.replace(/&(#x[0-9a-fA-F]+|#\d+|[a-zA-Z]+);/g, (m, e: string) => {
-    if (e[0] === '#') return String.fromCodePoint(e[1] === 'x' ? parseInt(e.slice(2), 16) : parseInt(e.slice(1), 10));
-    return ENTITIES[e] ?? m;
-  });
-}
-
-/** Parses well-formed XML (as libvirt writes it); whitespace-only text is dropped, as libvirt's parser does. */
+/** A document as virsh reads it for --xpath: white space between elements dropped, as libxml2 with keepBlanks off. */
 export function parseXml(src: string): Elem {
-  let p = 0;
-  let order = 0;
-  const skipMisc = () => {
-    for (;;) {
-      while (p < src.length && /\s/.test(src[p]!)) p++;
-      if (src.startsWith('<?', p)) p = need(src.indexOf('?>', p)) + 2;
-      else if (src.startsWith('<!--', p)) p = need(src.indexOf('-->', p)) + 3;
-      else if (src.startsWith('<!DOCTYPE', p)) p = need(src.indexOf('>', p)) + 1;
-      else return;
-    }
-  };
-  const need = (i: number) => {
-    if (i < 0) throw new XmlSyntaxError('unterminated markup');
-    return i;
-  };
-  const name = () => {
-    const m = /^[A-Za-z_:][\w:.-]*/.exec(src.slice(p, p + 256));
-    if (!m) throw new XmlSyntaxError(`name expected at ${p}`);
-    p += m[0].length;
-    return m[0];
-  };
-  const element = (parent: Elem | null): Elem => {
-    if (src[p] !== '<') throw new XmlSyntaxError(`element expected at ${p}`);
-    p++;
-    const el: Elem = { type: 'element', name: name(), attrs: [], children: [], parent, order: order++ };
-    for (;;) {
-      while (/\s/.test(src[p] ?? '')) p++;
-      if (src.startsWith('/>', p)) {
-        p += 2;
-        return el;
-      }
-      if (src[p] === '>') {
-        p++;
-        break;
-      }
-      const an = name();
-      while (/\s/.test(src[p] ?? '')) p++;
-      if (src[p] !== '=') throw new XmlSyntaxError(`= expected at ${p}`);
-      p++;
-      while (/\s/.test(src[p] ?? '')) p++;
-      const q = src[p];
-      if (q !== '"' && q !== "'") throw new XmlSyntaxError(`quote expected at ${p}`);
-      const end = need(src.indexOf(q, p + 1));
-      el.attrs.push({ type: 'attribute', name: an, value: decodeEntities(src.slice(p + 1, end)), parent: el, order: order++ });
-      p = end + 1;
-    }
-    for (;;) {
-      if (p >= src.length) throw new XmlSyntaxError(`unterminated <${el.name}>`);
-      if (src.startsWith('</', p)) {
-        p += 2;
-        if (name() !== el.name) throw new XmlSyntaxError(`mismatched </…> for <${el.name}>`);
-        while (/\s/.test(src[p] ?? '')) p++;
-        if (src[p] !== '>') throw new XmlSyntaxError('> expected');
-        p++;
-        return el;
-      }
-      if (src.startsWith('<!--', p)) {
-        p = need(src.indexOf('-->', p)) + 3;
-      } else if (src.startsWith('<![CDATA[', p)) {
-        const end = need(src.indexOf(']]>', p));
-        el.children.push({ type: 'text', value: src.slice(p + 9, end), parent: el, order: order++ });
-        p = end + 3;
-      } else if (src.startsWith('<?', p)) {
-        p = need(src.indexOf('?>', p)) + 2;
-      } else if (src[p] === '<') {
-        el.children.push(element(el));
-      } else {
-        const end = src.indexOf('<', p);
-        const raw = src.slice(p, end < 0 ? src.length : end);
-        p = end < 0 ? src.length : end;
-        // libxml2's "blanks" heuristic: whitespace is kept when it is an element's only content
-        // (`<source>\n  </source>`) or sits next to other text; otherwise it is dropped.
-        const blank = raw.trim() === '';
-        const keep = !blank || (el.children.length === 0 && src.startsWith('</', p)) ||
-          (el.children.length > 0 && (el.children.at(-1)!.type === 'text' || el.children[0]!.type === 'text'));
-        if (keep) el.children.push({ type: 'text', value: decodeEntities(raw), parent: el, order: order++ });
-      }
-    }
-  };
-  skipMisc();
-  const root = element(null);
-  skipMisc();
-  if (p < src.length) throw new XmlSyntaxError('content after the root element');
-  return root;
+  return readXml(src, { dropBlankText: true });
 }
 
 // ------------------------------------------------------------------ serialising like libxml2
 
-const escText = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/\r/g, '&#13;');
-const escAttr = (s: string) =>
-  s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;')
-    .replace(/\n/g, '&#10;').replace(/\r/g, '&#13;').replace(/\t/g, '&#9;');
-
 /** xmlNodeDump(…, level, format = 1): children indented two spaces a level unless text is mixed in. */
 export function serialize(n: XNode, level = 0, format = true): string {
-  if (n.type === 'text') return escText(n.value);
-  if (n.type === 'attribute') return ` ${n.name}="${escAttr(n.value)}"`;
+  if (n.type === 'text') return escapeNodeText(n.value);
+  if (n.type === 'attribute') return ` ${n.name}="${escapeNodeAttribute(n.value)}"`;
   if (n.name === DOCUMENT) return `<?xml version="1.0" encoding="UTF-8"?>\n${n.children.map((c) => `${serialize(c)}\n`).join('')}`;
-  let s = `<${n.name}${n.attrs.map((a) => serialize(a)).join('')}`;
+  let s = `<${n.name}${n.attributes.map((a) => serialize(a)).join('')}`;
   if (n.children.length === 0) return `${s}/>`;
   s += '>';
   const fmt = format && n.children.every((c) => c.type === 'element');
@@ -256,7 +139,7 @@ function axisNodes(axis: string, n: XNode): XNode[] {
   const desc = (x: XNode): XNode[] => kids(x).flatMap((k) => [k, ...desc(k)]);
   switch (axis) {
     case 'child': return kids(n);
-    case 'attribute': return n.type === 'element' ? n.attrs : [];
+    case 'attribute': return n.type === 'element' ? n.attributes : [];
     case 'self': return [n];
     case 'parent': return n.parent ? [n.parent] : [];
     case 'descendant': return desc(n);
@@ -289,7 +172,7 @@ function compile(src: string, root: Elem): { expr: Expr; isPath: boolean } {
     i++;
   };
   // the document node above the root element, for absolute paths and `..`
-  const docNode: Elem = { type: 'element', name: DOCUMENT, attrs: [], children: [root], parent: null, order: -1 };
+  const docNode: Elem = { type: 'element', name: DOCUMENT, attributes: [], children: [root], parent: null, order: -1 };
   root.parent = docNode;
 
   type Step = (nodes: XNode[]) => XNode[];
@@ -535,12 +418,12 @@ export function evalXPath(xml: string, xpath: string): XPathResult {
 /** The nodes, each on its own line; with `wrap`, copied under a `<nodes>` element. */
 export function renderNodes(nodes: XNode[], wrap: boolean): string {
   if (!wrap) return nodes.map((n) => `${serialize(n)}\n`).join('');
-  const wrapper: Elem = { type: 'element', name: 'nodes', attrs: [], children: [], parent: null, order: 0 };
+  const wrapper: Elem = { type: 'element', name: 'nodes', attributes: [], children: [], parent: null, order: 0 };
   for (const n of nodes) {
     if (n.type === 'attribute') {
-      const existing = wrapper.attrs.findIndex((a) => a.name === n.name);
-      if (existing >= 0) wrapper.attrs.splice(existing, 1);
-      wrapper.attrs.push(n);
+      const existing = wrapper.attributes.findIndex((a) => a.name === n.name);
+      if (existing >= 0) wrapper.attributes.splice(existing, 1);
+      wrapper.attributes.push(n);
     } else {
       const last = wrapper.children.at(-1);
       // adjacent text nodes merge, as xmlAddChild does

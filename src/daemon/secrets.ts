@@ -23,8 +23,9 @@ import { ListSecretsFlags, P, SECRET_LIST_MAX, SecretEventId, SecretLifecycle, S
 import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Header } from '../rpc/message.js';
 import { encode } from '../xdr/index.js';
 import { CODE, rpcError, virError } from './errors.js';
-import { writeFileAtomic } from './state.js';
-import { child, escapeXml, parseXml, type XmlElement } from './xml.js';
+import { TMP_MARK, writeFileAtomic } from './state.js';
+import { attributeOf, childElement, escapeXml, ownText, type XmlElement } from '../xml.js';
+import { readClientXml } from './xml.js';
 
 /** VIR_FROM_SECRET */
 export const DOMAIN_SECRET = 30;
@@ -117,7 +118,7 @@ function uuidBytes(u: string): Buffer {
 }
 
 function yesNo(el: XmlElement, attr: string): boolean {
-  const v = el.attrs[attr];
+  const v = attributeOf(el, attr);
   if (v === undefined || v === 'no') return false;
   if (v === 'yes') return true;
   throw virError(CODE.XML_ERROR, DOMAIN_SECRET, `invalid value of '${attr}'`);
@@ -127,7 +128,7 @@ function yesNo(el: XmlElement, attr: string): boolean {
 export function parseSecretXml(xml: string): SecretDef {
   let root: XmlElement;
   try {
-    root = parseXml(xml, 'definition_of_secret');
+    root = readClientXml(xml, 'definition_of_secret');
   } catch (err) {
     if (err instanceof RemoteError) {
       const f = err.toFields();
@@ -139,29 +140,30 @@ export function parseSecretXml(xml: string): SecretDef {
   const ephemeral = yesNo(root, 'ephemeral');
   const isPrivate = yesNo(root, 'private');
   let uuid: string;
-  const u = child(root, 'uuid');
+  const u = childElement(root, 'uuid');
   if (u) {
-    const n = normUuid(u.text);
+    const n = normUuid(ownText(u));
     if (n === null) throw virError(CODE.INTERNAL_ERROR, DOMAIN_SECRET, 'malformed uuid element');
     uuid = n;
   } else {
     uuid = randomUUID();
   }
-  const d = child(root, 'description');
+  const d = childElement(root, 'description');
   let usageType: number = SecretUsage.NONE;
   let usageID = '';
-  const usage = child(root, 'usage');
+  const usage = childElement(root, 'usage');
   if (usage) {
-    const type = usage.attrs.type;
+    const type = attributeOf(usage, 'type');
     if (type === undefined) throw virError(CODE.XML_ERROR, DOMAIN_SECRET, 'unknown secret usage type');
     const idx = (USAGE_NAMES as readonly string[]).indexOf(type);
     if (idx <= 0) throw virError(CODE.CONFIG_UNSUPPORTED, DOMAIN_SECRET, `unknown secret usage type ${type}`);
     usageType = idx;
-    const id = child(usage, USAGE_ELEMENT[idx]!)?.text.trim();
+    const idEl = childElement(usage, USAGE_ELEMENT[idx]!);
+    const id = idEl ? ownText(idEl).trim() : undefined;
     if (!id) throw virError(CODE.INTERNAL_ERROR, DOMAIN_SECRET, USAGE_MISSING[idx]!);
     usageID = id;
   }
-  return { uuid, ephemeral, isPrivate, description: d ? d.text : null, usageType, usageID };
+  return { uuid, ephemeral, isPrivate, description: d ? ownText(d) : null, usageType, usageID };
 }
 
 /** The secret's XML as libvirt prints it (virSecretDefFormat). */
@@ -175,8 +177,6 @@ export function formatSecretXml(def: SecretDef): string {
   }
   return `${s}</secret>\n`;
 }
-
-const TMP_MARK = '.tmp-';
 
 /** The secrets of one state directory. */
 export class SecretStore {

@@ -34,7 +34,8 @@ export interface PoolRecord {
   active: boolean;
 }
 
-const TMP_MARK = '.tmp-';
+/** In the name of a file being written (writeFileAtomic): one left behind by a crash is removed at start. */
+export const TMP_MARK = '.tmp-';
 
 export class PoolStore {
   readonly dir: string;

@@ -7,7 +7,9 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { RemoteError } from '../errors.js';
-import { ListPoolsFlags, PoolCreateFlags, PoolLifecycle, PoolState, VolCreateFlags, VolResizeFlags, WipeAlgorithm } from '../protocol/remote.js';
+import {
+  ListPoolsFlags, ListPoolsTypeFlags, POOL_TYPES, PoolCreateFlags, PoolLifecycle, PoolState, VolCreateFlags, VolResizeFlags, WipeAlgorithm,
+} from '../protocol/remote.js';
 import {
   Pool, backendFor, registeredBackends,
   type BackendContext, type PoolBackend, type PoolDef, type PoolStats, type ReadOptions, type Volume, type VolumeReader, type VolumeWriter, type WriteOptions,
@@ -17,16 +19,10 @@ import { CODE, checkFlags, storageError, systemError } from './errors.js';
 import type { Logger } from './log.js';
 import { PoolStore, type PoolRecord } from './state.js';
 import { SecretStore } from './secrets.js';
-import { POOL_TYPES, formatPoolCapabilities, formatPoolXml, parsePoolXml, parseVolXml, sanitizePath } from './xml.js';
+import { formatPoolCapabilities, formatPoolXml, parsePoolXml, parseVolXml, sanitizePath } from './xml.js';
 
 export { Pool, type PoolStats, type VolInfo, type Volume } from './backend.js';
 export { isValidVolName } from './backends/dir.js';
-
-/** libvirt's bit per pool type in CONNECT_LIST_ALL_STORAGE_POOLS's flags (VIR_CONNECT_LIST_STORAGE_POOLS_DIR…), in POOL_TYPES order. */
-const LIST_TYPE_BIT: Record<string, number> = {
-  dir: 1 << 6, fs: 1 << 7, netfs: 1 << 8, logical: 1 << 9, disk: 1 << 10, iscsi: 1 << 11, scsi: 1 << 12, mpath: 1 << 13,
-  rbd: 1 << 14, sheepdog: 1 << 15, gluster: 1 << 16, zfs: 1 << 17, vstorage: 1 << 18, 'iscsi-direct': 1 << 19,
-};
 
 /** libvirt's messages for an operation a backend does not have. */
 const NO_SUPPORT: Record<string, string> = {
@@ -212,7 +208,7 @@ export class StorageDriver {
           if (!((flags & F.AUTOSTART && p.autostart) || (flags & F.NO_AUTOSTART && !p.autostart))) return false;
         }
         const typeBits = flags & ~((1 << 6) - 1);
-        if (typeBits !== 0 && !(typeBits & (LIST_TYPE_BIT[p.type] ?? 0))) return false;
+        if (typeBits !== 0 && !(typeBits & ((Object.hasOwn(ListPoolsTypeFlags, p.type) && ListPoolsTypeFlags[p.type]) || 0))) return false;
         return true;
       })
       .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));

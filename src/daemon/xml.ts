@@ -1,159 +1,26 @@
 /**
- * Pool and volume XML: a small, strict XML reader for what clients send (pool-define-as,
- * vol-create-as), and formatters that print byte for byte what libvirt 9.0 prints for a pool
- * (two-space indentation, single-quoted attributes, trailing newline). A dir volume's XML is the
- * format layer's (formats/volxml.ts).
- *
- * The reader knows elements, attributes, text, CDATA, comments, processing instructions and
- * the five predefined entities plus character references. A DOCTYPE is refused: no entity
- * expansion, no external anything.
+ * Pool and volume XML: what the daemon reads from what clients send (pool-define-as,
+ * vol-create-as), on the one XML reader (../xml.ts), and formatters that print byte for byte
+ * what libvirt 9.0 prints for a pool (two-space indentation, single-quoted attributes, trailing
+ * newline). A dir volume's XML is the format layer's (formats/volxml.ts).
  */
-import { escapeXml } from '../xml.js';
+import { attributeOf, childElement, childElements, escapeXml, ownText, parseXml, textAt, XmlSyntaxError, type XmlElement } from '../xml.js';
+import { POOL_TYPES } from '../protocol/remote.js';
 import type { PoolAuth, PoolBackend, PoolDef, PoolSource, PoolSourceHost, VolDef } from './backend.js';
 import { CODE, DOMAIN, storageError, virError } from './errors.js';
 
-export interface XmlElement {
-  name: string;
-  attrs: Record<string, string>;
-  children: XmlElement[];
-  /** Concatenated text content directly inside this element. */
-  text: string;
+/**
+ * Reads a document a client sent; malformed XML is libvirt's XML_DETAIL error (code 35, domain
+ * STORAGE) with `(context):line: reason`, as libvirt reports what libxml2 refused.
+ */
+export function readClientXml(src: string, context: string): XmlElement {
+  try {
+    return parseXml(src);
+  } catch (err) {
+    if (err instanceof XmlSyntaxError) throw virError(CODE.XML_DETAIL, DOMAIN.STORAGE, `(${context}):${err.line}: ${err.reason}`);
+    throw err;
+  }
 }
-
-/** Parse a document; throws libvirt's XML_DETAIL error (code 35) with `(context):line: reason`. */
-export function parseXml(src: string, context: string): XmlElement {
-  let pos = 0;
-  const fail = (reason: string): never => {
-    const line = src.slice(0, pos).split('\n').length;
-    throw virError(CODE.XML_DETAIL, DOMAIN.STORAGE, `(${context}):${line}: ${reason}`);
-  };
-  const skipMisc = (): void => {
-    for (;;) {
-      while (pos < src.length && /\s/.test(src[pos]!)) pos++;
-      if (src.startsWith('<?', pos)) {
-        const end = src.indexOf('?>', pos + 2);
-        if (end < 0) fail('unterminated processing instruction');
-        pos = end + 2;
-      } else if (src.startsWith('<!--', pos)) {
-        const end = src.indexOf('-->', pos + 4);
-        if (end < 0) fail('unterminated comment');
-        pos = end + 3;
-      } else if (src.startsWith('<!', pos)) {
-        fail('DOCTYPE and entity declarations are not accepted');
-      } else return;
-    }
-  };
-  const NAME = /[A-Za-z_:][-A-Za-z0-9_.:]*/y;
-  const readName = (): string => {
-    NAME.lastIndex = pos;
-    const m = NAME.exec(src);
-    if (!m) return fail('expected a name');
-    pos += m[0].length;
-    return m[0];
-  };
-  const decode = (s: string): string =>
-    s.replace(/&(#x[0-9a-fA-F]+|#[0-9]+|[a-z]+);|&/g, (whole, ent?: string) => {
-      if (ent === undefined) return fail("unescaped '&'");
-      if (ent === 'lt') return '<';
-      if (ent === 'gt') return '>';
-      if (ent === 'amp') return '&';
-      if (ent === 'apos') return "'";
-      if (ent === 'quot') return '"';
-      if (ent.startsWith('#')) {
-        const n = ent[1] === 'x' ? Number.parseInt(ent.slice(2), 16) : Number.parseInt(ent.slice(1), 10);
-        if (!Number.isFinite(n) || n <= 0 || n > 0x10ffff) return fail(`invalid character reference ${whole}`);
-        return String.fromCodePoint(n);
-      }
-      return fail(`unknown entity ${whole}`);
-    });
-  const readElement = (depth: number): XmlElement => {
-    if (depth > 64) fail('elements nested too deeply');
-    if (src[pos] !== '<') fail("expected '<'");
-    pos++;
-    const name = readName();
-    const el: XmlElement = { name, attrs: {}, children: [], text: '' };
-    for (;;) {
-      const before = pos;
-      while (pos < src.length && /\s/.test(src[pos]!)) pos++;
-      if (src.startsWith('/>', pos)) {
-        pos += 2;
-        return el;
-      }
-      if (src[pos] === '>') {
-        pos++;
-        break;
-      }
-      if (pos >= src.length) fail(`Premature end of data in tag ${name}`);
-      if (pos === before) fail("expected '>'");
-      const attr = readName();
-      while (pos < src.length && /\s/.test(src[pos]!)) pos++;
-      if (src[pos] !== '=') fail(`Specification mandates value for attribute ${attr}`);
-      pos++;
-      while (pos < src.length && /\s/.test(src[pos]!)) pos++;
-      const q = src[pos];
-      if (q !== '"' && q !== "'") fail('AttValue: " or \' expected');
-      const end = src.indexOf(q!, pos + 1);
-      if (end < 0) fail('AttValue: unterminated');
-      const raw = src.slice(pos + 1, end);
-      if (raw.includes('<')) fail("Unescaped '<' not allowed in attributes values");
-      if (Object.hasOwn(el.attrs, attr)) fail(`Attribute ${attr} redefined`);
-      el.attrs[attr] = decode(raw);
-      pos = end + 1;
-    }
-    for (;;) {
-      if (pos >= src.length) fail(`Premature end of data in tag ${name}`);
-      if (src.startsWith('</', pos)) {
-        pos += 2;
-        const close = readName();
-        if (close !== name) fail(`Opening and ending tag mismatch: ${name} and ${close}`);
-        while (pos < src.length && /\s/.test(src[pos]!)) pos++;
-        if (src[pos] !== '>') fail("expected '>'");
-        pos++;
-        return el;
-      }
-      if (src.startsWith('<!--', pos)) {
-        const end = src.indexOf('-->', pos + 4);
-        if (end < 0) fail('unterminated comment');
-        pos = end + 3;
-      } else if (src.startsWith('<![CDATA[', pos)) {
-        const end = src.indexOf(']]>', pos + 9);
-        if (end < 0) fail('unterminated CDATA section');
-        el.text += src.slice(pos + 9, end);
-        pos = end + 3;
-      } else if (src.startsWith('<?', pos)) {
-        const end = src.indexOf('?>', pos + 2);
-        if (end < 0) fail('unterminated processing instruction');
-        pos = end + 2;
-      } else if (src[pos] === '<') {
-        el.children.push(readElement(depth + 1));
-      } else {
-        const next = src.indexOf('<', pos);
-        const end = next < 0 ? src.length : next;
-        el.text += decode(src.slice(pos, end));
-        pos = end;
-      }
-    }
-  };
-  skipMisc();
-  if (pos >= src.length) fail('Document is empty');
-  const root = readElement(0);
-  skipMisc();
-  if (pos < src.length) fail('Extra content at the end of the document');
-  return root;
-}
-
-export function child(el: XmlElement | undefined, name: string): XmlElement | undefined {
-  return el?.children.find((c) => c.name === name);
-}
-
-/** Text of the element at a path of child names, trimmed; undefined when absent. */
-export function textAt(el: XmlElement | undefined, ...path: string[]): string | undefined {
-  let cur = el;
-  for (const p of path) cur = child(cur, p);
-  return cur === undefined ? undefined : cur.text.trim();
-}
-
-export { escapeXml };
 
 // ------------------------------------------------------------------ scaled integers
 
@@ -185,9 +52,6 @@ export function scaledBytes(value: string, unit: string | undefined, what: strin
 
 // ------------------------------------------------------------------ pools
 
-/** libvirt's pool types, in its order. */
-export const POOL_TYPES: readonly string[] = ['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage'];
-
 /** Pool types without a local target (libvirt prints no `<target>` for them). */
 const NO_TARGET_TYPES = new Set(['rbd', 'sheepdog', 'gluster', 'iscsi-direct']);
 
@@ -214,31 +78,31 @@ function parseUuid(text: string | undefined, what: string): string | null {
 
 function parsePoolSource(el: XmlElement | undefined): PoolSource {
   const hosts: PoolSourceHost[] = [];
-  for (const h of el?.children ?? []) {
-    if (h.name !== 'host') continue;
-    const name = h.attrs.name;
+  for (const h of childElements(el, 'host')) {
+    const name = attributeOf(h, 'name');
     if (!name) throw storageError(CODE.XML_ERROR, 'missing storage pool host name');
     let port: number | null = null;
-    if (h.attrs.port !== undefined) {
-      if (!/^[0-9]{1,5}$/.test(h.attrs.port) || Number(h.attrs.port) > 65535) {
-        throw storageError(CODE.XML_ERROR, `Invalid port number: ${h.attrs.port}`);
+    const portText = attributeOf(h, 'port');
+    if (portText !== undefined) {
+      if (!/^[0-9]{1,5}$/.test(portText) || Number(portText) > 65535) {
+        throw storageError(CODE.XML_ERROR, `Invalid port number: ${portText}`);
       }
-      port = Number(h.attrs.port);
+      port = Number(portText);
     }
     hosts.push({ name, port });
   }
   const nameText = textAt(el, 'name');
   let auth: PoolAuth | null = null;
-  const authEl = child(el, 'auth');
+  const authEl = childElement(el, 'auth');
   if (authEl) {
-    const type = authEl.attrs.type;
+    const type = attributeOf(authEl, 'type');
     if (type !== 'ceph' && type !== 'chap') throw storageError(CODE.XML_ERROR, `unknown auth type '${type ?? ''}'`);
-    const username = authEl.attrs.username;
+    const username = attributeOf(authEl, 'username');
     if (!username) throw storageError(CODE.XML_ERROR, 'missing username for auth');
-    const secretEl = child(authEl, 'secret');
+    const secretEl = childElement(authEl, 'secret');
     if (!secretEl) throw storageError(CODE.XML_ERROR, 'Missing <secret> element in auth');
-    const uuid = parseUuid(secretEl.attrs.uuid, 'auth secret uuid');
-    const usage = secretEl.attrs.usage;
+    const uuid = parseUuid(attributeOf(secretEl, 'uuid'), 'auth secret uuid');
+    const usage = attributeOf(secretEl, 'usage');
     if (uuid !== null && usage !== undefined) throw storageError(CODE.XML_ERROR, 'either secret uuid or usage expected');
     if (uuid === null && !usage) throw storageError(CODE.XML_ERROR, 'either secret uuid or usage expected');
     auth = { type, username, secret: uuid !== null ? { uuid } : { usage: usage! } };
@@ -248,14 +112,15 @@ function parsePoolSource(el: XmlElement | undefined): PoolSource {
 
 /** `<rbd:config_opts>` under whatever prefix the document binds to libvirt's rbd namespace. */
 function parseConfigOpts(root: XmlElement): Array<{ name: string; value: string }> {
-  const prefixes = Object.entries(root.attrs).filter(([k, v]) => k.startsWith('xmlns:') && v === RBD_NAMESPACE).map(([k]) => k.slice(6));
+  const prefixes = root.attributes.filter((a) => a.name.startsWith('xmlns:') && a.value === RBD_NAMESPACE).map((a) => a.name.slice(6));
   const out: Array<{ name: string; value: string }> = [];
   for (const prefix of prefixes) {
-    for (const opts of root.children.filter((c) => c.name === `${prefix}:config_opts`)) {
-      for (const o of opts.children) {
-        if (o.name !== `${prefix}:option`) continue;
-        if (o.attrs.name === undefined || o.attrs.value === undefined) throw storageError(CODE.XML_ERROR, 'Missing option name or value');
-        out.push({ name: o.attrs.name, value: o.attrs.value });
+    for (const opts of childElements(root, `${prefix}:config_opts`)) {
+      for (const o of childElements(opts, `${prefix}:option`)) {
+        const name = attributeOf(o, 'name');
+        const value = attributeOf(o, 'value');
+        if (name === undefined || value === undefined) throw storageError(CODE.XML_ERROR, 'Missing option name or value');
+        out.push({ name, value });
       }
     }
   }
@@ -264,11 +129,11 @@ function parseConfigOpts(root: XmlElement): Array<{ name: string; value: string 
 
 /** A `<pool>` definition of any type; the type's own refusals are its backend's (checkDefinition). */
 export function parsePoolXml(xml: string): PoolDef {
-  const root = parseXml(xml, 'storage_pool_definition');
+  const root = readClientXml(xml, 'storage_pool_definition');
   if (root.name !== 'pool') {
     throw storageError(CODE.XML_ERROR, `unknown root element for storage pool`);
   }
-  const type = root.attrs.type;
+  const type = attributeOf(root, 'type');
   if (type === undefined) throw virError(CODE.XML_ERROR, DOMAIN.XML, "Missing required attribute 'type' in element 'pool'");
   if (!POOL_TYPES.includes(type)) throw virError(CODE.XML_ERROR, DOMAIN.XML, `Invalid value for attribute 'type' in element 'pool': '${type}'.`);
   const name = textAt(root, 'name');
@@ -289,7 +154,7 @@ export function parsePoolXml(xml: string): PoolDef {
     if (!/^[0-7]{1,4}$/.test(modeText)) throw storageError(CODE.XML_ERROR, `malformed octal mode '${modeText}'`);
     mode = Number.parseInt(modeText, 8);
   }
-  return { type, name, uuid, target, mode, source: parsePoolSource(child(root, 'source')), configOpts: parseConfigOpts(root) };
+  return { type, name, uuid, target, mode, source: parsePoolSource(childElement(root, 'source')), configOpts: parseConfigOpts(root) };
 }
 
 export interface PoolXmlState {
@@ -361,46 +226,45 @@ const VOL_FEATURES = new Set(['lazy_refcounts', 'extended_l2']);
 
 /** A `<volume>` definition; which formats and options a pool takes is its backend's. */
 export function parseVolXml(xml: string, opts: { capacityOptional?: boolean } = {}): VolDef {
-  const root = parseXml(xml, 'storage_volume_definition');
+  const root = readClientXml(xml, 'storage_volume_definition');
   if (root.name !== 'volume') throw storageError(CODE.XML_ERROR, 'unknown root element for storage volume');
-  const nameEl = child(root, 'name');
+  const nameEl = childElement(root, 'name');
   // Not trimmed: a name is used as a file name as it is.
-  const name = nameEl?.text ?? '';
+  const name = nameEl ? ownText(nameEl) : '';
   if (name === '') throw storageError(CODE.XML_ERROR, 'missing volume name element');
-  const capEl = child(root, 'capacity');
+  const capEl = childElement(root, 'capacity');
   if (!capEl && !opts.capacityOptional) throw storageError(CODE.XML_ERROR, 'missing capacity element');
-  const capacity = capEl ? scaledBytes(capEl.text, capEl.attrs.unit, 'capacity') : null;
-  const allocEl = child(root, 'allocation');
-  const allocation = allocEl ? scaledBytes(allocEl.text, allocEl.attrs.unit, 'allocation') : undefined;
-  const target = child(root, 'target');
-  const formatEl = child(target, 'format');
-  const format = formatEl?.attrs.type ?? null;
+  const capacity = capEl ? scaledBytes(ownText(capEl), attributeOf(capEl, 'unit'), 'capacity') : null;
+  const allocEl = childElement(root, 'allocation');
+  const allocation = allocEl ? scaledBytes(ownText(allocEl), attributeOf(allocEl, 'unit'), 'allocation') : undefined;
+  const target = childElement(root, 'target');
+  const format = attributeOf(childElement(target, 'format'), 'type') ?? null;
   if (format !== null && !VOL_FORMATS.includes(format)) throw storageError(CODE.CONFIG_UNSUPPORTED, `unknown volume format type ${format}`);
-  const type = root.attrs.type;
+  const type = attributeOf(root, 'type');
   if (type !== undefined && type !== 'file' && type !== 'network') {
     throw storageError(CODE.CONFIG_UNSUPPORTED, `sparsevirtd supports only file and network volumes, not '${type}'`);
   }
   const compat = textAt(target, 'compat') || null;
   if (compat !== null && !/^[0-9]+\.[0-9]+$/.test(compat)) throw storageError(CODE.XML_ERROR, `forbidden characters in 'compat' attribute`);
   const features: string[] = [];
-  for (const f of child(target, 'features')?.children ?? []) {
+  for (const f of childElements(childElement(target, 'features'))) {
     if (!VOL_FEATURES.has(f.name)) throw storageError(CODE.XML_ERROR, `unsupported feature ${f.name}`);
     if (!features.includes(f.name)) features.push(f.name);
   }
-  const clusterEl = child(target, 'clusterSize');
-  const clusterSize = clusterEl ? scaledBytes(clusterEl.text, clusterEl.attrs.unit, 'clusterSize') : null;
+  const clusterEl = childElement(target, 'clusterSize');
+  const clusterSize = clusterEl ? scaledBytes(ownText(clusterEl), attributeOf(clusterEl, 'unit'), 'clusterSize') : null;
   const modeText = textAt(target, 'permissions', 'mode');
   let mode: number | null = null;
   if (modeText) {
     if (!/^[0-7]{1,4}$/.test(modeText)) throw storageError(CODE.XML_ERROR, 'malformed octal mode');
     mode = Number.parseInt(modeText, 8);
   }
-  const backingEl = child(root, 'backingStore');
+  const backingEl = childElement(root, 'backingStore');
   let backingStore: VolDef['backingStore'] = null;
   if (backingEl) {
     const bpath = textAt(backingEl, 'path');
     if (!bpath) throw storageError(CODE.XML_ERROR, 'missing path in backing store');
-    const bfmt = child(backingEl, 'format')?.attrs.type ?? null;
+    const bfmt = attributeOf(childElement(backingEl, 'format'), 'type') ?? null;
     if (bfmt !== null && !VOL_FORMATS.includes(bfmt)) throw storageError(CODE.XML_ERROR, `unknown volume format type ${bfmt}`);
     backingStore = { path: bpath, format: bfmt };
   }

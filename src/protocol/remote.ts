@@ -6,9 +6,10 @@
 import {
   array, fixedOpaque, int, optional, string, struct, uhyper, uint, voidCodec, type Codec,
 } from '../xdr/index.js';
+import { STRING_MAX } from '../rpc/structs.js';
 import { SECRET_PROCEDURES } from './secret.js';
 
-export const STRING_MAX = 4194304;
+export { STRING_MAX };
 export const AUTH_TYPE_LIST_MAX = 20;
 export const STORAGE_POOL_LIST_MAX = 16384;
 export const STORAGE_VOL_LIST_MAX = 16384;
@@ -174,11 +175,20 @@ export const PoolLifecycle = { DEFINED: 0, UNDEFINED: 1, STARTED: 2, STOPPED: 3,
 export const PoolCreateFlags = { WITH_BUILD: 1, WITH_BUILD_OVERWRITE: 2, WITH_BUILD_NO_OVERWRITE: 4 } as const;
 
 export const ListPoolsFlags = {
-  INACTIVE: 1, ACTIVE: 2, PERSISTENT: 4, TRANSIENT: 8, AUTOSTART: 16, NO_AUTOSTART: 32, DIR: 64,
+  INACTIVE: 1, ACTIVE: 2, PERSISTENT: 4, TRANSIENT: 8, AUTOSTART: 16, NO_AUTOSTART: 32,
 } as const;
+/** libvirt's storage pool types (virStoragePoolType), in its order. */
+export const POOL_TYPES: readonly string[] = ['dir', 'fs', 'netfs', 'logical', 'disk', 'iscsi', 'iscsi-direct', 'scsi', 'mpath', 'rbd', 'sheepdog', 'gluster', 'zfs', 'vstorage'];
+/** VIR_CONNECT_LIST_STORAGE_POOLS_<TYPE>: each pool type's bit in CONNECT_LIST_ALL_STORAGE_POOLS's flags (the bits below are ListPoolsFlags). */
+export const ListPoolsTypeFlags: Readonly<Record<string, number>> = {
+  dir: 1 << 6, fs: 1 << 7, netfs: 1 << 8, logical: 1 << 9, disk: 1 << 10, iscsi: 1 << 11, scsi: 1 << 12, mpath: 1 << 13,
+  rbd: 1 << 14, sheepdog: 1 << 15, gluster: 1 << 16, zfs: 1 << 17, vstorage: 1 << 18, 'iscsi-direct': 1 << 19,
+};
 export const VolResizeFlags = { ALLOCATE: 1, DELTA: 2, SHRINK: 4 } as const;
 export const VolInfoFlags = { GET_PHYSICAL: 1 } as const;
 export const VolCreateFlags = { PREALLOC_METADATA: 1, REFLINK: 2, VALIDATE: 4 } as const;
 export const PoolBuildFlags = { NEW: 0, REPAIR: 1, RESIZE: 2, NO_OVERWRITE: 4, OVERWRITE: 8 } as const;
 export const WipeAlgorithm = { ZERO: 0, NNSA: 1, DOD: 2, BSI: 3, GUTMANN: 4, SCHNEIER: 5, PFITZNER7: 6, PFITZNER33: 7, RANDOM: 8, TRIM: 9 } as const;
+/** The wipe algorithms as virsh names them (`vol-wipe --algorithm`), indexed by their values. */
+export const WIPE_ALGORITHM_NAMES: readonly string[] = Object.keys(WipeAlgorithm).map((k) => k.toLowerCase());
 export const SPARSE_STREAM = 1;

@@ -3,10 +3,10 @@
  * on the wire by `remote_nonnull_secret` (uuid, usage type, usage id). Merged into `P` by
  * remote.ts.
  */
+import { STRING_MAX } from '../rpc/structs.js';
 import { array, fixedOpaque, int, opaque, optional, string, struct, uint, voidCodec, type Codec } from '../xdr/index.js';
 import type { Procedure } from './remote.js';
 
-const STRING_MAX = 4194304;
 /** REMOTE_SECRET_VALUE_MAX */
 export const SECRET_VALUE_MAX = 65536;
 /** REMOTE_SECRET_LIST_MAX */

@@ -12,13 +12,12 @@ import type { DataPathStats } from '../io/socket.js';
 import type { SendfileCounter, SocketWriter } from '../io/socket-writer.js';
 import { frameChannel } from '../diagnostics.js';
 import { buildFrameHead, FRAME_OVERHEAD, writeFrameHead, type Header } from './message.js';
+import { STREAM_HOLE_SIZE } from './structs.js';
 
 /** Payloads up to this size are copied into the output batch; larger ones are written beside. */
 const SMALL_PAYLOAD = 16 * 1024;
 /** File data below this size is read into a buffer rather than passed by sendfile. */
 const DIRECT_MIN = 64 * 1024;
-/** A STREAM_HOLE payload: the length (hyper) and flags (unsigned int). */
-const ONE_HOLE = 12;
 
 /** An output batch: its writes not yet completed, and whether a newer batch replaced it. */
 interface Batch {
@@ -66,8 +65,8 @@ export class Outbox {
    */
   sendHoleFrame(h: Header, length: number): void {
     if (this.#closed) return;
-    if (frameChannel.hasSubscribers) frameChannel.publish({ dir: 'out', header: h, length: ONE_HOLE });
-    const total = FRAME_OVERHEAD + ONE_HOLE;
+    if (frameChannel.hasSubscribers) frameChannel.publish({ dir: 'out', header: h, length: STREAM_HOLE_SIZE });
+    const total = FRAME_OVERHEAD + STREAM_HOLE_SIZE;
     const out = this.#reserve(total);
     const at = this.#end;
     writeFrameHead(out, at, total, h);

@@ -49,6 +49,8 @@ export function encodeRemoteError(fields: RemoteErrorFields): Buffer {
 
 /** `virNetStreamHole`: hyper length; unsigned int flags. */
 export const streamHoleCodec = struct({ length: hyper, flags: uint });
+/** The size of a STREAM_HOLE payload (`virNetStreamHole`). */
+export const STREAM_HOLE_SIZE = 12;
 
 const EIO = 5;
 

@@ -18,7 +18,7 @@ import { OwnedFd } from '../io/file.js';
 import type { SendfileCounter } from '../io/socket-writer.js';
 import { XdrReader } from '../xdr/index.js';
 import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Header, type Message } from './message.js';
-import { decodeRemoteError, encodeRemoteError, streamHoleCodec, toRemoteFields } from './structs.js';
+import { decodeRemoteError, encodeRemoteError, STREAM_HOLE_SIZE, streamHoleCodec, toRemoteFields } from './structs.js';
 
 /** What a stream needs of its connection (the `Peer`). */
 export interface StreamHost {
@@ -112,8 +112,6 @@ const ON_PACKET: Record<End, Record<Phase, Row>> = {
     aborting: { data: 'deliver', eof: 'drop', hole: 'deliver', ok: 'end', error: 'aborted-by-client' },
   },
 };
-
-const ONE_HOLE = 12;
 
 type Waiter = { resolve: () => void; reject: (e: Error) => void };
 
@@ -430,7 +428,7 @@ export class WireStream implements StreamChannel {
     }
     if (action !== 'deliver') return;
     const p = m.payload;
-    if (p.length < ONE_HOLE) {
+    if (p.length < STREAM_HOLE_SIZE) {
       // (the decoder words what is missing)
       try {
         streamHoleCodec.dec(new XdrReader(p));

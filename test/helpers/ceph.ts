@@ -8,11 +8,12 @@
  *
  * The `rbd` and `ceph` command-line tools run through `execFile` (no shell), as client.admin.
  */
-import { execFile, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
+import { run } from './run.js';
 
 export const CEPH_DIR = process.env.SPARSEVIRT_CEPH_DIR ?? '/var/lib/sparsevirt-ceph';
 
@@ -28,20 +29,6 @@ export interface CephCluster {
 
 let probed: Promise<{ cluster: CephCluster | null; reason: string }> | undefined;
 
-function run(cmd: string, args: string[], timeoutMs = 60_000): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 64 << 20, encoding: 'utf8' }, (err, stdout, stderr) => {
-      let code = 0;
-      if (err) {
-        const c = (err as NodeJS.ErrnoException & { code?: unknown }).code;
-        code = typeof c === 'number' ? c : -1;
-        if (code === -1 && !stderr) stderr = err.message;
-      }
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
 function probe(): Promise<{ cluster: CephCluster | null; reason: string }> {
   probed ??= (async () => {
     let cluster: CephCluster;
@@ -50,7 +37,7 @@ function probe(): Promise<{ cluster: CephCluster | null; reason: string }> {
     } catch (err) {
       return { cluster: null, reason: `no ${join(CEPH_DIR, 'cluster.json')} (${(err as Error).message})` };
     }
-    const r = await run('rbd', ['-c', cluster.conf, '--id', 'admin', '--keyring', cluster.admin.keyring, 'ls', cluster.pool], 20_000);
+    const r = await run('rbd', ['-c', cluster.conf, '--id', 'admin', '--keyring', cluster.admin.keyring, 'ls', cluster.pool], { timeoutMs: 20_000 });
     if (r.code !== 0) return { cluster: null, reason: `rbd ls ${cluster.pool} failed: ${(r.stderr || r.stdout).trim()}` };
     return { cluster, reason: '' };
   })();
@@ -72,7 +59,7 @@ export async function requireCeph(t: TestContext): Promise<CephCluster | null> {
 
 /** `rbd -c CONF --id admin … args` (stdout); throws with stderr on failure. */
 export async function rbdCli(ceph: CephCluster, args: string[], timeoutMs = 120_000): Promise<string> {
-  const r = await run('rbd', ['-c', ceph.conf, '--id', 'admin', '--keyring', ceph.admin.keyring, ...args], timeoutMs);
+  const r = await run('rbd', ['-c', ceph.conf, '--id', 'admin', '--keyring', ceph.admin.keyring, ...args], { timeoutMs });
   if (r.code !== 0) throw new Error(`rbd ${args.join(' ')} failed (${r.code}): ${r.stderr.trim()}`);
   return r.stdout;
 }

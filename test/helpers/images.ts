@@ -1,26 +1,31 @@
 /**
- * Sparse test images: build a file from a layout of data runs and holes with deterministic
- * contents, and measure files (hash, allocation, extent map, block size).
+ * Sparse test images and the measures of files: build a file from a layout of data runs and
+ * holes with deterministic contents; hash it, map its extents, count its allocation; and the
+ * temporary directories the tests work in. One definition of each, for every test.
  *
  * ```ts
  * const dir = await scratchDir('/dev/shm');          // tmpfs; '/tmp' for ext4
  * const img = path.join(dir, 'a.img');
  * await makeImage(img, [{ kind: 'hole', length: 1 << 20 }, { kind: 'data', length: 5000 }], 7);
  * await sha256File(img);                              // hex digest of the whole file
+ * await layoutOf(img);                                // [{ kind: 'hole', … }, { kind: 'data', … }]
  * await rm(dir, { recursive: true });
  * ```
  *
  * Data runs are random bytes 1..255 (never zero, so every block they touch is really allocated
  * and zero detection never fires on them); `zero` runs are written zeros: allocated, but reading
  * as zero. Holes are never written: they cost no space, so a 1 TiB image is fine on tmpfs.
+ * Files are written and read 1 MiB at a time: memory stays bounded whatever the size.
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import { mkdtemp } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { after, before } from 'node:test';
 import fc from 'fast-check';
-import type { Chunk } from '../../src/chunk.js';
+import { zeroBytes, type Chunk } from '../../src/chunk.js';
+import { ContentDigest } from '../../src/digest.js';
 import { readExtents, type Extent } from '../../src/sparse/index.js';
 
 /** One run of a layout: `data` (random non-zero bytes), `zero` (written zeros) or `hole`. */
@@ -34,15 +39,39 @@ export function layoutSize(layout: Layout): number {
   return layout.reduce((n, p) => n + p.length, 0);
 }
 
-/** A fresh temporary directory under `base` (e.g. `/tmp` for ext4, `/dev/shm` for tmpfs). */
-export function scratchDir(base: string, prefix = 'sparsevirt-'): Promise<string> {
+/** The layout of libvirt's capture source `sparse-source.img` (4 MiB, 424 KiB of data). */
+export const CAPTURE_LAYOUT: Layout = [
+  { kind: 'data', length: 4096 }, { kind: 'hole', length: 61440 },
+  { kind: 'data', length: 16384 }, { kind: 'hole', length: 966656 },
+  { kind: 'data', length: 65536 }, { kind: 'hole', length: 458752 },
+  { kind: 'data', length: 8192 }, { kind: 'hole', length: 524288 },
+  { kind: 'data', length: 12288 }, { kind: 'hole', length: 1028096 },
+  { kind: 'data', length: 327680 }, { kind: 'hole', length: 720896 },
+];
+
+/** Bytes written or read at once. */
+const PIECE = 1 << 20;
+
+// ------------------------------------------------------------------ temporary directories
+
+/**
+ * A fresh temporary directory under `base` (`/tmp` for ext4, `/dev/shm` for tmpfs; both do
+ * SEEK_HOLE and punching), by default the OS's temporary directory.
+ */
+export function scratchDir(base: string = os.tmpdir(), prefix = 'sparsevirt-'): Promise<string> {
   return mkdtemp(path.join(base, prefix));
 }
 
-/**
- * Removes everything inside `dir`. Use as a property's `afterEach`, so runs that fail (and
- * fast-check's shrinking after them) do not pile up images: on tmpfs they are RAM.
- */
+/** `fn` with a fresh directory under `base`, removed afterwards whatever happens. */
+export async function withScratchDir<T>(base: string, prefix: string, fn: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await scratchDir(base, prefix);
+  try {
+    return await fn(dir);
+  } finally {
+    await fs.promises.rm(dir, { recursive: true, force: true });
+  }
+}
+
 /**
  * For the enclosing `describe`: a scratch directory under `base`, made before its tests and
  * removed after them, and fresh file names in it (`t0`, `t1`, …).
@@ -57,21 +86,66 @@ export function scratchFiles(base: string): { dir: () => string; target: () => s
   return { dir: () => dir, target: () => path.join(dir, `t${n++}`) };
 }
 
+/**
+ * For the enclosing `describe`: `scratchFiles`, and `image(layout)` making a fresh image of the
+ * layout there (each with a seed of its own).
+ */
+export function scratchImages(base: string): { dir: () => string; image: (layout: Layout) => Promise<string> } {
+  const files = scratchFiles(base);
+  let seed = 0;
+  return {
+    dir: files.dir,
+    async image(layout) {
+      const file = files.target();
+      await makeImage(file, layout, ++seed);
+      return file;
+    },
+  };
+}
+
+/**
+ * Removes everything inside `dir`. Use as a property's `afterEach`, so runs that fail (and
+ * fast-check's shrinking after them) do not pile up images: on tmpfs they are RAM.
+ */
 export async function emptyDir(dir: string): Promise<void> {
   for (const name of await fs.promises.readdir(dir)) await fs.promises.rm(path.join(dir, name), { recursive: true, force: true });
 }
 
-/** `n` deterministic bytes in 1..255 from `seed` (xorshift32): the same seed, the same bytes. */
-export function randomBytes(seed: number, n: number): Buffer {
-  const buf = Buffer.allocUnsafe(n);
-  let x = (seed | 0) || 0x9e3779b9;
-  for (let i = 0; i < n; i++) {
+// ------------------------------------------------------------------ making files
+
+/** Fills `buf` with xorshift32 bytes in 1..255 from state `x`; returns the state after them. */
+function fillXorshift(x: number, buf: Buffer): number {
+  for (let i = 0; i < buf.length; i++) {
     x ^= x << 13;
     x ^= x >>> 17;
     x ^= x << 5;
     buf[i] = ((x >>> 0) % 255) + 1;
   }
+  return x;
+}
+
+const seedState = (seed: number): number => (seed | 0) || 0x9e3779b9;
+
+/** `n` deterministic bytes in 1..255 from `seed` (xorshift32): the same seed, the same bytes. */
+export function randomBytes(seed: number, n: number): Buffer {
+  const buf = Buffer.allocUnsafe(n);
+  fillXorshift(seedState(seed), buf);
   return buf;
+}
+
+/** Writes `length` bytes at `pos`: `randomBytes(seed, length)`, or zeros when `seed` is null. */
+async function writeRun(fh: fs.promises.FileHandle, pos: number, length: number, seed: number | null): Promise<void> {
+  let x = seed === null ? 0 : seedState(seed);
+  const piece = seed === null ? null : Buffer.allocUnsafe(Math.min(PIECE, length));
+  for (let off = 0; off < length; off += PIECE) {
+    const n = Math.min(PIECE, length - off);
+    let bytes = zeroBytes(n);
+    if (piece) {
+      bytes = piece.subarray(0, n);
+      x = fillXorshift(x, bytes);
+    }
+    await fh.write(bytes, 0, n, pos + off);
+  }
 }
 
 /**
@@ -83,10 +157,7 @@ export async function makeImage(file: string, layout: Layout, seed = 1): Promise
   try {
     let pos = 0;
     for (const [i, part] of layout.entries()) {
-      if (part.kind !== 'hole' && part.length > 0) {
-        const bytes = part.kind === 'data' ? randomBytes(seed * 7919 + i, part.length) : Buffer.alloc(part.length);
-        await fh.write(bytes, 0, bytes.length, pos);
-      }
+      if (part.kind !== 'hole' && part.length > 0) await writeRun(fh, pos, part.length, part.kind === 'data' ? seed * 7919 + i : null);
       pos += part.length;
     }
     await fh.truncate(pos);
@@ -96,10 +167,18 @@ export async function makeImage(file: string, layout: Layout, seed = 1): Promise
   }
 }
 
-/** Creates (or replaces) `file` with `size` random bytes from `seed`: a target full of old data. */
+/** Creates (or replaces) `file` with `size` random bytes from `seed` (`randomBytes(seed, size)`): a target full of old data. */
 export async function makeFilledFile(file: string, size: number, seed = 2): Promise<void> {
-  await fs.promises.writeFile(file, randomBytes(seed, size));
+  const fh = await fs.promises.open(file, 'w');
+  try {
+    await writeRun(fh, 0, size, seed);
+    await fh.truncate(size);
+  } finally {
+    await fh.close();
+  }
 }
+
+// ------------------------------------------------------------------ measuring files
 
 /** SHA-256 (hex) of `[offset, offset + length)` of a file, clipped to its size (default: all of it). */
 export async function sha256File(file: string, offset = 0, length = Number.MAX_SAFE_INTEGER): Promise<string> {
@@ -107,7 +186,7 @@ export async function sha256File(file: string, offset = 0, length = Number.MAX_S
   const size = (await fs.promises.stat(file)).size;
   const end = Math.min(size, offset + length);
   if (end > offset) {
-    for await (const piece of fs.createReadStream(file, { start: offset, end: end - 1, highWaterMark: 1 << 20 })) {
+    for await (const piece of fs.createReadStream(file, { start: offset, end: end - 1, highWaterMark: PIECE })) {
       hash.update(piece as Buffer);
     }
   }
@@ -120,6 +199,40 @@ export function sha256(...buffers: Buffer[]): string {
   return hash.digest('hex');
 }
 
+/**
+ * The content digest (src/digest.ts, what `copyVolume`'s verify compares) of [offset, offset +
+ * length) of a file, by default all of it; the range must lie within the file.
+ */
+export function fileContentDigest(file: string, offset = 0, length?: number): string {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const end = length === undefined ? fs.fstatSync(fd).size : offset + length;
+    const d = new ContentDigest(offset, end - offset);
+    const buf = Buffer.allocUnsafe(4 * PIECE);
+    for (let at = offset; at < end;) {
+      const n = fs.readSync(fd, buf, 0, Math.min(buf.length, end - at), at);
+      if (n === 0) throw new Error(`${file} ends at ${at}, before ${end}`);
+      d.update({ kind: 'data', bytes: buf.subarray(0, n) });
+      at += n;
+    }
+    return d.digest();
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** The byte range [offset, offset + length) of a file (shorter at its end). */
+export async function readRange(file: string, offset: number, length: number): Promise<Buffer> {
+  const fh = await fs.promises.open(file, 'r');
+  try {
+    const b = Buffer.alloc(length);
+    const { bytesRead } = await fh.read(b, 0, length, offset);
+    return b.subarray(0, bytesRead);
+  } finally {
+    await fh.close();
+  }
+}
+
 /** Bytes the filesystem has allocated to a file (`st_blocks × 512`). */
 export async function allocatedBytes(file: string): Promise<number> {
   return (await fs.promises.stat(file)).blocks * 512;
@@ -130,9 +243,14 @@ export async function fsBlockSize(file: string): Promise<number> {
   return (await fs.promises.statfs(file)).bsize;
 }
 
-/** The extent map of a file (`readExtents`), for assertions and messages. */
+/** The extent map of a file (SEEK_DATA/SEEK_HOLE, `readExtents`), for assertions and messages. */
 export function extentMap(file: string, opts?: { offset?: number; length?: number }): Promise<Extent[]> {
   return readExtents(file, opts);
+}
+
+/** The layout of a file: its extent map without offsets, to compare with the layout it was made from. */
+export async function layoutOf(file: string): Promise<Layout> {
+  return (await extentMap(file)).map(({ kind, length }) => ({ kind, length }));
 }
 
 /**

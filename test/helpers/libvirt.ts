@@ -7,12 +7,12 @@
  * Everything runs through `execFile` (no shell). Scratch pools live on tmpfs (/dev/shm):
  * never fully allocate large volumes there; `createVolume` always passes `--allocation 0`.
  */
-import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
+import { run } from './run.js';
 
 /** The system instance over its default unix socket. */
 export const LIBVIRTD_URI = process.env.SPARSEVIRT_LIBVIRT_URI ?? 'qemu:///system';
@@ -42,23 +42,7 @@ export interface VirshOptions {
 
 /** Runs `virsh -q -c URI ...args` without a shell. Never throws; look at `code`. */
 export function virsh(args: string[], opts: VirshOptions = {}): Promise<VirshResult> {
-  const uri = opts.uri ?? LIBVIRTD_URI;
-  return new Promise((resolve) => {
-    execFile(
-      'virsh',
-      ['-q', '-c', uri, ...args],
-      { timeout: opts.timeoutMs ?? 60_000, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8' },
-      (err, stdout, stderr) => {
-        let code = 0;
-        if (err) {
-          const e = err as NodeJS.ErrnoException & { code?: unknown };
-          code = typeof e.code === 'number' ? e.code : -1;
-          if (code === -1 && !stderr) stderr = String(err.message);
-        }
-        resolve({ stdout, stderr, code });
-      },
-    );
-  });
+  return run('virsh', ['-q', '-c', opts.uri ?? LIBVIRTD_URI, ...args], { timeoutMs: opts.timeoutMs });
 }
 
 /** Like `virsh` but throws (with virsh's stderr) on a non-zero exit; returns stdout. */

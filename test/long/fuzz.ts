@@ -37,8 +37,8 @@ import { FrameParser } from '../../src/rpc/parser.js';
 import { decodeRemoteError, remoteErrorCodec } from '../../src/rpc/structs.js';
 import { P, PROCEDURES_BY_NUM, type Procedure } from '../../src/protocol/remote.js';
 import { XdrReader, XdrWriter, encode, type Codec } from '../../src/xdr/index.js';
-import { extentMap, makeImage, sha256File, type Layout } from '../helpers/images.js';
-import { FIXTURES, MiB, chownTree, isRoot, mountTmpfs, spawnDaemon, tempDir, umount, type ChildDaemon, type MemStatus } from './harness.js';
+import { extentMap, makeImage, scratchDir, sha256File, type Layout } from '../helpers/images.js';
+import { FIXTURES, MiB, chownTree, isRoot, mountTmpfs, spawnDaemon, umount, type ChildDaemon, type MemStatus } from './harness.js';
 
 export const ANCHOR_UUID = 'f2e3f50a-b527-4232-a2ca-999fc53420f8';
 export const PROTOPOOL_UUID = '7e7df71c-1001-4f89-9cc2-b950fe1c8c48';
@@ -952,7 +952,7 @@ export interface Sandbox {
  * frame asks for (resize, allocate, wipe, pools anywhere) can reach beyond the sandbox.
  */
 export async function openSandbox(opts: { tmpfsSize?: string; fileSizeLimit?: number; base?: string } = {}): Promise<Sandbox> {
-  const dir = await tempDir(opts.base ?? '/tmp', 'svfuzz-');
+  const dir = await scratchDir(opts.base ?? '/tmp', 'svfuzz-');
   let mount: string | null = null;
   let poolsRoot = path.join(dir, 'pools');
   if (isRoot()) {
@@ -1439,7 +1439,7 @@ async function main(): Promise<void> {
   const sessions = arg('client-sessions', 1000);
   let client: ClientFuzzStats | null = null;
   if (sessions > 0) {
-    const dir = await tempDir('/tmp', 'svfuzz-client-');
+    const dir = await scratchDir('/tmp', 'svfuzz-client-');
     try {
       process.stderr.write(`fuzz: ${sessions} client sessions against hostile servers\n`);
       client = await fuzzClient({ sessions, seed, dir, opTimeoutMs: 1000, keepaliveInterval: 0.2, keepaliveCount: 2 });

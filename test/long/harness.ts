@@ -12,7 +12,6 @@ import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { Chunk } from '../../src/chunk.js';
@@ -255,10 +254,6 @@ export function chownTree(p: string, uid: number, gid: number): void {
   const st = fs.lstatSync(p);
   if (!st.isDirectory()) return;
   for (const e of fs.readdirSync(p)) chownTree(path.join(p, e), uid, gid);
-}
-
-export async function tempDir(base = os.tmpdir(), prefix = 'svrel-'): Promise<string> {
-  return fsp.mkdtemp(path.join(base, prefix));
 }
 
 // ------------------------------------------------------------------ client worker processes

@@ -16,8 +16,8 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { connect, type StoragePool } from '../../src/client/index.js';
-import { allocatedBytes, makeFilledFile, makeImage, sha256File, type Layout } from '../helpers/images.js';
-import { MiB, sleep, spawnDaemon, startWorker, tempDir, type ChildDaemon, type RunningWorker, type TransferReport, type WorkerTransfer } from './harness.js';
+import { allocatedBytes, makeFilledFile, makeImage, scratchDir, sha256File, type Layout } from '../helpers/images.js';
+import { MiB, sleep, spawnDaemon, startWorker, type ChildDaemon, type RunningWorker, type TransferReport, type WorkerTransfer } from './harness.js';
 
 /** Per volume: 3 MiB of data in three runs, 2.5 MiB of holes (a little different for each). */
 export function layoutFor(i: number): Layout {
@@ -152,7 +152,7 @@ async function main(): Promise<void> {
   const workers = arg('workers', 4);
   const mib = (x: number) => `${(x / MiB).toFixed(1)} MiB`;
   const log = (s: string) => process.stderr.write(`${new Date().toISOString().slice(11, 19)} ${s}\n`);
-  const dir = await tempDir('/tmp', 'svsoak-');
+  const dir = await scratchDir('/tmp', 'svsoak-');
   const d = await spawnDaemon({ dir, logLevel: 'warn' });
   let failed = false;
   try {

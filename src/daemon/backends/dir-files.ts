@@ -6,11 +6,13 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import * as sys from '../../io/sys.js';
 import { ExtentWalker } from '../../sparse/extents.js';
-import { readFully, zeroes } from '../../sparse/file.js';
+import { isAllZero, ZERO_CHUNK_SIZE, zeroBytes } from '../../chunk.js';
+import { readFully } from '../../sparse/file.js';
 import { writeChunks } from '../../sparse/index.js';
 import { systemError } from '../errors.js';
 
-const ZERO_WRITE = 1 << 20;
+/** Read and write size for copying a volume and for filling one with random bytes. */
+const PIECE = 1 << 20;
 
 export function isErrno(err: unknown, code: string): boolean {
   return (err as NodeJS.ErrnoException | undefined)?.code === code;
@@ -27,7 +29,7 @@ export async function zeroFile(fh: fsp.FileHandle, size: number): Promise<void> 
 
 /** Overwrite [0, size) of `fh` with random bytes. */
 export async function randomizeFile(fh: fsp.FileHandle, size: number): Promise<void> {
-  const buf = Buffer.allocUnsafe(Math.min(ZERO_WRITE, Math.max(size, 1)));
+  const buf = Buffer.allocUnsafe(Math.min(PIECE, Math.max(size, 1)));
   for (let at = 0; at < size; at += buf.length) {
     const n = Math.min(buf.length, size - at);
     await new Promise<void>((resolve, reject) => randomFill(buf, 0, n, (err) => (err ? reject(err) : resolve())));
@@ -35,8 +37,6 @@ export async function randomizeFile(fh: fsp.FileHandle, size: number): Promise<v
   }
 }
 
-/** Read and write size for copying a volume. */
-const COPY_BUFFER = 1 << 20;
 
 /**
  * Copy the data of [0, size) of `fromFd` into `to` at the same offsets, as libvirt's sparse
@@ -45,7 +45,7 @@ const COPY_BUFFER = 1 << 20;
  */
 export async function copyData(fromFd: number, fromName: string, to: fsp.FileHandle, toName: string, size: number): Promise<void> {
   const block = Math.max(512, Number((await to.stat()).blksize) || 4096);
-  const buf = Buffer.allocUnsafe(COPY_BUFFER);
+  const buf = Buffer.allocUnsafe(PIECE);
   const walker = new ExtentWalker(fromFd, fromName, 0, size, true);
   for (let e = walker.next(); e; e = walker.next()) {
     if (e.kind === 'hole') continue;
@@ -62,7 +62,7 @@ export async function copyData(fromFd: number, fromName: string, to: fsp.FileHan
       };
       for (let off = 0; off < n;) {
         const next = Math.min(n, (Math.floor((at + off) / block) + 1) * block - at);
-        if (isZero(buf, off, next)) await flush(off);
+        if (isAllZero(buf.subarray(off, next))) await flush(off);
         else if (runStart < 0) runStart = off;
         off = next;
       }
@@ -70,10 +70,6 @@ export async function copyData(fromFd: number, fromName: string, to: fsp.FileHan
       at += n;
     }
   }
-}
-
-function isZero(buf: Buffer, from: number, to: number): boolean {
-  return buf.subarray(from, to).equals(zeroes(to - from));
 }
 
 async function writeAll(fh: fsp.FileHandle, data: Buffer, at: number, name: string): Promise<void> {
@@ -106,7 +102,7 @@ export async function allocate(fd: number, offset: number, length: number, name:
   if (r !== -sys.EOPNOTSUPP && r !== -sys.ENOSYS) {
     throw systemError(`cannot allocate ${length} bytes in file '${name}'`, sys.errnoException(r, 'fallocate'));
   }
-  const zeros = Buffer.alloc(Math.min(ZERO_WRITE, length));
+  const zeros = zeroBytes(Math.min(ZERO_CHUNK_SIZE, length));
   for (let at = offset; at < offset + length; at += zeros.length) {
     const n = Math.min(zeros.length, offset + length - at);
     await new Promise<void>((resolve, reject) => fs.write(fd, zeros, 0, n, at, (err) => (err ? reject(err) : resolve())));

@@ -30,7 +30,7 @@ import type {
 } from '../backend.js';
 import { CODE, DOMAIN, checkFlags, storageError } from '../errors.js';
 import { RbdPool, rbdReadChunks, rbdWriteChunks, type RbdImage } from '../rbd/index.js';
-import { escapeXml } from '../xml.js';
+import { escapeXml } from '../../xml.js';
 
 /**
  * libvirt's Ceph timeouts in seconds (client_mount_timeout, rados_mon_op_timeout,

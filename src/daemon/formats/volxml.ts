@@ -17,12 +17,9 @@
  * - text is escaped as libvirt does: & < > ' " as entities, control characters other than tab,
  *   newline and carriage return dropped.
  */
-import { escapeXml as escapeXmlText } from '../../xml.js';
+import { escapeXml } from '../../xml.js';
 import type { BigIntStats } from 'node:fs';
 import type { ImageFormat, ProbeResult } from './probe.js';
-
-/** libvirt's virBufferEscapeString. */
-export { escapeXmlText };
 
 /** What `<permissions>` and `<timestamps>` need from a stat. */
 export interface FileStatXml {
@@ -71,7 +68,7 @@ export interface TargetXmlInput {
 /** The `<target>…</target>` block (2-space indent, as inside `<volume>`), with a trailing newline. */
 export function formatTargetXml({ path, probe, stat }: TargetXmlInput): string {
   let s = `  <target>\n`;
-  s += `    <path>${escapeXmlText(path)}</path>\n`;
+  s += `    <path>${escapeXml(path)}</path>\n`;
   s += `    <format type='${probe.format}'/>\n`;
   s += formatPermsAndTimes(stat, '    ');
   if (probe.encryption) {
@@ -104,7 +101,7 @@ export interface BackingStoreXmlInput {
 /** The volume-level `<backingStore>…</backingStore>` block, with a trailing newline. */
 export function formatBackingStoreXml({ path, format, stat }: BackingStoreXmlInput): string {
   let s = `  <backingStore>\n`;
-  s += `    <path>${escapeXmlText(path)}</path>\n`;
+  s += `    <path>${escapeXml(path)}</path>\n`;
   s += `    <format type='${format}'/>\n`;
   if (stat) s += formatPermsAndTimes(stat, '    ');
   s += `  </backingStore>\n`;
@@ -128,8 +125,8 @@ export function formatVolumeXml(v: VolumeXmlInput): string {
   const capacity = v.probe.format === 'ploop' ? v.stat.size : v.probe.capacity;
   const physical = v.stat.size;
   let s = `<volume type='${type}'>\n`;
-  s += `  <name>${escapeXmlText(v.name)}</name>\n`;
-  s += `  <key>${escapeXmlText(v.path)}</key>\n`;
+  s += `  <name>${escapeXml(v.name)}</name>\n`;
+  s += `  <key>${escapeXml(v.path)}</key>\n`;
   s += `  <capacity unit='bytes'>${capacity}</capacity>\n`;
   s += `  <allocation unit='bytes'>${v.stat.blocks * 512n}</allocation>\n`;
   if (physical !== 0n) s += `  <physical unit='bytes'>${physical}</physical>\n`;
