@@ -31,6 +31,7 @@ import {
   type BuiltImage,
 } from './images.js';
 import { loadSparseApi } from './local-copy.js';
+import { COPY_IMAGES, copyContenders, runCopyBench } from './copy.js';
 import { haveGnuTime, measure } from './measure.js';
 import { DirPool, OurDaemon, RbdBench, libvirtdPid, toolVersion, virsh, which } from './services.js';
 
@@ -400,7 +401,9 @@ async function main(): Promise<number> {
       log(`  ${c.id.padEnd(16)} ${c.label.padEnd(34)} ${s ? `SKIPPED: ${s.reason}` : 'ok'}`);
     }
     if (opts.list) return 0;
-    if (active.length === 0) {
+    const copyWanted = copyContenders().some((c) => (!opts.only || opts.only.test(c.id)) && !opts.skip?.test(c.id))
+      && images.some((i) => COPY_IMAGES.includes(i.spec.id));
+    if (active.length === 0 && !copyWanted) {
       log('nothing to run');
       return 1;
     }
@@ -531,7 +534,7 @@ async function main(): Promise<number> {
         });
       }
     }
-    printTable(scenarios, rows);
+    if (active.length) printTable(scenarios, rows);
     if (skipped.length) {
       log('');
       log('skipped:');
@@ -544,7 +547,14 @@ async function main(): Promise<number> {
       for (const n of notes) log(n);
     }
 
-    const failures = records.filter((r) => !r.ok).length;
+    // copy rows: volume → volume between servers (bench/copy.ts)
+    const copy = copyWanted
+      ? await runCopyBench({
+        images, base, poolDir, repoRoot: REPO_ROOT, reps: opts.reps, timeoutMs: opts.timeoutMs, only: opts.only, skip: opts.skip, log,
+        libvirt: needLibvirt ? ctx.libvirt : undefined,
+      })
+      : null;
+    const failures = records.filter((r) => !r.ok).length + (copy?.failures ?? 0);
     const totalSeconds = (performance.now() - started) / 1000;
     log('');
     log(`${records.length} runs in ${repsDone} repetition(s), ${failures} failed, ${totalSeconds.toFixed(0)} s in all` +
@@ -574,6 +584,7 @@ async function main(): Promise<number> {
           skipped: skipped.find((s) => s.contender === c.id)?.reason ?? null })),
         rows,
         runs: records,
+        copy,
         totalSeconds,
       };
       writeFileSync(opts.json, `${JSON.stringify(doc, null, 2)}\n`);

@@ -11,7 +11,9 @@
 import type { Chunk } from '../chunk.js';
 import { ContentDigest, firstDifferingBlock } from '../digest.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
+import { releaseFramePayloads } from '../io/pools.js';
 import type { Stream } from '../stream/index.js';
+import { kPeer } from './connection.js';
 import type { StorageVol } from './storage.js';
 
 export interface CopyProgress {
@@ -86,6 +88,11 @@ export async function volumeDigest(vol: StorageVol, offset: number, length: numb
   return d.digest();
 }
 
+/** Data payloads at least this big came in frame buffers of their own (see `io/pools.ts`). */
+const FRAME_PAYLOAD_MIN = 64 * 1024;
+/** Sent frame buffers kept for the pool at most: a destination that never catches up leaves the rest to the GC. */
+const HELD_MAX = 64;
+
 /** Copy `src` into `dst` (which must exist): see the module's comment. */
 export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOptions = {}): Promise<CopyResult> {
   const started = performance.now();
@@ -103,6 +110,7 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
   const length = opts.length ? Math.min(opts.length, available) : available;
   const sparse = opts.sparse ?? false;
   const progress: CopyProgress = { dataBytes: 0, holeBytes: 0, totalBytes: length };
+  const srcOffersDigest = opts.verify ? await onSide('source', src.contentDigestOffered()) : false;
 
   let up: Stream | null = null;
   let down: Stream | null = null;
@@ -118,17 +126,41 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
     throw err;
   }
 
-  const srcDigest = opts.verify && !(await digestOffered(src)) ? new ContentDigest(offset, length) : null;
+  // The source's digest: its daemon computes it meanwhile (holes cost it nothing), else it is
+  // taken here from the chunks on their way.
+  const srcDigest = opts.verify && !srcOffersDigest ? new ContentDigest(offset, length) : null;
+  let srcDigestAsked: Promise<string> | null = null;
+  if (opts.verify && srcOffersDigest) {
+    srcDigestAsked = onSide('source', volumeDigest(src, offset, length, { signal: opts.signal }));
+    srcDigestAsked.catch(() => undefined); // awaited after the copy; a failed copy does not wait for it
+  }
+
+  // Received frame buffers go back to the pool once the destination's socket took their bytes:
+  // `held` are payloads sent whose bytes may still wait in the connection's queue.
+  const out = dst.conn[kPeer];
+  let held: Buffer[] = [];
+  const releaseSent = () => {
+    if (held.length === 0) return;
+    if (out.outgoingBytes === 0) {
+      releaseFramePayloads(held);
+      held = [];
+    } else if (held.length > HELD_MAX) {
+      held = held.slice(-HELD_MAX);
+    }
+  };
   try {
     for (;;) {
-      const batch = await onSide('source', down.recvBatch());
+      const batch = (await onSide('source', down.recvBatch())) as Chunk[] | null;
+      releaseSent();
       if (batch === null) break;
-      for (const c of batch as Chunk[]) {
+      for (const c of batch) {
         if (c.kind === 'hole') progress.holeBytes += c.length;
         else progress.dataBytes += c.bytes.length;
         srcDigest?.update(c);
       }
-      await onSide('destination', up.sendBatch(batch as Chunk[]));
+      await onSide('destination', up.sendBatch(batch));
+      for (const c of batch) if (c.kind === 'data' && c.bytes.length >= FRAME_PAYLOAD_MIN) held.push(c.bytes);
+      releaseSent();
       opts.onProgress?.(progress);
     }
     await onSide('source', down.finish());
@@ -136,13 +168,17 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
   } catch (err) {
     await abortBoth(err);
     throw err;
+  } finally {
+    held = [];
   }
   const copied = progress.dataBytes + progress.holeBytes;
   if (copied !== length) {
     throw new SparsevirtError('ERR_COPY', `source: the stream ended after ${copied} of ${length} bytes`);
   }
 
-  const digest = opts.verify ? await compareVolumes(src, dst, { offset, length, signal: opts.signal, sourceDigest: srcDigest?.digest() }) : undefined;
+  const digest = opts.verify
+    ? await compareVolumes(src, dst, { offset, length, signal: opts.signal, sourceDigest: srcDigest ? srcDigest.digest() : await srcDigestAsked! })
+    : undefined;
   return { ...progress, sparse, seconds: (performance.now() - started) / 1000, ...(digest ? { digest } : {}) };
 }
 
@@ -163,8 +199,4 @@ export async function compareVolumes(src: StorageVol, dst: StorageVol, opts: { o
   const at = await firstDifferingBlock(offset, length, digestOf);
   throw new SparsevirtError('ERR_VERIFY_MISMATCH',
     `verification failed: the destination differs from the source${at === null ? '' : ` from the 1 MiB block at byte ${at}`} (source ${a}, destination ${b})`);
-}
-
-function digestOffered(vol: StorageVol): Promise<boolean> {
-  return vol.contentDigestOffered();
 }
