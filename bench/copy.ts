@@ -304,6 +304,19 @@ export async function runCopyBench(o: CopyBenchOptions): Promise<CopyBenchResult
     tmpDir,
   };
   const records: CopyRunRecord[] = [];
+  // interrupted: the daemons started here go too (the libvirtd pool is replaced by the next run)
+  const pids: number[] = [];
+  const onSignal = (): void => {
+    for (const pid of pids) {
+      try {
+        process.kill(pid, 'SIGTERM');
+      } catch {
+        /* gone */
+      }
+    }
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   try {
     const [virshOk, nbdkitOk, nbdcopyOk] = await Promise.all([which('virsh'), which('nbdkit'), which('nbdcopy')]);
     env.nbd = !nbdkitOk ? { skip: 'nbdkit not installed (Debian: apt-get install nbdkit)' }
@@ -319,6 +332,7 @@ export async function runCopyBench(o: CopyBenchOptions): Promise<CopyBenchResult
           const daemon = new OurDaemon(daemonMain, join(runDir, `${name}.sock`), join(o.base, `${name}-state`));
           try {
             await daemon.start();
+            if (daemon.pid) pids.push(daemon.pid);
             cleanups.push(() => daemon.stop());
             const p = new DirPool(daemon.uri, pool, dir);
             await p.up();
@@ -444,6 +458,8 @@ export async function runCopyBench(o: CopyBenchOptions): Promise<CopyBenchResult
       rows, runs: records, targets, failures,
     };
   } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
     for (const f of cleanups.reverse()) await f().catch(() => undefined);
     rmSync(runDir, { recursive: true, force: true });
     rmSync(tmpDir, { recursive: true, force: true });
@@ -512,6 +528,13 @@ async function main(): Promise<number> {
     process.stdout.write(`${m}\n`);
   };
   const specs = imageSpecs(quick).filter((s) => values.images!.split(',').includes(s.id) && COPY_IMAGES.includes(s.id));
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    // after runCopyBench's own handler (the same signal) has stopped its daemons
+    process.on(sig, () => setImmediate(() => {
+      if (!values.keep) rmSync(base, { recursive: true, force: true });
+      process.exit(130);
+    }));
+  }
   log(`images (${quick ? 'quick' : 'full'} set):`);
   const images = await buildImages(specs, poolDir, (m) => log(`  ${m}`));
   try {
