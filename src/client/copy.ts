@@ -2,11 +2,16 @@
  * A volume from one connection to another, straight through: the source's download stream feeds
  * the destination's upload stream batch by batch. Holes stay holes, nothing touches a local disk,
  * and memory is bounded by the two streams' windows: a slow destination stops reading the
- * source's socket, and so the source.
+ * source's socket, and so the source. The frame buffers packets arrive in go back to the pool
+ * once the destination's socket took their bytes, so a long copy reuses a few dozen of them.
  *
  * With `verify`, the content digest (`src/digest.ts`) of the range is taken on each side: by the
- * daemon where it offers it (sparsevirtd, without reading holes), else by a sparse download of the
- * stored range. A mismatch names the first 1 MiB block that differs.
+ * daemon where it offers it (sparsevirtd, without reading holes; the source's while the copy
+ * runs), else from the chunks on their way (a source) or by a sparse download of the stored range
+ * (a destination). A mismatch names the first 1 MiB block that differs.
+ *
+ * A failure names its side (`source: …`, `destination: …`, and `side` on the error) and aborts
+ * both streams: the destination never takes a partial copy for a whole one.
  */
 import type { Chunk } from '../chunk.js';
 import { ContentDigest, firstDifferingBlock } from '../digest.js';
@@ -170,6 +175,9 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
       opts.onProgress?.(progress);
     }
     await onSide('source', down.finish());
+    // a short source is never finished as a whole copy at the destination
+    const copied = progress.dataBytes + progress.holeBytes;
+    if (copied !== length) throw sideError('source', new SparsevirtError('ERR_COPY', `the stream ended after ${copied} of ${length} bytes`));
     await onSide('destination', up.finish());
   } catch (err) {
     await abortBoth(err);
@@ -177,10 +185,6 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
   } finally {
     held = [];
     [inPeer.busyPoll, out.busyPoll] = busyPoll;
-  }
-  const copied = progress.dataBytes + progress.holeBytes;
-  if (copied !== length) {
-    throw new SparsevirtError('ERR_COPY', `source: the stream ended after ${copied} of ${length} bytes`);
   }
 
   const digest = opts.verify
