@@ -45,7 +45,8 @@ const HELP = `usage: npm run bench -- [options]
   --images LIST        subset of a,b,c,d,e (a: sparse 256 extents, b: dense, c: 4 KiB extents, d: hole,
                        e: 25,000 × 4 KiB extents in 1 GiB; full set only)
   --directions LIST    subset of download,upload
-  --only REGEX         only contenders whose id matches (ids: see --list)
+  --only REGEX         only contenders whose id matches (ids: see --list; the copy rows of
+                       images a and b: copy:…, virsh:…, nbdcopy:…, floor:…, see bench/copy.ts)
   --skip REGEX         skip contenders whose id matches
   --list               print the contenders and whether they are available, then exit
   --dir DIR            work directory (default /dev/shm/sparsevirt-bench when it has room,
