@@ -31,6 +31,7 @@ import {
   type BuiltImage,
 } from './images.js';
 import { loadSparseApi } from './local-copy.js';
+import { COPY_IMAGES, copyContenders, runCopyBench } from './copy.js';
 import { haveGnuTime, measure } from './measure.js';
 import { DirPool, OurDaemon, RbdBench, libvirtdPid, toolVersion, virsh, which } from './services.js';
 
@@ -44,7 +45,8 @@ const HELP = `usage: npm run bench -- [options]
   --images LIST        subset of a,b,c,d,e (a: sparse 256 extents, b: dense, c: 4 KiB extents, d: hole,
                        e: 25,000 × 4 KiB extents in 1 GiB; full set only)
   --directions LIST    subset of download,upload
-  --only REGEX         only contenders whose id matches (ids: see --list)
+  --only REGEX         only contenders whose id matches (ids: see --list; the copy rows of
+                       images a and b: copy:…, virsh:…, nbdcopy:…, floor:…, see bench/copy.ts)
   --skip REGEX         skip contenders whose id matches
   --list               print the contenders and whether they are available, then exit
   --dir DIR            work directory (default /dev/shm/sparsevirt-bench when it has room,
@@ -400,7 +402,9 @@ async function main(): Promise<number> {
       log(`  ${c.id.padEnd(16)} ${c.label.padEnd(34)} ${s ? `SKIPPED: ${s.reason}` : 'ok'}`);
     }
     if (opts.list) return 0;
-    if (active.length === 0) {
+    const copyWanted = copyContenders().some((c) => (!opts.only || opts.only.test(c.id)) && !opts.skip?.test(c.id))
+      && images.some((i) => COPY_IMAGES.includes(i.spec.id));
+    if (active.length === 0 && !copyWanted) {
       log('nothing to run');
       return 1;
     }
@@ -531,7 +535,7 @@ async function main(): Promise<number> {
         });
       }
     }
-    printTable(scenarios, rows);
+    if (active.length) printTable(scenarios, rows);
     if (skipped.length) {
       log('');
       log('skipped:');
@@ -544,7 +548,14 @@ async function main(): Promise<number> {
       for (const n of notes) log(n);
     }
 
-    const failures = records.filter((r) => !r.ok).length;
+    // copy rows: volume → volume between servers (bench/copy.ts)
+    const copy = copyWanted
+      ? await runCopyBench({
+        images, base, poolDir, repoRoot: REPO_ROOT, reps: opts.reps, timeoutMs: opts.timeoutMs, only: opts.only, skip: opts.skip, log,
+        libvirt: needLibvirt ? ctx.libvirt : undefined,
+      })
+      : null;
+    const failures = records.filter((r) => !r.ok).length + (copy?.failures ?? 0);
     const totalSeconds = (performance.now() - started) / 1000;
     log('');
     log(`${records.length} runs in ${repsDone} repetition(s), ${failures} failed, ${totalSeconds.toFixed(0)} s in all` +
@@ -574,6 +585,7 @@ async function main(): Promise<number> {
           skipped: skipped.find((s) => s.contender === c.id)?.reason ?? null })),
         rows,
         runs: records,
+        copy,
         totalSeconds,
       };
       writeFileSync(opts.json, `${JSON.stringify(doc, null, 2)}\n`);
