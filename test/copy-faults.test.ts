@@ -16,8 +16,8 @@ import { fileURLToPath } from 'node:url';
 import { connect, type StorageVol } from '../src/index.js';
 import { copyVolume } from '../src/client/copy.js';
 import { cliRaw, text } from './cli-support.js';
-import { fillRandom, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
-import { scratchDir } from './helpers/images.js';
+import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { makeFilledFile, scratchDir } from './helpers/images.js';
 
 const MiB = 1 << 20;
 const SIZE = 256 * MiB;
@@ -123,7 +123,7 @@ test('the source sparsevirtd killed mid-copy: the copy fails naming the source, 
   try {
     a = await childDaemon(dir, 'a');
     b = await inProcessDaemon(dir, 'b');
-    await fillRandom(path.join(a.poolDir, 'disk.img'), SIZE);
+    await makeFilledFile(path.join(a.poolDir, 'disk.img'), SIZE);
 
     // the library: an existing destination volume
     const sc = await connect(a.uri);
@@ -163,7 +163,7 @@ test('the source sparsevirtd killed mid-copy: the copy fails naming the source, 
 
     // the CLI with --create: exit 1, the source named, the new volume removed
     a2 = await childDaemon(dir, 'a2');
-    await fillRandom(path.join(a2.poolDir, 'disk.img'), SIZE);
+    await makeFilledFile(path.join(a2.poolDir, 'disk.img'), SIZE);
     const dstFile = path.join(b.poolDir, 'new.img');
     const srcDaemon2 = a2;
     const [r] = await Promise.all([
@@ -219,7 +219,7 @@ test('the source connection dropped mid-copy: the copy fails naming the source, 
   const proxySock = path.join(dir, 'proxy.sock');
   const proxy = await droppingProxy(proxySock, a.d.socket, 24 * MiB);
   try {
-    await fillRandom(path.join(a.poolDir, 'disk.img'), SIZE);
+    await makeFilledFile(path.join(a.poolDir, 'disk.img'), SIZE);
     await createVol(b.d.uri, 'disk.img', SIZE);
     const t0 = Date.now();
     const r = await volCopy(`sparsevirt+unix:///system?socket=${proxySock}`, b.d.uri);
@@ -245,7 +245,7 @@ test('the destination sparsevirtd killed mid-copy: the CLI fails naming the dest
   let b: ChildDaemon | null = null;
   try {
     b = await childDaemon(dir, 'b');
-    await fillRandom(path.join(a.poolDir, 'disk.img'), SIZE);
+    await makeFilledFile(path.join(a.poolDir, 'disk.img'), SIZE);
     const dstDaemon = b;
     const t0 = Date.now();
     const [r] = await Promise.all([
@@ -292,7 +292,7 @@ test('the destination full (ENOSPC): the copy fails naming the destination and i
   try {
     a = await inProcessDaemon(dir, 'a');
     b = await inProcessDaemon(dir, 'b', path.join(small, 'pool'));
-    await fillRandom(path.join(a.poolDir, 'disk.img'), 64 * MiB);
+    await makeFilledFile(path.join(a.poolDir, 'disk.img'), 64 * MiB);
 
     // --create: the volume it made is removed
     const t0 = Date.now();
