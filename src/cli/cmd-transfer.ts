@@ -1,7 +1,8 @@
 /**
  * vol-upload and vol-download: virsh 9.0's steps and messages, phase by phase (open the local
  * file, open the stream, move the data, close the file, finish), on the client library's
- * streams and the sparse module's file readers and writers. Plus, beyond virsh: a progress bar on
+ * streams; the data moves through the transfer module (`transfer/`), as it does for the client
+ * and the daemon. Plus, beyond virsh: a progress bar on
  * a terminal, a --verbose summary, --json, --length honoured on upload, --sparse-fallback, and
  * SIGINT, SIGTERM and SIGHUP stopping a transfer cleanly (the stream aborted on the wire, a
  * file the download created removed).
@@ -12,9 +13,10 @@
  */
 import fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { chunkLength, isBatch, LEGACY_PAYLOAD_MAX, tapChunks, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
+import { LEGACY_PAYLOAD_MAX, type Chunk, type WrittenRange } from '../chunk.js';
 import type { StorageVol } from '../client/index.js';
 import type { Stream } from '../stream/index.js';
+import { receiveTo, sendFrom, type TransferOptions } from '../transfer/index.js';
 import { errorText, type Ctl } from './ctl.js';
 import { catchInterrupts, onAbandon } from './exit.js';
 import { strerror } from './format.js';
@@ -69,18 +71,9 @@ interface Meter {
   start: number;
 }
 
-/** Counts chunks as they pass (data sent as zeros on a plain stream counts as data). */
-/** `src` counted into the meter as it passes: chunks, or batches of them (`sendBatch`). */
-function metered<T extends Chunk | FileRange | WrittenRange | ReadonlyArray<Chunk | FileRange | WrittenRange>>(src: AsyncIterable<T>, m: Meter, holesAreData: boolean): AsyncIterable<T> {
-  const add = (c: Chunk | FileRange | WrittenRange): void => {
-    if (c.kind === 'hole' && !holesAreData) m.counts.holeBytes += c.length;
-    else m.counts.dataBytes += chunkLength(c);
-  };
-  return tapChunks(src, (c) => {
-    if (isBatch(c)) for (const x of c) add(x);
-    else add(c);
-    m.bar?.update(m.counts);
-  });
+/** What the transfer module is told of the meter: its counters, redrawn as they grow. */
+function meterOptions(m: Meter, signal: AbortSignal): TransferOptions {
+  return { signal, counts: m.counts, onProgress: m.bar ? (c) => m.bar!.update(c) : undefined };
 }
 
 function makeMeter(ctl: Ctl, verb: string, total: number | null): Meter {
@@ -154,44 +147,6 @@ function withReason(msg: string, err: unknown): string {
   return `${msg}: ${strerror(err)}`;
 }
 
-/**
- * `src` until `signal` aborts: then the iteration fails with the signal's reason at once, also
- * while a read or a packet is still awaited (a pipe or a server that sends nothing).
- */
-async function* untilAborted<T>(src: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
-  const it = src[Symbol.asyncIterator]();
-  let done = false;
-  try {
-    for (;;) {
-      signal.throwIfAborted();
-      // One listener per step, removed when the step settles: racing every step against one
-      // long-lived promise would keep each step (and the batch it brought) reachable from it.
-      const r = await new Promise<IteratorResult<T>>((resolve, reject) => {
-        const onAbort = (): void => reject(signal.reason);
-        signal.addEventListener('abort', onAbort, { once: true });
-        it.next().then(
-          (v) => {
-            signal.removeEventListener('abort', onAbort);
-            resolve(v);
-          },
-          (e: unknown) => {
-            signal.removeEventListener('abort', onAbort);
-            reject(e);
-          },
-        );
-      });
-      if (r.done) {
-        done = true;
-        return;
-      }
-      yield r.value;
-    }
-  } finally {
-    // (not awaited: a source stuck in a read finishes once that read returns)
-    if (!done) it.return?.().catch(() => undefined);
-  }
-}
-
 async function* readSequential(fh: FileHandle, length: number, signal: AbortSignal): AsyncGenerator<Chunk> {
   let left = length > 0 ? length : Infinity;
   while (left > 0 && !signal.aborted) {
@@ -211,15 +166,18 @@ class HandlerError extends Error {}
  * lseek + ftruncate, which such targets refuse: a hole fails the same way here (a sparse
  * download to a pipe fails with virsh too; without --sparse there are no holes).
  */
-async function writeSequential(fh: FileHandle, st: fs.Stats, chunks: AsyncIterable<Chunk>, signal: AbortSignal): Promise<void> {
+async function writeSequential(fh: FileHandle, st: fs.Stats, batches: AsyncIterable<ReadonlyArray<Chunk | WrittenRange>>, signal: AbortSignal): Promise<void> {
   const { isatty } = await import('node:tty');
-  for await (const c of chunks) {
-    signal.throwIfAborted();
-    if (c.kind === 'data') {
-      await writeFully(fh, c.bytes);
-    } else {
-      const espipe = st.isFIFO() || st.isSocket() || isatty(fh.fd);
-      throw new HandlerError(`recv holeHandler failed: ${espipe ? 'Illegal seek' : 'Invalid argument'}`);
+  for await (const batch of batches) {
+    for (const c of batch) {
+      signal.throwIfAborted();
+      // (no written ranges: this sink never asks for in-place receiving)
+      if (c.kind === 'data') {
+        await writeFully(fh, c.bytes);
+      } else {
+        const espipe = st.isFIFO() || st.isSocket() || isatty(fh.fd);
+        throw new HandlerError(`recv holeHandler failed: ${espipe ? 'Illegal seek' : 'Invalid argument'}`);
+      }
     }
   }
 }
@@ -267,21 +225,10 @@ const volUpload: Handler = async (ctl, cmd) => {
     }
     sparse = stream.sparse;
     meter = makeMeter(ctl, 'upload', wantsBar(ctl) ? (length > 0 && (size === 0 || length < size) ? length : size) : null);
-    let source: AsyncIterable<Chunk | FileRange | ReadonlyArray<Chunk | FileRange>>;
-    if (seekable) {
-      const { fileSendBatches } = await import('../sparse/index.js');
-      // Holes are read as holes even for a plain stream: the stream sends them as zeros.
-      source = untilAborted(fileSendBatches({ fd: fh.fd }, { sparse: true, length: length || undefined, signal }), signal);
-    } else {
-      source = untilAborted(readSequential(fh, length, signal), signal);
-    }
     try {
-      for await (const item of metered(source, meter, !stream.sparse)) {
-        if (isBatch(item)) await stream.sendBatch(item);
-        else if (item.kind === 'file') await stream.sendFileRange(item.file, item.offset, item.length);
-        else await stream.sendChunk(item);
-      }
-      signal.throwIfAborted();
+      // a file or a block device is read sparse (a plain stream sends its holes as zeros); a
+      // pipe or a terminal in order
+      await sendFrom(stream, seekable ? { fd: fh.fd } : readSequential(fh, length, signal), { ...meterOptions(meter, signal), length: length || undefined });
     } catch (err) {
       await stream.abort(err).catch(() => undefined);
       return ctl.fail(`cannot send data to volume ${name}`, dataDetail(err, signal, 'send'));
@@ -356,17 +303,11 @@ const volDownload: Handler = async (ctl, cmd) => {
     const hook = process.env.SPARSEVIRT_TEST_HOOK;
     if (hook === 'stall-download' || hook === 'hang-download') await stallForTest(vol, hook === 'stall-download');
     try {
-      if (st.isFile() || st.isBlockDevice()) {
-        const { writeChunks } = await import('../sparse/index.js');
-        // The file is empty (created or truncated): holes are simply skipped; a trailing one
-        // sets the size, as virsh's lseek + ftruncate. Large packets go into it in place.
-        const { releaseFramePayloads } = await import('../io/pools.js');
-        const chunks = metered(untilAborted(stream.batchesInPlace(), signal), meter, false);
-        await writeChunks({ fd: fh.fd }, chunks, { signal, release: releaseFramePayloads, receiveInto: (t) => stream.receiveInto(t) });
-      } else {
-        await writeSequential(fh, st, metered(untilAborted(stream, signal), meter, false), signal);
-      }
-      signal.throwIfAborted();
+      // A file or a block device: the file is empty (created or truncated), so holes are simply
+      // skipped; a trailing one sets the size, as virsh's lseek + ftruncate. Large packets go
+      // into it in place. A pipe, a terminal or a character device: written in order.
+      const target = st.isFile() || st.isBlockDevice() ? { fd: fh.fd } : { write: (src: AsyncIterable<Array<Chunk | WrittenRange>>) => writeSequential(fh, st, src, signal) };
+      await receiveTo(stream, target, meterOptions(meter, signal));
     } catch (err) {
       await stream.abort(err).catch(() => undefined);
       return ctl.fail(`cannot receive data from volume ${name}`, dataDetail(err, signal, 'recv'));
@@ -379,7 +320,7 @@ const volDownload: Handler = async (ctl, cmd) => {
       return ctl.fail(withReason(`cannot close file ${file}`, err));
     }
     try {
-      // (reading to the end already acknowledged the end of the stream)
+      // the end of the data acknowledged once the file is closed, as virsh does
       if (stream.state !== 'finished') await stream.finish();
     } catch (err) {
       return ctl.fail(`cannot close volume ${name}`, err);

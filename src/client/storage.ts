@@ -1,10 +1,8 @@
 /** StoragePool and StorageVol: libvirt's storage API over the wire, plus sparse file transfer. */
-import { chunkLength, tapChunks, type Chunk, type FileRange, type WrittenRange } from '../chunk.js';
 import { checkByteCount, SparsevirtError } from '../errors.js';
 import { P, SPARSE_STREAM, type PoolRef, type VolRef } from '../protocol/remote.js';
-import { releaseFramePayloads } from '../io/pools.js';
-import { fileSendBatches, writeChunks } from '../sparse/index.js';
 import { Stream } from '../stream/index.js';
+import { receiveTo, sendFrom } from '../transfer/index.js';
 import { escapeXml, isUnsupportedFlags, kPeer, uuidToString, type Connection } from './connection.js';
 
 export interface PoolInfo {
@@ -215,10 +213,10 @@ export class StorageVol {
    */
   async uploadFile(file: string, opts: FileTransferOptions = {}): Promise<TransferResult> {
     const stream = await this.upload(opts);
-    const sparse = stream.sparse;
-    const counted = count(fileSendBatches(file, { length: opts.length || undefined, sparse, detectZeroes: opts.detectZeroes, signal: opts.signal }), opts.onProgress);
-    await stream.sendChunks(counted.chunks);
-    return { ...counted.totals, sparse };
+    const counts = await sendFrom(stream, file, {
+      length: opts.length || undefined, detectZeroes: opts.detectZeroes, signal: opts.signal, onProgress: opts.onProgress, finish: true,
+    });
+    return { ...counts, sparse: stream.sparse };
   }
 
   /**
@@ -227,26 +225,7 @@ export class StorageVol {
    */
   async downloadFile(file: string, opts: FileTransferOptions = {}): Promise<TransferResult> {
     const stream = await this.download(opts);
-    const counted = count(stream.batchesInPlace(), opts.onProgress);
-    try {
-      await writeChunks(file, counted.chunks, { truncate: true, signal: opts.signal, release: releaseFramePayloads, receiveInto: (t) => stream.receiveInto(t) });
-    } catch (err) {
-      await stream.abort(err as Error).catch(() => {});
-      throw err;
-    }
-    return { ...counted.totals, sparse: stream.sparse };
+    const counts = await receiveTo(stream, file, { truncate: true, signal: opts.signal, onProgress: opts.onProgress, finish: true });
+    return { ...counts, sparse: stream.sparse };
   }
-}
-
-/** Count bytes as chunks pass, without copying them. */
-function count<B extends ReadonlyArray<Chunk | FileRange | WrittenRange>>(src: AsyncIterable<B>, onProgress?: (p: { dataBytes: number; holeBytes: number }) => void) {
-  const totals = { dataBytes: 0, holeBytes: 0 };
-  const chunks = tapChunks(src, (batch) => {
-    for (const c of batch) {
-      if (c.kind === 'hole') totals.holeBytes += c.length;
-      else totals.dataBytes += chunkLength(c);
-    }
-    onProgress?.(totals);
-  });
-  return { chunks, totals };
 }

@@ -1,16 +1,17 @@
 /**
- * vol-upload / vol-download on the daemon side.
+ * vol-upload / vol-download on the daemon side: libvirt's semantics around the transfer module
+ * (`transfer/`), which moves the data between the stream and the volume's side.
  *
  * The volume's side is its backend's reader or writer (backend.ts); for a dir pool, these are the
- * file's: `fileSendBatches` and `writeChunks`.
+ * file's: `fileSendBatches` and `writeChunks`; for an rbd pool, librbd's.
  *
  * Download: the reader's batches (dir: SEEK_DATA/SEEK_HOLE; from a file in memory, ranges that the
- * socket takes by sendfile or reads into its batch) → `Stream.sendBatch` → `WireStream`: one hole packet
+ * socket takes by sendfile or reads into its batch) → `sendFrom` → `WireStream`: one hole packet
  * per hole region (trailing hole included), data in packets ≤ 262120 bytes, EOF as an empty
  * STREAM/CONTINUE; an offset at or past the end is an empty stream (libvirt 9.0 fails there: libvirt-quirks download-past-end-fails).
- * Backpressure: each batch waits for the socket.
+ * Backpressure: each batch waits for the socket. Small packets to a libvirt client are paced (`Pacer`).
  *
- * Upload: `Stream.recvBatch` → the writer at `offset` (dir: `writeChunks`): holes read back as zeros even over old
+ * Upload: `receiveTo` → the writer at `offset` (dir: `writeChunks`): holes read back as zeros even over old
  * data and the volume is never truncated (libvirt 9.0 does both wrong: libvirt-quirks upload-holes-truncate). Bytes past `length`
  * fail the stream with libvirt's ENOSPC error. Data or a hole past the volume's end grows it, as
  * libvirt does (up to 2^53 bytes). A packet that fails the stream (past `length`, or one the rpc
@@ -18,13 +19,13 @@
  * finish is confirmed only once every byte is written and the file closed; a failure there is
  * reported instead of the OK.
  */
-import { chunkLength, type Chunk, type WrittenRange } from '../chunk.js';
 import { RemoteError, type SparsevirtError } from '../errors.js';
-import { bufferStats, releaseFramePayloads } from '../io/pools.js';
+import { bufferStats } from '../io/pools.js';
 import { releaseFreeMemory } from '../io/sys.js';
 import type { WireStream } from '../rpc/peer.js';
 import { kDeliver, kDeliverEnd, kDeliverError, kDirectTarget, type DirectTarget, type StreamInbound } from '../channel.js';
-import { Stream, type ReceiveTarget } from '../stream/index.js';
+import { Stream } from '../stream/index.js';
+import { Pacer, receiveTo, sendFrom, type TransferLimit } from '../transfer/index.js';
 import { CODE, DOMAIN, streamNoSpace, systemError, virError } from './errors.js';
 import type { Logger } from './log.js';
 import type { Volume, VolumeReader, VolumeWriter } from './backend.js';
@@ -50,44 +51,8 @@ export function transferLength(length: bigint): number | null {
   return length === 0n || length > MAX_SAFE ? null : Number(length);
 }
 
-/**
- * Small packets (holes, data up to `PACED_DATA_MAX`) going to a client that did not say it takes
- * a deep queue (`Peer.deepQueue`: virsh, or any libvirt client) leave at most one per
- * `PACE_US` on average, checked every `PACE_EVERY`. libvirt 9.0's client reads packets on its
- * event-loop thread into a list that it walks to the end for each one it adds, while the
- * program takes them off in another thread. Sent faster than virsh writes them out (~15 µs per
- * packet here), the list grows, every read gets slower, and it never catches up: virsh
- * downloading 100,000 4 KiB extents from an unpaced daemon took 3 s four times in six and over
- * 15 s (once 257 s) the other times. Paced at 10 µs, one run in six still got stuck; at 20 µs,
- * none did, in 4.1 s. libvirtd itself sends such packets ~40 µs apart.
- */
-export const PACE_US = 20;
-const PACE_EVERY = 64;
-const PACED_DATA_MAX = 64 * 1024;
-
-/** Holds back a sender of small packets to `PACE_US` each (no credit carried over, debt is). */
-class Pacer {
-  private count = 0;
-  private since = performance.now();
-  /** Times this sender waited (for the log). */
-  waits = 0;
-
-  /** Call before each small packet; resolves at once unless this block went too fast. */
-  next(): Promise<void> | null {
-    if (++this.count < PACE_EVERY) return null;
-    this.count = 0;
-    const due = this.since + (PACE_EVERY * PACE_US) / 1000;
-    const now = performance.now();
-    if (now >= due) {
-      this.since = now; // a slow block: no credit for the next one
-      return null;
-    }
-    this.since = due; // a fast one: the next block starts where this one was due
-    if (due - now < 0.5) return null; // (its debt carries over: not worth a timer yet)
-    this.waits++;
-    return new Promise((resolve) => setTimeout(resolve, due - now));
-  }
-}
+/** How long a paced download waits per small packet (see `Pacer`). */
+export { PACE_US } from '../transfer/index.js';
 
 /** Transfers running in this process. */
 let running = 0;
@@ -192,25 +157,11 @@ export class Transfer {
 
   private async download(reader: VolumeReader): Promise<string> {
     const { spec, stream } = this;
-    const batches = reader.batches();
-    const pacer = spec.wire.deepQueue ? null : new Pacer();
-    this.pacer = pacer;
+    // a client without a deep queue (virsh, any libvirt client) gets its small packets paced
+    const pacer = spec.wire.deepQueue ? undefined : new Pacer();
+    this.pacer = pacer ?? null;
     try {
-      for await (const batch of batches) {
-        for (const chunk of batch) {
-          if (chunk.kind === 'hole') this.holeBytes += chunk.length;
-          else this.dataBytes += chunkLength(chunk);
-        }
-        if (pacer === null) {
-          await stream.sendBatch(batch);
-          continue;
-        }
-        for (const chunk of batch) {
-          if (chunk.kind === 'hole' || chunkLength(chunk) <= PACED_DATA_MAX) await pacer.next();
-          if (chunk.kind === 'file') await stream.sendFileRange(chunk.file, chunk.offset, chunk.length);
-          else await stream.sendChunk(chunk);
-        }
-      }
+      await sendFrom(stream, reader, { counts: this, pacer });
     } catch (err) {
       if (stream.state === 'open') {
         // The file failed us, not the peer: tell the client why.
@@ -230,12 +181,14 @@ export class Transfer {
 
   private async upload(writer: VolumeWriter): Promise<string> {
     const { spec, stream } = this;
-    const source = this.received();
     try {
-      // large packets go into the volume in place, up to where the upload's limits stop them
-      const limit = Math.min(spec.offset + (spec.length ?? Number.MAX_SAFE_INTEGER), Number.MAX_SAFE_INTEGER);
-      const receiveInto = (t: ReceiveTarget | null): boolean => stream.receiveInto(t && { ...t, limit });
-      await writer.write(source, { release: releaseFramePayloads, receiveInto });
+      // held to the upload's limits (length, 2^53), large packets written in place up to them;
+      // a packet the wire refused ends the data, and fails the upload once what came before is written
+      await receiveTo(stream, writer, {
+        counts: this, offset: spec.offset, length: spec.length,
+        limitError: (limit: TransferLimit) => (limit === 'length' ? streamNoSpace() : uploadPastLimit(spec.vol.name)),
+        endError: () => this.refused,
+      });
     } catch (err) {
       if (err === this.refused) {
         // the wire has told the client already; the stream goes too
@@ -255,55 +208,6 @@ export class Transfer {
     return 'ok';
   }
 
-  /**
-   * The received chunks, held to the upload's limits; ends at the client's finish without
-   * acknowledging it yet. `length` bytes at most: holes past it are clipped (as libvirt does),
-   * data past it fails with libvirt's ENOSPC error ("cannot write to stream: No space left on
-   * device"), after what fits was passed on. Nothing past 2^53 bytes. After a packet the wire
-   * refused, it fails with that error once the chunks before it are passed on. One generator for
-   * all of it, in batches (`recvBatch`): a layer per check, or a promise per packet, costs more
-   * than the checks.
-   */
-  private async *received(): AsyncGenerator<Array<Chunk | WrittenRange>> {
-    const { spec, stream } = this;
-    let left = spec.length ?? Number.POSITIVE_INFINITY;
-    const end = Number.MAX_SAFE_INTEGER;
-    let at = spec.offset;
-    for (;;) {
-      const batch = await stream.recvBatch();
-      if (batch === null) {
-        if (this.refused !== null) throw this.refused;
-        return;
-      }
-      const out: Array<Chunk | WrittenRange> = [];
-      for (let chunk of batch) {
-        let n = chunkLength(chunk);
-        if (chunk.kind === 'hole') this.holeBytes += n;
-        else this.dataBytes += n;
-        // (a range written in place never passes the limits: the stream stops short of them)
-        let overLimit = false;
-        if (n > left) {
-          if (chunk.kind !== 'hole') overLimit = true;
-          n = left;
-          chunk = cut(chunk, n);
-        }
-        left -= n;
-        if (at + n > end) {
-          if (end > at) out.push(cut(chunk, end - at));
-          yield out;
-          throw uploadPastLimit(spec.vol.name);
-        }
-        at += n;
-        if (n > 0) out.push(chunk);
-        if (overLimit) {
-          yield out;
-          throw streamNoSpace();
-        }
-      }
-      yield out;
-    }
-  }
-
   /** The stream ended from the other side (abort, early finish, lost connection) or by shutdown. */
   private endedByPeer(err: unknown): string {
     if (this.stopped) return 'stopped by shutdown';
@@ -313,12 +217,6 @@ export class Transfer {
     if (this.stream.finishedByPeer) return 'finished early by the client';
     throw err;
   }
-}
-
-/** The first `n` bytes of a chunk. */
-function cut(chunk: Chunk | WrittenRange, n: number): Chunk | WrittenRange {
-  if (chunk.kind === 'data') return { kind: 'data', bytes: chunk.bytes.subarray(0, n) };
-  return { ...chunk, length: n };
 }
 
 /** The refusal for an upload that would write past 2^53 bytes, the largest offset sparsevirtd handles. */
