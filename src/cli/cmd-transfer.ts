@@ -16,7 +16,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { LEGACY_PAYLOAD_MAX, type Chunk, type WrittenRange } from '../chunk.js';
 import type { StorageVol } from '../client/index.js';
 import type { Stream } from '../stream/index.js';
-import { receiveTo, sendFrom, type TransferOptions } from '../transfer/index.js';
+import { receiveTo, sendFrom, type TransferBaseOptions } from '../transfer/index.js';
 import { errorText, type Ctl } from './ctl.js';
 import { catchInterrupts, onAbandon } from './exit.js';
 import { strerror } from './format.js';
@@ -72,7 +72,7 @@ interface Meter {
 }
 
 /** What the transfer module is told of the meter: its counters, redrawn as they grow. */
-function meterOptions(m: Meter, signal: AbortSignal): TransferOptions {
+function meterOptions(m: Meter, signal: AbortSignal): TransferBaseOptions {
   return { signal, counts: m.counts, onProgress: m.bar ? (c) => m.bar!.update(c) : undefined };
 }
 

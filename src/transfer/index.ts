@@ -20,4 +20,4 @@
 export { sendFrom, type BatchReader, type SendItem, type SendOptions, type TransferSource } from './send.js';
 export { receiveTo, type ReceivedItem, type ReceiveOptions, type SinkHooks, type TransferLimit, type TransferSink, type TransferTarget } from './receive.js';
 export { Pacer, PACE_US } from './pacer.js';
-export type { TransferCounts, TransferOptions } from './shared.js';
+export type { TransferCounts, TransferBaseOptions } from './shared.js';

@@ -4,7 +4,7 @@ import { SparsevirtError } from '../errors.js';
 import { releaseFramePayloads } from '../io/pools.js';
 import { writeChunks, type FileTarget } from '../sparse/index.js';
 import type { Stream } from '../stream/index.js';
-import { abortStreamOn, countChunk, type TransferCounts, type TransferOptions } from './shared.js';
+import { abortStreamOn, countChunk, type TransferCounts, type TransferBaseOptions } from './shared.js';
 
 export type ReceivedItem = Chunk | WrittenRange;
 
@@ -36,7 +36,7 @@ export type TransferTarget = FileTarget | TransferSink;
 /** Which limit a transfer would pass (`limitError`). */
 export type TransferLimit = 'length' | 'max-offset';
 
-export interface ReceiveOptions extends TransferOptions {
+export interface ReceiveOptions extends TransferBaseOptions {
   /**
    * Where stream position 0 lands: a file is written from there (default 0). A sink opened at
    * its own offset names that offset here, for the limits.

@@ -3,7 +3,7 @@ import { chunkLength, isBatch, type Chunk, type FileRange } from '../chunk.js';
 import { fileSendBatches, type FileTarget } from '../sparse/index.js';
 import type { Stream } from '../stream/index.js';
 import { PACED_DATA_MAX, type Pacer } from './pacer.js';
-import { abortedError, abortStreamOn, countChunk, nextUnlessAborted, type TransferCounts, type TransferOptions } from './shared.js';
+import { abortedError, abortStreamOn, countChunk, nextUnlessAborted, type TransferCounts, type TransferBaseOptions } from './shared.js';
 
 export type SendItem = Chunk | FileRange;
 
@@ -19,7 +19,7 @@ export interface BatchReader {
  */
 export type TransferSource = FileTarget | BatchReader | AsyncIterable<SendItem | ReadonlyArray<SendItem>>;
 
-export interface SendOptions extends TransferOptions {
+export interface SendOptions extends TransferBaseOptions {
   /** A file source: where reading starts (default 0). */
   offset?: number;
   /** A file source: bytes to send at most (default: to the end of the file). */

@@ -11,7 +11,7 @@ export interface TransferCounts {
   holeBytes: number;
 }
 
-export interface TransferOptions {
+export interface TransferBaseOptions {
   /**
    * Stops the transfer: the stream is aborted (the peer is told) and a step that waits (a read
    * of the source, a packet, a write) rejects at once with ERR_ABORTED, the reason as `cause`.
