@@ -307,7 +307,8 @@ const volDownload: Handler = async (ctl, cmd) => {
       // skipped; a trailing one sets the size, as virsh's lseek + ftruncate. Large packets go
       // into it in place. A pipe, a terminal or a character device: written in order.
       const target = st.isFile() || st.isBlockDevice() ? { fd: fh.fd } : { write: (src: AsyncIterable<Array<Chunk | WrittenRange>>) => writeSequential(fh, st, src, signal) };
-      await receiveTo(stream, target, meterOptions(meter, signal));
+      // (the end of the data is acknowledged as it comes, before the file is closed)
+      await receiveTo(stream, target, { ...meterOptions(meter, signal), finish: true });
     } catch (err) {
       await stream.abort(err).catch(() => undefined);
       return ctl.fail(`cannot receive data from volume ${name}`, dataDetail(err, signal, 'recv'));
@@ -320,7 +321,7 @@ const volDownload: Handler = async (ctl, cmd) => {
       return ctl.fail(withReason(`cannot close file ${file}`, err));
     }
     try {
-      // the end of the data acknowledged once the file is closed, as virsh does
+      // (receiving to the end already acknowledged the end of the stream)
       if (stream.state !== 'finished') await stream.finish();
     } catch (err) {
       return ctl.fail(`cannot close volume ${name}`, err);
