@@ -4,7 +4,7 @@ import { once } from 'node:events';
 import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { describe, test } from 'node:test';
-import { chunkLength, tapChunks, type Chunk } from '../src/chunk.js';
+import type { Chunk } from '../src/chunk.js';
 import { createStreamPair } from '../src/stream/index.js';
 import { code, hasSettled } from './helpers/asserts.js';
 
@@ -185,49 +185,4 @@ describe('toWritable / toReadable', { timeout: 30_000 }, () => {
     receiver.toReadable().destroy();
     assert.throws(() => receiver.toReadable(), code('ERR_STREAM_STATE'), 'iterate once');
   });
-});
-
-test('tapChunks: sees every chunk in order, touches its source only on the first next(), and return() closes the source', async () => {
-  let opened = 0;
-  let closed = 0;
-  const src: AsyncIterable<Chunk> = {
-    [Symbol.asyncIterator]() {
-      opened++;
-      let i = 0;
-      return {
-        next: async () => (i < 3 ? { done: false as const, value: { kind: 'hole' as const, length: ++i } } : { done: true as const, value: undefined }),
-        return: async () => {
-          closed++;
-          return { done: true as const, value: undefined };
-        },
-      };
-    },
-  };
-  const seen: number[] = [];
-  const tap = tapChunks(src, (c) => seen.push(chunkLength(c)));
-  assert.equal(opened, 0, 'lazy, as a generator is (a failed stream must fail inside the consumer)');
-  assert.deepEqual(await tap.next(), { done: false, value: { kind: 'hole', length: 1 } });
-  assert.equal(opened, 1);
-  await tap.return!();
-  assert.equal(closed, 1, 'return() reaches the source');
-  const all: number[] = [];
-  for await (const c of tapChunks(src, (c) => seen.push(chunkLength(c)))) all.push(chunkLength(c));
-  assert.deepEqual(all, [1, 2, 3]);
-  assert.deepEqual(seen, [1, 1, 2, 3]);
-
-  // closed before it started: it stays closed and never opens the source
-  const early = tapChunks(src, () => undefined);
-  await early.return!();
-  assert.deepEqual(await early.next(), { done: true, value: undefined });
-  assert.equal(opened, 2);
-  // an observer that throws fails next() and closes the source
-  const failing = tapChunks(src, () => {
-    throw new Error('observer failed');
-  });
-  await assert.rejects(failing.next(), /observer failed/);
-  assert.equal(closed, 2, 'the source was closed');
-  // a source that cannot be opened rejects, never throws synchronously
-  const broken: AsyncIterable<Chunk> = { [Symbol.asyncIterator]: () => { throw new Error('cannot iterate'); } };
-  const p = tapChunks(broken, () => undefined).next();
-  await assert.rejects(p, /cannot iterate/);
 });
