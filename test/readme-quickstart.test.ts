@@ -52,8 +52,9 @@ async function script(blocks: string[][], socket: string, work: string, extra: s
     'DAEMON=$!',
     `echo $DAEMON > ${work}/daemon.pgid`,
     // at the end: SIGTERM to its process group (npm, sh, node), SIGKILL after 5 s
-    // (its processes are gone when none but zombies are left in its session)
-    "trap 'kill -TERM -$DAEMON 2>/dev/null; for i in $(seq 1 50); do ps -o stat= -s $DAEMON | grep -q \"^[^Z]\" || break; sleep 0.1; done; kill -KILL -$DAEMON 2>/dev/null; true' EXIT",
+    // (its processes are gone when none but zombies are left in its session; once they are reaped
+    // the group is gone too and kill fails, which `set -e` would make the script's status)
+    "trap 'kill -TERM -$DAEMON 2>/dev/null || true; for i in $(seq 1 50); do ps -o stat= -s $DAEMON | grep -q \"^[^Z]\" || break; sleep 0.1; done; kill -KILL -$DAEMON 2>/dev/null || true' EXIT",
     `for i in $(seq 1 150); do [ -S ${socket} ] && break; sleep 0.1; done`,
     `[ -S ${socket} ] || { cat ${work}/daemon.log; exit 99; }`,
     ...commands,

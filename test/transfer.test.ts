@@ -131,7 +131,12 @@ describe('transfer: both directions', () => {
 
   test('progress: onProgress per batch with growing counts, the same object as the caller\'s counters; the last call says all of it', { timeout: 30_000 }, async () => {
     const src = file('src');
-    await makeImage(src, LAYOUT, 6);
+    // 40 extents of 256 KiB: more than one batch on either side whatever the streams' buffer sizes
+    const many: Layout = Array.from({ length: 40 }, (): Layout => [
+      { kind: 'data', length: 256 * KiB },
+      { kind: 'hole', length: 64 * KiB },
+    ]).flat();
+    await makeImage(src, many, 6);
     const mine = { dataBytes: 0, holeBytes: 0 };
     const sends: TransferCounts[] = [];
     const recvs: TransferCounts[] = [];
