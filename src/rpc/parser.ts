@@ -127,6 +127,44 @@ export class FrameParser {
   }
 
   /**
+   * `push` for a chunk the caller can extend in place (the rest of a read slab): whole frames
+   * are emitted as views of it, and an incomplete frame at its end of at most `keepMax` bytes
+   * (or a length word cut short) is left unconsumed, neither copied nor assembled apart. The
+   * caller lets the next read land right behind those bytes and passes them again, extended: a
+   * small frame cut by a read then costs no read of its own (4 KiB extents: half the reads, and
+   * half the wake-ups of the consumer). Returns the bytes consumed. A larger incomplete frame is
+   * assembled apart as `push` does (`readTarget()` is the rest of it), and so is everything when
+   * the parser is not idle.
+   */
+  pushKeepingTail(chunk: Buffer, onMessage: (m: Message) => void, keepMax: number): number {
+    if (this.failed) throw this.failed;
+    if (!this.idle) {
+      this.push(chunk, onMessage);
+      return chunk.length;
+    }
+    let pos = 0;
+    const end = chunk.length;
+    while (end - pos >= LEN_SIZE) {
+      const len = chunk.readUInt32BE(pos);
+      this.checkLength(len);
+      if (end - pos < len) {
+        if (len <= keepMax) return pos;
+        this.push(chunk.subarray(pos), onMessage);
+        return end;
+      }
+      const msg = toMessage(chunk, pos, pos + len);
+      pos += len;
+      try {
+        onMessage(msg);
+      } catch (err) {
+        if (pos < end) this.backlog = Buffer.from(chunk.subarray(pos, end));
+        throw err;
+      }
+    }
+    return pos;
+  }
+
+  /**
    * Feed bytes; calls onMessage for each whole frame, in order. Throws ProtocolError on a bad
    * frame, and again on every later push (framing is lost for good). If onMessage throws, the
    * exception propagates and the bytes after that frame are kept: the next push (even with an
