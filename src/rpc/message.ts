@@ -81,6 +81,21 @@ export function buildFrameHead(h: Header, payloadLength: number): Buffer {
   return buf;
 }
 
+/** The frame in `buf` from `start` (its length word) to `end`: its header, and its payload as a view. */
+export function readMessage(buf: Buffer, start: number, end: number): Message {
+  const off = start + LEN_SIZE;
+  // one object of one shape for every frame (50,000 of them for 25,000 small extents)
+  return {
+    prog: buf.readUInt32BE(off),
+    vers: buf.readUInt32BE(off + 4),
+    proc: buf.readInt32BE(off + 8),
+    type: buf.readInt32BE(off + 12),
+    serial: buf.readUInt32BE(off + 16),
+    status: buf.readInt32BE(off + 20),
+    payload: buf.subarray(start + FRAME_OVERHEAD, end),
+  };
+}
+
 export function readHeader(buf: Buffer, off: number): Header {
   return {
     prog: buf.readUInt32BE(off),

@@ -7,7 +7,7 @@
  * never costs more than the frame limit). Emitted payloads are never overwritten afterwards.
  */
 import { SparsevirtError } from '../errors.js';
-import { FRAME_MAX, FRAME_OVERHEAD, LEN_SIZE, readHeader, type Message } from './message.js';
+import { FRAME_MAX, FRAME_OVERHEAD, LEN_SIZE, readMessage, type Message } from './message.js';
 
 export class ProtocolError extends SparsevirtError {
   constructor(message: string) {
@@ -79,7 +79,7 @@ export class FrameParser {
     if (this.partialHave < frame.length) return;
     this.partial = null;
     this.partialHave = 0;
-    onMessage(toMessage(frame, 0, frame.length));
+    onMessage(readMessage(frame, 0, frame.length));
   }
 
   /**
@@ -152,7 +152,7 @@ export class FrameParser {
         this.push(chunk.subarray(pos), onMessage);
         return end;
       }
-      const msg = toMessage(chunk, pos, pos + len);
+      const msg = readMessage(chunk, pos, pos + len);
       pos += len;
       try {
         onMessage(msg);
@@ -189,7 +189,7 @@ export class FrameParser {
         const frame = this.partial;
         this.partial = null;
         this.partialHave = 0;
-        msg = toMessage(frame, 0, frame.length);
+        msg = readMessage(frame, 0, frame.length);
       } else if (this.lenHave > 0 || end - pos < LEN_SIZE) {
         const n = Math.min(LEN_SIZE - this.lenHave, end - pos);
         chunk.copy(this.lenBuf, this.lenHave, pos, pos + n);
@@ -215,9 +215,9 @@ export class FrameParser {
         if (this.copyOut) {
           const copy = this.alloc(len);
           chunk.copy(copy, 0, pos, pos + len);
-          msg = toMessage(copy, 0, len);
+          msg = readMessage(copy, 0, len);
         } else {
-          msg = toMessage(chunk, pos, pos + len);
+          msg = readMessage(chunk, pos, pos + len);
         }
         pos += len;
       }
@@ -232,8 +232,3 @@ export class FrameParser {
   }
 }
 
-function toMessage(buf: Buffer, start: number, end: number): Message {
-  const h = readHeader(buf, start + LEN_SIZE) as Message;
-  h.payload = buf.subarray(start + FRAME_OVERHEAD, end);
-  return h;
-}

@@ -356,7 +356,7 @@ export class WireStream implements StreamChannel {
   /** A data packet the connection wrote in place. */
   onWritten(range: WrittenRange): void {
     if (this.#done) return;
-    this.#toInbound((i) => i[kDeliver](range));
+    this.#deliver(range);
   }
 
   // ---------------------------------------------------------------- incoming
@@ -381,10 +381,8 @@ export class WireStream implements StreamChannel {
     const action = ON_PACKET[this.#end][phase][packet];
     if (packet === 'hole') return this.#onHole(m, action);
     switch (action) {
-      case 'deliver': {
-        const bytes = m.payload;
-        return this.#toInbound((i) => i[kDeliver]({ kind: 'data', bytes }));
-      }
+      case 'deliver':
+        return this.#deliver({ kind: 'data', bytes: m.payload });
       case 'end':
         this.#state = 'ended';
         return this.#toInbound((i) => i[kDeliverEnd]());
@@ -447,7 +445,14 @@ export class WireStream implements StreamChannel {
       return this.#refuse(new SparsevirtError('ERR_PROTOCOL', `stream hole with invalid length ${p.readBigInt64BE(0)}`));
     }
     if (length === 0) return; // an empty hole (libvirt's API allows one): nothing to do
-    this.#toInbound((i) => i[kDeliver]({ kind: 'hole', length }));
+    this.#deliver({ kind: 'hole', length });
+  }
+
+  /** Data or a hole for the consumer (kept until a stream is attached). */
+  #deliver(chunk: Chunk | WrittenRange): void {
+    const inbound = this.#inbound;
+    if (inbound !== null) inbound[kDeliver](chunk);
+    else this.#toInbound((i) => i[kDeliver](chunk));
   }
 
   /** A packet we cannot accept: the daemon reports it with STREAM/ERROR, the client aborts. */
