@@ -11,6 +11,7 @@ import type { Duplex } from 'node:stream';
 import { ReadHook, setReadHook } from '../src/io/read-hook.js';
 import { newDataPathStats, RawSocket } from '../src/io/socket.js';
 import { Inbox } from '../src/rpc/inbox.js';
+import { FrameParser } from '../src/rpc/parser.js';
 import { buildFrame, FRAME_MAX, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Header, type Message } from '../src/rpc/message.js';
 import { rng } from './protocol-support.js';
 
@@ -100,5 +101,27 @@ test('reads cut anywhere (random sizes, single bytes, length words split), small
     const wire = Buffer.concat(frames);
     const caps = [(room: number) => room, () => 1, () => 1 + Math.floor(r() * 7), (room: number) => 1 + Math.floor(r() * room), () => 1 + Math.floor(r() * 40000)];
     for (const cap of caps) checkFrames(feed(wire, cap).got, frames);
+  }
+});
+
+test('frame heads: every header field round-trips at its extremes (signed and unsigned words), as Buffer reads them', () => {
+  const r = rng(7);
+  const words = [0, 1, 0x7fffffff, 0x80000000, 0xffffffff, 0x20008086];
+  const ints = [0, 1, -1, 0x7fffffff, -0x80000000, 209];
+  for (let i = 0; i < 500; i++) {
+    const pick = <T>(a: T[]): T => (i < 36 ? a[i % a.length]! : a[Math.floor(r() * a.length)]!);
+    const h: Header = { prog: pick(words), vers: pick(words), proc: pick(ints), type: pick(ints), serial: pick(words), status: pick(ints) };
+    const payload = Buffer.alloc(Math.floor(r() * 64), i);
+    const frame = buildFrame(h, payload);
+    assert.deepEqual(
+      [frame.readUInt32BE(0), frame.readUInt32BE(4), frame.readUInt32BE(8), frame.readInt32BE(12), frame.readInt32BE(16), frame.readUInt32BE(20), frame.readInt32BE(24)],
+      [frame.length, h.prog, h.vers, h.proc, h.type, h.serial, h.status],
+    );
+    const got: Message[] = [];
+    new FrameParser().push(frame, (m) => got.push(m));
+    assert.equal(got.length, 1);
+    const m = got[0]!;
+    assert.deepEqual({ prog: m.prog, vers: m.vers, proc: m.proc, type: m.type, serial: m.serial, status: m.status }, h);
+    assert.ok(m.payload.equals(payload));
   }
 });

@@ -11,7 +11,7 @@ import { OUT_BATCH, recycleBatch, takeBatch } from '../io/pools.js';
 import type { DataPathStats } from '../io/socket.js';
 import type { SendfileCounter, SocketWriter } from '../io/socket-writer.js';
 import { frameChannel } from '../diagnostics.js';
-import { buildFrameHead, FRAME_OVERHEAD, writeFrameHead, type Header } from './message.js';
+import { buildFrameHead, FRAME_OVERHEAD, putU32, writeFrameHead, type Header } from './message.js';
 
 /** Payloads up to this size are copied into the output batch; larger ones are written beside. */
 const SMALL_PAYLOAD = 16 * 1024;
@@ -71,9 +71,9 @@ export class Outbox {
     const out = this.#reserve(total);
     const at = this.#end;
     writeFrameHead(out, at, total, h);
-    out.writeUInt32BE(Math.floor(length / 2 ** 32), at + FRAME_OVERHEAD);
-    out.writeUInt32BE(length >>> 0, at + FRAME_OVERHEAD + 4);
-    out.writeUInt32BE(0, at + FRAME_OVERHEAD + 8);
+    putU32(out, at + FRAME_OVERHEAD, Math.floor(length / 2 ** 32));
+    putU32(out, at + FRAME_OVERHEAD + 4, length);
+    putU32(out, at + FRAME_OVERHEAD + 8, 0);
     this.#commit(total);
   }
 

@@ -7,7 +7,7 @@
  * never costs more than the frame limit). Emitted payloads are never overwritten afterwards.
  */
 import { SparsevirtError } from '../errors.js';
-import { FRAME_MAX, FRAME_OVERHEAD, LEN_SIZE, readMessage, type Message } from './message.js';
+import { FRAME_MAX, FRAME_OVERHEAD, LEN_SIZE, readMessage, u32, type Message } from './message.js';
 
 export class ProtocolError extends SparsevirtError {
   constructor(message: string) {
@@ -145,7 +145,7 @@ export class FrameParser {
     let pos = 0;
     const end = chunk.length;
     while (end - pos >= LEN_SIZE) {
-      const len = chunk.readUInt32BE(pos);
+      const len = u32(chunk, pos);
       this.checkLength(len);
       if (end - pos < len) {
         if (len <= keepMax) return pos;
@@ -204,7 +204,7 @@ export class FrameParser {
         this.partialHave = LEN_SIZE;
         continue;
       } else {
-        const len = chunk.readUInt32BE(pos);
+        const len = u32(chunk, pos);
         this.checkLength(len);
         if (end - pos < len) {
           this.partial = this.alloc(len);

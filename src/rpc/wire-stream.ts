@@ -17,7 +17,7 @@ import { SparsevirtError } from '../errors.js';
 import { OwnedFd } from '../io/file.js';
 import type { SendfileCounter } from '../io/socket-writer.js';
 import { XdrReader } from '../xdr/index.js';
-import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Header, type Message } from './message.js';
+import { i32, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, u32, type Header, type Message } from './message.js';
 import { decodeRemoteError, encodeRemoteError, streamHoleCodec, toRemoteFields } from './structs.js';
 
 /** What a stream needs of its connection (the `Peer`). */
@@ -437,9 +437,9 @@ export class WireStream implements StreamChannel {
       }
     }
     // length (hyper), flags (unsigned int), read in place: one for each of 100,000 holes
-    const high = p.readInt32BE(0);
-    const length = high * 2 ** 32 + p.readUInt32BE(4);
-    const flags = p.readUInt32BE(8);
+    const high = i32(p, 0);
+    const length = high * 2 ** 32 + u32(p, 4);
+    const flags = u32(p, 8);
     if (flags !== 0) return this.#refuse(new SparsevirtError('ERR_PROTOCOL', `stream hole with unsupported flags 0x${flags.toString(16)}`));
     if (high < 0 || length > Number.MAX_SAFE_INTEGER) {
       return this.#refuse(new SparsevirtError('ERR_PROTOCOL', `stream hole with invalid length ${p.readBigInt64BE(0)}`));
