@@ -129,6 +129,8 @@ export class WireStream implements StreamChannel {
   #pausing = false;
   #inPlaceFile: OwnedFd | null = null;
   readonly #end: End;
+  /** `ON_PACKET[end]`: what each packet does in each phase, for this end. */
+  readonly #rows: Record<Phase, Row>;
   readonly #head: Header;
   readonly #holeHead: Header;
   /** This stream's own data path: payload bytes sent by sendfile, and received by splice. */
@@ -142,6 +144,7 @@ export class WireStream implements StreamChannel {
     readonly sending: boolean,
   ) {
     this.#end = `${host.role}-${sending ? 'sends' : 'receives'}`;
+    this.#rows = ON_PACKET[this.#end];
     this.#head = { prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc, type: MessageType.STREAM, serial, status: Status.CONTINUE };
     this.#holeHead = { ...this.#head, type: MessageType.STREAM_HOLE };
   }
@@ -377,8 +380,8 @@ export class WireStream implements StreamChannel {
     } else {
       return this.fail(new SparsevirtError('ERR_PROTOCOL', `stream packet with unknown status ${m.status}`));
     }
-    const phase: Phase = this.#state === 'finishing' || this.#state === 'aborting' ? this.#state : 'open';
-    const action = ON_PACKET[this.#end][phase][packet];
+    const state = this.#state;
+    const action = (state === 'finishing' || state === 'aborting' ? this.#rows[state] : this.#rows.open)[packet];
     if (packet === 'hole') return this.#onHole(m, action);
     switch (action) {
       case 'deliver':
