@@ -4,11 +4,29 @@
  * `sparsevirt -c URI CMD ...` takes the same arguments as `virsh -c URI CMD ...` and prints the
  * same output, errors and exit status. See src/cli/run.ts.
  */
+import { isatty } from 'node:tty';
 import { ABANDONED_MESSAGE, abandonAll, statusSignal } from './exit.js';
 import { run } from './run.js';
 
+// The process streams are made when first used: a command that prints nothing (a quiet transfer)
+// does not pay for them (stdin from /dev/null or a pipe, stdout on a pipe: a few ms of start-up).
 // A closed pipe (`sparsevirt pool-list | head -1`) is not an error worth a stack trace.
-for (const s of [process.stdout, process.stderr]) s.on('error', () => undefined);
+let stdoutReady = false;
+let stderrReady = false;
+function stdout(): NodeJS.WriteStream {
+  if (!stdoutReady) {
+    stdoutReady = true;
+    process.stdout.on('error', () => undefined);
+  }
+  return process.stdout;
+}
+function stderr(): NodeJS.WriteStream {
+  if (!stderrReady) {
+    stderrReady = true;
+    process.stderr.on('error', () => undefined);
+  }
+  return process.stderr;
+}
 
 let settled = false;
 
@@ -18,7 +36,7 @@ let settled = false;
 process.on('beforeExit', () => {
   if (settled) return;
   abandonAll();
-  process.stderr.write(ABANDONED_MESSAGE);
+  stderr().write(ABANDONED_MESSAGE);
   process.exit(1);
 });
 
@@ -34,10 +52,13 @@ function finish(code: number): void {
 
 // (no top-level await: the bundle is CommonJS, run from V8's code cache; see scripts/bundle.mjs)
 run(process.argv.slice(2), {
-  out: (s) => void process.stdout.write(s),
-  err: (s) => void process.stderr.write(s),
-  stderrTTY: process.stderr.isTTY ? process.stderr : null,
-  stdin: process.stdin,
+  out: (s) => void stdout().write(s),
+  err: (s) => void stderr().write(s),
+  stderrTTY: isatty(2) ? stderr() : null,
+  // only the interactive mode (no command) reads it
+  get stdin() {
+    return process.stdin;
+  },
 }).then(
   (code) => {
     settled = true;
@@ -46,7 +67,7 @@ run(process.argv.slice(2), {
   (err: unknown) => {
     settled = true;
     abandonAll();
-    process.stderr.write(`sparsevirt: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    stderr().write(`sparsevirt: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
     process.exit(1);
   },
 );

@@ -30,7 +30,7 @@ function defaultSendBuffer(): number {
  * instead (the 16 KiB pieces whose completion says the socket has room again); large file frames
  * read into a buffer whole, because another frame was held or the socket was not ours to write.
  * Received in place: payload bytes spliced from the socket into files, and the packets that went
- * so.
+ * so. Reads: the socket reads (or 'data' events) that brought bytes.
  */
 export interface DataPathStats {
   directBytes: number;
@@ -39,10 +39,11 @@ export interface DataPathStats {
   bufferedFrames: number;
   splicedBytes: number;
   splicedFrames: number;
+  reads: number;
 }
 
 export function newDataPathStats(): DataPathStats {
-  return { directBytes: 0, directStalls: 0, copiedBytes: 0, bufferedFrames: 0, splicedBytes: 0, splicedFrames: 0 };
+  return { directBytes: 0, directStalls: 0, copiedBytes: 0, bufferedFrames: 0, splicedBytes: 0, splicedFrames: 0, reads: 0 };
 }
 
 export class RawSocket {

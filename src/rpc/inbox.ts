@@ -5,11 +5,12 @@
  * Sockets opened with a `ReadHook` let us pick each read's buffer, of one of five kinds:
  * - a fresh frame-sized buffer while big packets flow (a frame alone in it keeps it, and it comes
  *   back to the pool once its payload is written);
- * - the rest of a frame being assembled (the kernel writes straight into it);
+ * - the rest of a large frame being assembled (the kernel writes straight into it);
  * - the rest of a shared read slab for every other read: frames read into it stay there (views,
  *   no copy: 100,000 4 KiB extents were 400 MiB of copies out of a reused scratch buffer), and
  *   the next read goes after them, so a peer that sends one small frame per read (libvirtd:
- *   200,000 frames for 100,000 extents) uses up only the bytes it sent;
+ *   200,000 frames for 100,000 extents) uses up only the bytes it sent; a small frame the read
+ *   cut stays in the slab and the next read lands behind it, with the frames that follow;
  * - a frame's 28-byte header alone, while data flows to a consumer that takes it in place;
  * - the part of an in-place packet that was not in the socket yet.
  * Other sockets (TLS, ssh's pipes, in-memory duplexes) are read through 'data' events.
@@ -31,6 +32,11 @@ import { FrameParser } from './parser.js';
 /** Reads that are not big frames go into slabs of this size, one after the other, while at least READ_SLAB_MIN of it is left. */
 const READ_SLAB = 128 * 1024;
 const READ_SLAB_MIN = 32 * 1024;
+/**
+ * A frame up to this size cut by the end of a slab read stays where it is: the next read lands
+ * behind it (a new slab starts with a copy of it), instead of a read for its rest alone.
+ */
+const KEEP_TAIL_MAX = READ_SLAB_MIN;
 
 /** A receiving stream whose consumer may take data packets in place (`WireStream`). */
 export interface InPlaceReceiver {
@@ -72,6 +78,8 @@ export class Inbox {
   #adopted: Buffer | null = null;
   #readSlab: Buffer | null = null;
   #readSlabUsed = 0;
+  /** Where the bytes of a small frame cut by the last slab read start (they end at `#readSlabUsed`), or -1. */
+  #slabKept = -1;
   #slabTarget: Buffer | null = null;
   /** Receiving streams whose consumer takes data packets in place. */
   #inPlaceReceivers = 0;
@@ -130,6 +138,7 @@ export class Inbox {
   };
 
   #onData(buf: Buffer): void {
+    this.stats.reads++;
     this.host.received(buf.length);
     try {
       this.#parser.push(buf, this.#onMessage);
@@ -145,30 +154,38 @@ export class Inbox {
       this.#tailTarget = p.write.readTarget(!this.#spliceOff);
       return this.#tailTarget;
     }
-    if (this.#inHeadHave > 0 || (this.#inPlaceReceivers > 0 && this.#bigFrames && this.receiveInPlace && !this.#spliceOff && this.#parser.idle && this.raw.fd >= 0)) {
-      // Data packets flowing to a consumer that takes them in place: read the next header
-      // alone; a data packet's payload then goes from the socket to the file by splice.
-      this.#inHeadTarget = this.#inHead.subarray(this.#inHeadHave);
-      return this.#inHeadTarget;
+    const kept = this.#slabKept >= 0;
+    if (!kept) {
+      if (this.#inHeadHave > 0 || (this.#inPlaceReceivers > 0 && this.#bigFrames && this.receiveInPlace && !this.#spliceOff && this.#parser.idle && this.raw.fd >= 0)) {
+        // Data packets flowing to a consumer that takes them in place: read the next header
+        // alone; a data packet's payload then goes from the socket to the file by splice.
+        this.#inHeadTarget = this.#inHead.subarray(this.#inHeadHave);
+        return this.#inHeadTarget;
+      }
+      const t = this.#parser.readTarget();
+      this.#hookTarget = t;
+      if (t) return t;
+      if (this.#bigFrames) {
+        // Stream data is flowing: read the next frame straight into a buffer of its likely size.
+        this.#freshTarget = takeFrameBuffer();
+        return this.#freshTarget;
+      }
     }
-    const t = this.#parser.readTarget();
-    this.#hookTarget = t;
-    if (t) return t;
-    if (this.#bigFrames) {
-      // Stream data is flowing: read the next frame straight into a buffer of its likely size.
-      this.#freshTarget = takeFrameBuffer();
-      return this.#freshTarget;
+    // the rest of the read slab, behind a frame the last read cut, if it can take a read of the
+    // usual size; else a new slab, starting with that frame's bytes
+    const slab = this.#readSlab;
+    if (slab === null || slab.length - this.#readSlabUsed < READ_SLAB_MIN) {
+      const next = Buffer.allocUnsafeSlow(READ_SLAB);
+      this.#readSlabUsed = kept ? slab!.copy(next, 0, this.#slabKept, this.#readSlabUsed) : 0;
+      if (kept) this.#slabKept = 0;
+      this.#readSlab = next;
     }
-    // the rest of the read slab, if it can take a read of the usual size
-    if (this.#readSlab === null || this.#readSlab.length - this.#readSlabUsed < READ_SLAB_MIN) {
-      this.#readSlab = Buffer.allocUnsafeSlow(READ_SLAB);
-      this.#readSlabUsed = 0;
-    }
-    this.#slabTarget = this.#readSlab.subarray(this.#readSlabUsed);
+    this.#slabTarget = this.#readSlab!.subarray(this.#readSlabUsed);
     return this.#slabTarget;
   }
 
   #onRead(n: number, buf: Buffer): void {
+    this.stats.reads++;
     this.host.received(n);
     try {
       if (buf === this.#tailTarget) {
@@ -185,9 +202,18 @@ export class Inbox {
         else if (this.#parser.assemblingIn(buf)) this.#adopted = buf;
       } else if (buf === this.#slabTarget) {
         this.#slabTarget = null;
-        this.#readSlabUsed += (n + 7) & ~7;
-        // whole frames stay views of the slab; a frame cut by the read's end is assembled apart
-        this.#parser.push(buf.subarray(0, n), this.#onMessage);
+        // whole frames stay views of the slab; a small frame cut by the read's end stays in it,
+        // for the next read to complete (a large one is assembled apart)
+        const slab = this.#readSlab!;
+        const from = this.#slabKept >= 0 ? this.#slabKept : this.#readSlabUsed;
+        const end = this.#readSlabUsed + n;
+        this.#slabKept = -1;
+        this.#readSlabUsed = (end + 7) & ~7;
+        const used = this.#parser.pushKeepingTail(slab.subarray(from, end), this.#onMessage, KEEP_TAIL_MAX);
+        if (from + used < end) {
+          this.#slabKept = from + used;
+          this.#readSlabUsed = end;
+        }
       } else if (buf !== this.#hookTarget) {
         // bytes read before this connection existed, replayed in copies of their own
         this.#parser.push(buf.subarray(0, n), this.#onMessage);

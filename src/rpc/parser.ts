@@ -7,7 +7,7 @@
  * never costs more than the frame limit). Emitted payloads are never overwritten afterwards.
  */
 import { SparsevirtError } from '../errors.js';
-import { FRAME_MAX, FRAME_OVERHEAD, LEN_SIZE, readHeader, type Message } from './message.js';
+import { FRAME_MAX, FRAME_OVERHEAD, LEN_SIZE, readMessage, u32, type Message } from './message.js';
 
 export class ProtocolError extends SparsevirtError {
   constructor(message: string) {
@@ -79,7 +79,7 @@ export class FrameParser {
     if (this.partialHave < frame.length) return;
     this.partial = null;
     this.partialHave = 0;
-    onMessage(toMessage(frame, 0, frame.length));
+    onMessage(readMessage(frame, 0, frame.length));
   }
 
   /**
@@ -127,6 +127,44 @@ export class FrameParser {
   }
 
   /**
+   * `push` for a chunk the caller can extend in place (the rest of a read slab): whole frames
+   * are emitted as views of it, and an incomplete frame at its end of at most `keepMax` bytes
+   * (or a length word cut short) is left unconsumed, neither copied nor assembled apart. The
+   * caller lets the next read land right behind those bytes and passes them again, extended: a
+   * small frame cut by a read then costs no read of its own (4 KiB extents: half the reads, and
+   * half the wake-ups of the consumer). Returns the bytes consumed. A larger incomplete frame is
+   * assembled apart as `push` does (`readTarget()` is the rest of it), and so is everything when
+   * the parser is not idle.
+   */
+  pushKeepingTail(chunk: Buffer, onMessage: (m: Message) => void, keepMax: number): number {
+    if (this.failed) throw this.failed;
+    if (!this.idle) {
+      this.push(chunk, onMessage);
+      return chunk.length;
+    }
+    let pos = 0;
+    const end = chunk.length;
+    while (end - pos >= LEN_SIZE) {
+      const len = u32(chunk, pos);
+      this.checkLength(len);
+      if (end - pos < len) {
+        if (len <= keepMax) return pos;
+        this.push(chunk.subarray(pos), onMessage);
+        return end;
+      }
+      const msg = readMessage(chunk, pos, pos + len);
+      pos += len;
+      try {
+        onMessage(msg);
+      } catch (err) {
+        if (pos < end) this.backlog = Buffer.from(chunk.subarray(pos, end));
+        throw err;
+      }
+    }
+    return pos;
+  }
+
+  /**
    * Feed bytes; calls onMessage for each whole frame, in order. Throws ProtocolError on a bad
    * frame, and again on every later push (framing is lost for good). If onMessage throws, the
    * exception propagates and the bytes after that frame are kept: the next push (even with an
@@ -151,7 +189,7 @@ export class FrameParser {
         const frame = this.partial;
         this.partial = null;
         this.partialHave = 0;
-        msg = toMessage(frame, 0, frame.length);
+        msg = readMessage(frame, 0, frame.length);
       } else if (this.lenHave > 0 || end - pos < LEN_SIZE) {
         const n = Math.min(LEN_SIZE - this.lenHave, end - pos);
         chunk.copy(this.lenBuf, this.lenHave, pos, pos + n);
@@ -166,7 +204,7 @@ export class FrameParser {
         this.partialHave = LEN_SIZE;
         continue;
       } else {
-        const len = chunk.readUInt32BE(pos);
+        const len = u32(chunk, pos);
         this.checkLength(len);
         if (end - pos < len) {
           this.partial = this.alloc(len);
@@ -177,9 +215,9 @@ export class FrameParser {
         if (this.copyOut) {
           const copy = this.alloc(len);
           chunk.copy(copy, 0, pos, pos + len);
-          msg = toMessage(copy, 0, len);
+          msg = readMessage(copy, 0, len);
         } else {
-          msg = toMessage(chunk, pos, pos + len);
+          msg = readMessage(chunk, pos, pos + len);
         }
         pos += len;
       }
@@ -194,8 +232,3 @@ export class FrameParser {
   }
 }
 
-function toMessage(buf: Buffer, start: number, end: number): Message {
-  const h = readHeader(buf, start + LEN_SIZE) as Message;
-  h.payload = buf.subarray(start + FRAME_OVERHEAD, end);
-  return h;
-}

@@ -17,7 +17,7 @@ import { SparsevirtError } from '../errors.js';
 import { OwnedFd } from '../io/file.js';
 import type { SendfileCounter } from '../io/socket-writer.js';
 import { XdrReader } from '../xdr/index.js';
-import { MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, type Header, type Message } from './message.js';
+import { i32, MessageType, REMOTE_PROGRAM, REMOTE_VERSION, Status, u32, type Header, type Message } from './message.js';
 import { decodeRemoteError, encodeRemoteError, STREAM_HOLE_SIZE, streamHoleCodec, toRemoteFields } from './structs.js';
 
 /** What a stream needs of its connection (the `Peer`). */
@@ -127,6 +127,8 @@ export class WireStream implements StreamChannel {
   #pausing = false;
   #inPlaceFile: OwnedFd | null = null;
   readonly #end: End;
+  /** `ON_PACKET[end]`: what each packet does in each phase, for this end. */
+  readonly #rows: Record<Phase, Row>;
   readonly #head: Header;
   readonly #holeHead: Header;
   /** This stream's own data path: payload bytes sent by sendfile, and received by splice. */
@@ -140,6 +142,7 @@ export class WireStream implements StreamChannel {
     readonly sending: boolean,
   ) {
     this.#end = `${host.role}-${sending ? 'sends' : 'receives'}`;
+    this.#rows = ON_PACKET[this.#end];
     this.#head = { prog: REMOTE_PROGRAM, vers: REMOTE_VERSION, proc, type: MessageType.STREAM, serial, status: Status.CONTINUE };
     this.#holeHead = { ...this.#head, type: MessageType.STREAM_HOLE };
   }
@@ -354,7 +357,7 @@ export class WireStream implements StreamChannel {
   /** A data packet the connection wrote in place. */
   onWritten(range: WrittenRange): void {
     if (this.#done) return;
-    this.#toInbound((i) => i[kDeliver](range));
+    this.#deliver(range);
   }
 
   // ---------------------------------------------------------------- incoming
@@ -375,14 +378,12 @@ export class WireStream implements StreamChannel {
     } else {
       return this.fail(new SparsevirtError('ERR_PROTOCOL', `stream packet with unknown status ${m.status}`));
     }
-    const phase: Phase = this.#state === 'finishing' || this.#state === 'aborting' ? this.#state : 'open';
-    const action = ON_PACKET[this.#end][phase][packet];
+    const state = this.#state;
+    const action = (state === 'finishing' || state === 'aborting' ? this.#rows[state] : this.#rows.open)[packet];
     if (packet === 'hole') return this.#onHole(m, action);
     switch (action) {
-      case 'deliver': {
-        const bytes = m.payload;
-        return this.#toInbound((i) => i[kDeliver]({ kind: 'data', bytes }));
-      }
+      case 'deliver':
+        return this.#deliver({ kind: 'data', bytes: m.payload });
       case 'end':
         this.#state = 'ended';
         return this.#toInbound((i) => i[kDeliverEnd]());
@@ -437,15 +438,22 @@ export class WireStream implements StreamChannel {
       }
     }
     // length (hyper), flags (unsigned int), read in place: one for each of 100,000 holes
-    const high = p.readInt32BE(0);
-    const length = high * 2 ** 32 + p.readUInt32BE(4);
-    const flags = p.readUInt32BE(8);
+    const high = i32(p, 0);
+    const length = high * 2 ** 32 + u32(p, 4);
+    const flags = u32(p, 8);
     if (flags !== 0) return this.#refuse(new SparsevirtError('ERR_PROTOCOL', `stream hole with unsupported flags 0x${flags.toString(16)}`));
     if (high < 0 || length > Number.MAX_SAFE_INTEGER) {
       return this.#refuse(new SparsevirtError('ERR_PROTOCOL', `stream hole with invalid length ${p.readBigInt64BE(0)}`));
     }
     if (length === 0) return; // an empty hole (libvirt's API allows one): nothing to do
-    this.#toInbound((i) => i[kDeliver]({ kind: 'hole', length }));
+    this.#deliver({ kind: 'hole', length });
+  }
+
+  /** Data or a hole for the consumer (kept until a stream is attached). */
+  #deliver(chunk: Chunk | WrittenRange): void {
+    const inbound = this.#inbound;
+    if (inbound !== null) inbound[kDeliver](chunk);
+    else this.#toInbound((i) => i[kDeliver](chunk));
   }
 
   /** A packet we cannot accept: the daemon reports it with STREAM/ERROR, the client aborts. */

@@ -195,7 +195,9 @@ export class ChunkReader implements AsyncIterable<Chunk> {
     }
     const { fd, name, isBlockDevice } = this.file;
     const walker = new ExtentWalker(fd, name, this.offset, this.end, !isBlockDevice);
-    const queue: Array<PendingRead | PendingHole | FileRange> = [];
+    // planned items, oldest first from `head` on (an array's shift() would move all the others)
+    let queue: Array<PendingRead | PendingHole | FileRange> = [];
+    let head = 0;
     const zd = this.#zeroes;
     // With zero detection, reads end on multiples of the scan size so that every minRun piece
     // but those at extent edges is read whole: what is a hole depends on the file, not on reads.
@@ -280,14 +282,21 @@ export class ChunkReader implements AsyncIterable<Chunk> {
         // checked before taking the item: a read still in flight stays in `queue`, where the
         // cleanup below waits for it before the file can be closed.
         if (signal?.aborted) throw abortError(signal);
-        const item = queue[0];
+        const item = queue[head];
         if (!item) break;
         if (item.kind === 'data' && item.read && out.length > 0) {
           // this one is still being read: hand over what is ready first
           yield take();
           continue;
         }
-        queue.shift();
+        head++;
+        if (head === queue.length) {
+          queue.length = 0;
+          head = 0;
+        } else if (head >= 64) {
+          queue = queue.slice(head);
+          head = 0;
+        }
         if (item.kind === 'hole') {
           hole += item.length;
           continue;
@@ -340,7 +349,7 @@ export class ChunkReader implements AsyncIterable<Chunk> {
       if (out.length > 0) yield take();
     } finally {
       // Reads still in flight target our fd: let them land before the fd can be closed and reused.
-      await Promise.allSettled(queue.map((q) => (q.kind === 'data' ? q.read : null)));
+      await Promise.allSettled(queue.slice(head).map((q) => (q.kind === 'data' ? q.read : null)));
       await this.file.close();
     }
   }

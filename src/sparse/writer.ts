@@ -150,6 +150,7 @@ export class SparseWriter {
    * (`writeChunks`' `receiveInto`): it must start at the position; its error is this writer's.
    */
   async write(chunk: Chunk | WrittenRange): Promise<void> {
+    this.#check();
     const p = this.#put(chunk);
     if (p !== null) await p;
   }
@@ -161,17 +162,26 @@ export class SparseWriter {
    * chunks before it are written or under way.
    */
   async writeBatch(chunks: ReadonlyArray<Chunk | WrittenRange>): Promise<void> {
-    for (const chunk of chunks) {
-      const p = this.#put(chunk);
-      if (p !== null) await p;
+    // (checked again only after a wait: nothing can close, fail or abort this writer meanwhile)
+    this.#check();
+    for (let i = 0; i < chunks.length; i++) {
+      const p = this.#put(chunks[i]!);
+      if (p !== null) {
+        await p;
+        this.#check();
+      }
     }
   }
 
-  /** Takes a chunk: null when it is done, or a promise of it (await it before the next). */
-  #put(chunk: Chunk | WrittenRange): Promise<void> | null {
+  /** Throws if no more chunks may come: closed, failed, or aborted. */
+  #check(): void {
     if (this.#closed) throw new SparsevirtError('ERR_STREAM_STATE', `${this.file.name}: write after close`);
     if (this.#failure) throw this.#failure;
     if (this.#signal?.aborted) throw abortError(this.#signal);
+  }
+
+  /** Takes a chunk (after `#check()`): null when it is done, or a promise of it (await it before the next). */
+  #put(chunk: Chunk | WrittenRange): Promise<void> | null {
     const length = checkByteCount('chunk length', chunkLength(chunk));
     if (length === 0) return null;
     const at = this.#position;
@@ -180,7 +190,12 @@ export class SparseWriter {
       if (this.#batchBytes + length > MAX_BATCH_BYTES && this.#batch.length > 0) {
         // the pending data first; a write that has to wait for room is awaited before this chunk
         const flushing = this.#flush();
-        if (flushing !== null) return flushing.then(() => this.#put(chunk)).then(noop);
+        if (flushing !== null) {
+          return flushing.then(() => {
+            this.#check();
+            return this.#put(chunk);
+          }).then(noop);
+        }
       }
       this.#batch.push(chunk.bytes);
       this.#batchBytes += length;
@@ -388,6 +403,15 @@ function fdCall<T>(call: (cb: (err: Error | null, value?: T) => void) => void): 
 
 /** `writevSync` at `position` until every byte is written. */
 function writevFullySync(fd: number, buffers: Buffer[], position: number): void {
+  if (buffers.length === 1) {
+    // (one small extent per write, for a file of many: no list to copy and sum)
+    const b = buffers[0]!;
+    const n = pwriteSync(fd, b, position);
+    if (n === b.length) return;
+    if (n === 0) throw new Error(`writev wrote nothing at ${position}`);
+    writevFullySync(fd, [b.subarray(n)], position + n);
+    return;
+  }
   let bufs = buffers.slice(); // (trimmed below: the caller's list stays whole, for `release`)
   let at = position;
   for (;;) {
