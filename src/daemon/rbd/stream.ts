@@ -28,6 +28,7 @@
  */
 import { LEGACY_PAYLOAD_MAX, chunkLength, type Chunk } from '../../chunk.js';
 import { SparsevirtError, checkByteCount } from '../../errors.js';
+import { releaseFramePayloads } from '../../io/pools.js';
 import { zeroDetection } from '../../sparse/extents.js';
 import { abortError } from '../../sparse/file.js';
 import { zeroBytes, ZERO_CHUNK_SIZE } from '../../stream/zeros.js';
@@ -75,10 +76,13 @@ export interface RbdWriteOptions {
   /** `rbd_aio_flush` at the end (default true). */
   flush?: boolean;
   /**
-   * Called with data buffers once librbd has written them (e.g. `releaseFramePayloads`: frame
-   * buffers of a received stream go back to their pool). Not for buffers of failed writes.
+   * Called with data buffers once librbd has written them (never for a failed write: after a
+   * deadline librbd may still hold its buffers). Default `releaseFramePayloads`: the frame
+   * buffers of a received stream go back to their pool (other buffers are left alone), so an
+   * upload reuses the ~64 frame buffers of the pool instead of leaving one per packet to the
+   * garbage collector. null: nothing is handed back.
    */
-  release?: (buffers: Buffer[]) => void;
+  release?: ((buffers: Buffer[]) => void) | null;
   signal?: AbortSignal;
 }
 
@@ -482,7 +486,7 @@ export async function rbdWriteChunks(
   const maxBytes = positive('maxBytesInFlight', opts.maxBytesInFlight, DEFAULT_BYTES_IN_FLIGHT);
   const writeSize = positive('writeSize', opts.writeSize, image.objectSize || DEFAULT_WRITE_SIZE);
   const zeroed = opts.zeroed ?? false;
-  const release = opts.release;
+  const release = opts.release === undefined ? releaseFramePayloads : opts.release;
   const signal = opts.signal;
   const size = image.size;
   const holeMax = image.objectSize * HOLE_OP_OBJECTS;
