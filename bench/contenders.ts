@@ -11,7 +11,8 @@ import { rmSync, truncateSync, closeSync, openSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BuiltImage } from './images.js';
 import type { RunSpec } from './measure.js';
-import { NbdkitFile, exec, virshOk, type DirPool, type OurDaemon, type RbdBench } from './services.js';
+import { punchZeroBlocks } from './extents.js';
+import { NbdkitFile, virshOk, type DirPool, type OurDaemon, type RbdBench } from './services.js';
 
 export type Direction = 'download' | 'upload';
 
@@ -145,10 +146,9 @@ function pair(client: Client, server: Server): Contender {
 
 // ------------------------------------------------------------------------ Ceph RBD
 
-/** `fallocate --dig-holes`: the file's all-zero blocks become holes (verification of what rbd export wrote). */
+/** The file's all-zero blocks become holes (verification of what rbd export wrote). */
 async function digHoles(file: string): Promise<void> {
-  const r = await exec('fallocate', ['--dig-holes', file], 600_000);
-  if (r.code !== 0) throw new Error(`fallocate --dig-holes ${file}: ${r.stderr.trim()}`);
+  punchZeroBlocks(file);
 }
 
 /**
@@ -170,7 +170,7 @@ const RBD_NOTES: Record<RbdId, string> = {
   'virsh/sv-d-rbd': 'sparsevirtd RBD pool, cephx through a secret; upload into a new image made by vol-create-as; '
     + 'uploads are verified through an untimed rbd export (zero blocks punched)',
   'rbd-cli': 'rbd import / rbd export --no-progress as client.admin, defaults (sparse-size 4 KiB); import makes the image; '
-    + "rbd export writes the zeros inside Ceph's extents (its output's zero blocks are punched untimed before verification)",
+    + "rbd export writes the zeros inside Ceph's extents (its output's zero 4 KiB blocks are punched untimed before verification)",
   'qemu-img-rbd': 'qemu-img convert -f raw -O raw with defaults (-S 4k, block status of the source) to or from '
     + 'rbd:POOL/IMAGE:id=admin:keyring=…:conf=… (qemu-block-extra); qemu-img makes the image on upload',
 };
@@ -219,6 +219,8 @@ function rbdContender(id: RbdId): Contender {
       }
       const name = `svbench-up-${id.replace(/[^A-Za-z0-9]+/g, '_')}-${s.image.spec.id}`;
       await rbd.remove(name);
+      // the download source goes first: the cluster holds its data in memory
+      await rbd.dropSource();
       await rbd.checkRoom(s.image.dataBytes);
       if (viaDaemon) await virshOk(rbd.daemon.uri, ['vol-create-as', rbd.pool, name, String(s.image.spec.size)]);
       const spec: RunSpec = viaDaemon

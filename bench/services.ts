@@ -342,6 +342,12 @@ export class RbdBench {
     return name;
   }
 
+  /** Removes the download source imported last, if any. */
+  async dropSource(): Promise<void> {
+    if (this.current) await this.remove(this.current.name);
+    this.current = null;
+  }
+
   async remove(name: string): Promise<void> {
     await exec('rbd', this.rbdArgs('rm', '--no-progress', `${this.cephPool}/${name}`), 600_000);
   }
