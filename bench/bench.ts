@@ -12,6 +12,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import {
+  RBD_REFERENCE_ID,
   REFERENCE_ID,
   allContenders,
   type BenchContext,
@@ -215,6 +216,8 @@ interface Row {
   ratioToReference: number | null;
   /** Median over the median of `cp --sparse=always` on the same image (the local floor). */
   ratioToCp: number | null;
+  /** Median over the median of `rbd import` / `rbd export` in the same scenario (RBD target ≤ 1). */
+  ratioToRbd: number | null;
   errors: string[];
 }
 
@@ -368,7 +371,7 @@ async function main(): Promise<number> {
       }
     }
 
-    if (wanted.some((c) => c.id === 'virsh/sv-d-rbd' || c.id === 'rbd-cli')) {
+    if (wanted.some((c) => c.id === 'virsh/sv-d-rbd' || c.id === 'rbd-cli' || c.id === 'qemu-img-rbd')) {
       const clusterJson = join(process.env.SPARSEVIRT_CEPH_DIR ?? '/var/lib/sparsevirt-ceph', 'cluster.json');
       if (!existsSync(clusterJson)) ctx.rbd = { skip: `no Ceph cluster (${clusterJson}; run: sudo scripts/setup-ceph.sh)` };
       else if (!existsSync(daemonMain)) ctx.rbd = { skip: 'not built yet (dist/bin/sparsevirtd.mjs missing: npm run build)' };
@@ -502,6 +505,8 @@ async function main(): Promise<number> {
       // local floors run once per image (under the download key)
       const cpRuns = records.filter((r) => r.contender === 'cp' && r.ok && r.scenario === runKey(active.find((c) => c.id === 'cp') ?? list[0]!, s));
       const cpMedian = cpRuns.length ? median(cpRuns.map((r) => r.wallSeconds)) : null;
+      const rbdRuns = records.filter((r) => r.scenario === s.key && r.contender === RBD_REFERENCE_ID && r.ok);
+      const rbdMedian = rbdRuns.length ? median(rbdRuns.map((r) => r.wallSeconds)) : null;
       for (const c of list) {
         const rs = records.filter((r) => r.scenario === runKey(c, s) && r.contender === c.id);
         const ok = rs.filter((r) => r.ok);
@@ -531,6 +536,7 @@ async function main(): Promise<number> {
           clientCpuSeconds: cpuTimes.length ? median(cpuTimes) : null,
           ratioToReference: med !== null && refMedian ? med / refMedian : null,
           ratioToCp: med !== null && cpMedian ? med / cpMedian : null,
+          ratioToRbd: med !== null && rbdMedian ? med / rbdMedian : null,
           errors: [...new Set(rs.filter((r) => !r.ok).map((r) => r.error ?? '?'))],
         });
       }
@@ -601,12 +607,12 @@ function printTable(scenarios: Scenario[], rows: Row[]): void {
   const f = (x: number | null, d = 3): string => (x === null ? '-' : x.toFixed(d));
   const mib = (k: number | null): string => (k === null ? '-' : `${(k / 1024).toFixed(0)} MiB`);
   log('');
-  log(`results (wall time incl. process start; ×ref = median / median of ${REFERENCE_ID}, ×cp = median / median of cp --sparse=always; < 1 is faster):`);
+  log(`results (wall time incl. process start; ×ref = median / median of ${REFERENCE_ID}, ×cp = median / median of cp --sparse=always, ×rbd = median / median of ${RBD_REFERENCE_ID}; < 1 is faster):`);
   for (const s of scenarios) {
     const img = s.image;
     log('');
     log(`${s.key}  —  ${img.spec.title}; ${img.spec.extents.length} extents, ${fmtBytes(img.dataBytes)} data of ${fmtBytes(img.spec.size)}`);
-    const header = ['contender', 'median s', 'min–max s', 'data MiB/s', '×ref', '×cp', 'client RSS', 'daemon RSS', 'client CPU s', 'runs'];
+    const header = ['contender', 'median s', 'min–max s', 'data MiB/s', '×ref', '×cp', '×rbd', 'client RSS', 'daemon RSS', 'client CPU s', 'runs'];
     const body = rows
       .filter((r) => r.scenario === s.key)
       .map((r) => [
@@ -616,6 +622,7 @@ function printTable(scenarios: Scenario[], rows: Row[]): void {
         r.dataMiBps === null ? '-' : r.dataMiBps.toFixed(0),
         r.ratioToReference === null ? '-' : r.ratioToReference.toFixed(2),
         r.ratioToCp === null ? '-' : r.ratioToCp.toFixed(2),
+        r.ratioToRbd === null ? '-' : r.ratioToRbd.toFixed(2),
         mib(r.clientPeakKiB),
         mib(r.daemonPeakKiB),
         f(r.clientCpuSeconds, 2),

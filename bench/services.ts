@@ -238,8 +238,9 @@ export class NbdkitFile {
 /**
  * An RBD pool on a sparsevirtd of its own, on the cluster of scripts/setup-ceph.sh
  * (`/var/lib/sparsevirt-ceph/cluster.json`): the cephx user `client.libvirt` through a secret
- * defined with virsh. `rbd` runs as client.admin. Images the bench makes are named `svbench-…`
- * and removed by `down()`.
+ * defined with virsh. `rbd` and `qemu-img` run as client.admin. Images the bench makes are named
+ * `svbench-…` and removed by `down()`; one download source at a time is kept (the cluster keeps
+ * its data in memory).
  */
 export class RbdBench {
   readonly pool = 'svbench-rbd';
@@ -248,8 +249,10 @@ export class RbdBench {
   private readonly keyring: string;
   private readonly key: string;
   private readonly monitors: Array<{ host: string; port: number }>;
-  /** Images already imported as download sources, by image id. */
-  readonly sources = new Map<string, string>();
+  /** The download source imported last: image id and RBD image name. */
+  private current: { id: string; name: string } | null = null;
+  /** Why the qemu-img contender cannot run (set by `up`), or null. */
+  qemuImgRbdMissing: string | null = 'not probed';
 
   constructor(readonly daemon: OurDaemon, clusterJson: string) {
     const c = JSON.parse(readFileSync(clusterJson, 'utf8')) as {
@@ -268,6 +271,11 @@ export class RbdBench {
     return ['-c', this.conf, '--id', 'admin', '--keyring', this.keyring, ...args];
   }
 
+  /** qemu's name of an image of the pool, as client.admin (`rbd:POOL/IMAGE:id=…:keyring=…:conf=…`). */
+  qemuSpec(image: string): string {
+    return `rbd:${this.cephPool}/${image}:id=admin:keyring=${this.keyring}:conf=${this.conf}`;
+  }
+
   async rbd(...args: string[]): Promise<string> {
     const r = await exec('rbd', this.rbdArgs(...args), 600_000);
     if (r.code !== 0) throw new Error(`rbd ${args.join(' ')}: ${r.stderr.trim()}`);
@@ -276,6 +284,7 @@ export class RbdBench {
 
   async up(dir: string): Promise<void> {
     await this.rbd('ls', this.cephPool);
+    this.qemuImgRbdMissing = await qemuImgRbdMissing();
     const uuid = '5b5b5b5b-0000-4000-8000-000000b3e4c4';
     const secretXml = join(dir, 'rbd-secret.xml');
     const keyFile = join(dir, 'rbd-secret.key');
@@ -295,15 +304,48 @@ export class RbdBench {
     if (!/State:\s+running/.test(info)) throw new Error(`RBD pool ${this.pool} did not start: ${info.trim()}`);
   }
 
-  /** The download source for an image: imported once (untimed), named `svbench-src-<id>`. */
-  async source(id: string, file: string): Promise<string> {
-    const have = this.sources.get(id);
-    if (have) return have;
+  /** Bytes the Ceph pool can still take (`ceph df`'s max_avail), or null when unknown. */
+  async available(): Promise<number | null> {
+    const r = await exec('ceph', ['-c', this.conf, '--id', 'admin', '--keyring', this.keyring, 'df', '--format', 'json'], 30_000);
+    if (r.code !== 0) return null;
+    try {
+      const df = JSON.parse(r.stdout) as { pools: Array<{ name: string; stats: { max_avail: number } }> };
+      return df.pools.find((p) => p.name === this.cephPool)?.stats.max_avail ?? null;
+    } catch {
+      return null;
+    }
+  }
+
+  /** Throws, with the figures, when the pool has no room for `bytes` of data and a margin. */
+  async checkRoom(bytes: number): Promise<void> {
+    const avail = await this.available();
+    const need = bytes + 256 * 1024 ** 2;
+    if (avail !== null && avail < need) {
+      throw new Error(`Ceph pool ${this.cephPool} has ${(avail / 1024 ** 3).toFixed(2)} GiB free, the image needs ${(need / 1024 ** 3).toFixed(2)} GiB`
+        + ' (memstore: SPARSEVIRT_CEPH_STORE_BYTES for scripts/setup-ceph.sh --reset)');
+    }
+  }
+
+  /**
+   * The download source for an image: imported (untimed) as `svbench-src-<id>` when it is not the
+   * one imported last, which is removed first.
+   */
+  async source(id: string, file: string, dataBytes: number): Promise<string> {
+    if (this.current?.id === id) return this.current.name;
+    if (this.current) await this.remove(this.current.name);
+    this.current = null;
     const name = `svbench-src-${id}`;
-    await exec('rbd', this.rbdArgs('rm', '--no-progress', `${this.cephPool}/${name}`));
+    await this.remove(name);
+    await this.checkRoom(dataBytes);
     await this.rbd('import', '--no-progress', file, `${this.cephPool}/${name}`);
-    this.sources.set(id, name);
+    this.current = { id, name };
     return name;
+  }
+
+  /** Removes the download source imported last, if any. */
+  async dropSource(): Promise<void> {
+    if (this.current) await this.remove(this.current.name);
+    this.current = null;
   }
 
   async remove(name: string): Promise<void> {
@@ -313,6 +355,15 @@ export class RbdBench {
   async down(): Promise<void> {
     const names = (await exec('rbd', this.rbdArgs('ls', this.cephPool))).stdout.split('\n').filter((n) => n.startsWith('svbench-'));
     for (const n of names) await this.remove(n);
-    this.sources.clear();
+    this.current = null;
   }
+}
+
+/** Why `qemu-img` cannot reach RBD images here (with the package that fixes it), or null. */
+async function qemuImgRbdMissing(): Promise<string | null> {
+  const r = await exec('qemu-img', ['--help'], 10_000);
+  if (r.code !== 0) return 'qemu-img not installed (apt-get install qemu-utils qemu-block-extra)';
+  // the formats line lists the block drivers, the modules of qemu-block-extra included
+  if (!/Supported formats:.*\brbd\b/s.test(r.stdout)) return "qemu-img has no rbd driver (apt-get install qemu-block-extra)";
+  return null;
 }

@@ -14,23 +14,27 @@
  * Calls that only read the image's in-memory state (`rbd_stat`, `rbd_get_features`, …) and the
  * aio submissions stay synchronous: they do not wait on the network.
  *
- * Completions. librbd calls an aio completion's callback on one of its own threads. A callback
- * registered with `koffi.register` and called from a thread other than the main one is queued
- * by koffi to the main thread (a Node-API thread-safe function) and the calling librbd thread
- * waits until the JS function has returned. Consequences, all handled here:
- *   - the JS side must never wait synchronously for librbd work (a sync `rbd_close` or
- *     `rbd_flush` with aio in flight could wait for a librbd thread that waits for the event
- *     loop): such calls go through `.async`;
- *   - koffi's thread-safe function does not keep the event loop alive: while operations are in
- *     flight something else must (here: each operation's deadline timer);
- *   - the JS callback does little (looks up the operation, reads the return value, releases
- *     the completion) so the librbd thread is released quickly.
+ * Completions. An aio operation's completion is created without a callback and the image is
+ * given an event pipe (`rbd_set_image_notification`, EVENT_TYPE_PIPE): librbd queues each
+ * completed operation on the image and writes a byte into the pipe; the event loop reads the
+ * pipe like a socket and takes every completed operation at once (`rbd_poll_io_events`). No
+ * librbd thread ever waits for JS. (A callback made by `koffi.register` would be called on
+ * librbd's single op thread, which would then wait for the event loop at every operation:
+ * completions, and the internal work queued behind them, would advance one event-loop turn at
+ * a time.) Where the pipe cannot be made, the completion gets such a callback instead. The
+ * pipe keeps the event loop alive while operations are in flight (a relayed callback does not:
+ * there the operations' deadline timers do).
  * Calls of the diff-iteration callback come from the thread-pool thread running
- * `rbd_diff_iterate2`, through the same relay.
+ * `rbd_diff_iterate2`, relayed to the event loop by koffi (that thread waits meanwhile), so
+ * the JS side never waits synchronously for librbd work: a sync `rbd_close` could wait for a
+ * thread that waits for the event loop; such calls go through `.async`.
  */
+import { closeSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { Socket, type SocketConstructorOpts } from 'node:net';
 import util from 'node:util';
 import { SparsevirtError, bigToSafe } from '../errors.js';
+import { makePipe } from './sys.js';
 
 type Koffi = typeof import('koffi');
 type Lib = import('koffi').LibraryHandle;
@@ -44,6 +48,10 @@ export const CEPH_PACKAGES = ['librados2', 'librbd1'] as const;
 /** Most Ceph calls running on the libuv thread pool at once. */
 export const CEPH_CALL_THREADS = 2;
 
+/** `rbd_set_image_notification`'s type for a pipe (librbd writes one byte per completion). */
+const EVENT_TYPE_PIPE = 1;
+/** Completions taken per `rbd_poll_io_events` call. */
+const POLL_BATCH = 64;
 /** `rbd_image_info_t` is 160 bytes on 64-bit Linux: size, obj_size, num_objs (u64), order (int), … */
 const IMAGE_INFO_SIZE = 160;
 /** `rbd_image_spec_t`: two pointers (id, name). */
@@ -130,16 +138,18 @@ export interface CephNative {
   diffIterate(image: Ptr, fromSnap: string | null, offset: number, length: number, includeParent: boolean, wholeObject: boolean, onExtent: (e: DiffExtent) => boolean): Promise<number>;
 
   /**
-   * Start an aio operation: `start(completion)` submits it (returns the submit call's result).
-   * `done(ret)` is called once with the completion's return value (from librbd's thread,
-   * relayed to the event loop) or with the submit call's negative result.
+   * Start an aio operation: `start(op)` submits it through one of the `aio…` calls below, with
+   * `op` as its last argument (returns that call's result). `done(ret)` is called once, on the
+   * event loop, with the completion's return value, or with the submit call's negative result.
    */
-  aio(start: (completion: Ptr) => number, done: (ret: number) => void): void;
-  aioRead(image: Ptr, offset: number, buf: Buffer, c: Ptr): number;
-  aioWritev(image: Ptr, offset: number, bufs: readonly Buffer[], c: Ptr): number;
-  aioDiscard(image: Ptr, offset: number, length: number, c: Ptr): number;
-  aioWriteZeroes(image: Ptr, offset: number, length: number, c: Ptr): number;
-  aioFlush(image: Ptr, c: Ptr): number;
+  aio(start: (op: Ptr) => number, done: (ret: number) => void): void;
+  /** Completions taken from an image's event pipe, and completions that called back (tests, stats). */
+  readonly completions: { polled: number; calledBack: number };
+  aioRead(image: Ptr, offset: number, buf: Buffer, op: Ptr): number;
+  aioWritev(image: Ptr, offset: number, bufs: readonly Buffer[], op: Ptr): number;
+  aioDiscard(image: Ptr, offset: number, length: number, op: Ptr): number;
+  aioWriteZeroes(image: Ptr, offset: number, length: number, op: Ptr): number;
+  aioFlush(image: Ptr, op: Ptr): number;
 }
 
 let names = { rados: 'librados.so.2', rbd: 'librbd.so.1' };
@@ -189,7 +199,7 @@ let types: { iovec: unknown; completionCb: unknown; diffCb: unknown } | undefine
 function declareTypes(koffi: Koffi): NonNullable<typeof types> {
   types ??= {
     iovec: koffi.struct('sv_rbd_iovec', { base: 'void *', len: 'size_t' }),
-    completionCb: koffi.proto('void sv_rbd_completion_cb(void *completion, void *arg)'),
+    completionCb: koffi.proto('void sv_rbd_completion_cb(uintptr_t completion, void *arg)'),
     diffCb: koffi.proto('int sv_rbd_diff_cb(uint64_t offset, size_t length, int exists, void *arg)'),
   };
   return types;
@@ -286,27 +296,121 @@ function load(radosName: string, rbdName: string): CephNative {
   const rbd_image_options_destroy = rbd.func('void rbd_image_options_destroy(void *opts)');
   const rbd_copy4 = rbd.func('int rbd_copy4(void *src, void *dest_io, const char *destname, void *dest_opts, size_t sparse_size)');
   const rbd_diff_iterate2 = rbd.func('int rbd_diff_iterate2(void *image, const char *fromsnapname, uint64_t ofs, uint64_t len, uint8_t include_parent, uint8_t whole_object, sv_rbd_diff_cb *cb, void *arg)');
-  const rbd_aio_create_completion = rbd.func('int rbd_aio_create_completion(void *cb_arg, sv_rbd_completion_cb *complete_cb, _Out_ void **c)');
-  const rbd_aio_get_return_value = rbd.func('int64_t rbd_aio_get_return_value(void *c)');
-  const rbd_aio_release = rbd.func('void rbd_aio_release(void *c)');
-  const rbd_aio_read2 = rbd.func('int rbd_aio_read2(void *image, uint64_t off, size_t len, void *buf, void *c, int op_flags)');
-  const rbd_aio_writev = rbd.func('int rbd_aio_writev(void *image, const sv_rbd_iovec *iov, int iovcnt, uint64_t off, void *c)');
-  const rbd_aio_discard = rbd.func('int rbd_aio_discard(void *image, uint64_t off, uint64_t len, void *c)');
-  const rbd_aio_write_zeroes = rbd.func('int rbd_aio_write_zeroes(void *image, uint64_t off, size_t len, void *c, int zero_flags, int op_flags)');
-  const rbd_aio_flush = rbd.func('int rbd_aio_flush(void *image, void *c)');
+  // completions are handled by address (a number): they come back as addresses from
+  // rbd_poll_io_events too
+  const rbd_aio_create_completion = rbd.func('int rbd_aio_create_completion(void *cb_arg, sv_rbd_completion_cb *complete_cb, _Out_ uintptr_t *c)');
+  const rbd_aio_get_return_value = rbd.func('int64_t rbd_aio_get_return_value(uintptr_t c)');
+  const rbd_aio_release = rbd.func('void rbd_aio_release(uintptr_t c)');
+  const rbd_aio_read2 = rbd.func('int rbd_aio_read2(void *image, uint64_t off, size_t len, void *buf, uintptr_t c, int op_flags)');
+  const rbd_aio_writev = rbd.func('int rbd_aio_writev(void *image, const sv_rbd_iovec *iov, int iovcnt, uint64_t off, uintptr_t c)');
+  const rbd_aio_discard = rbd.func('int rbd_aio_discard(void *image, uint64_t off, uint64_t len, uintptr_t c)');
+  const rbd_aio_write_zeroes = rbd.func('int rbd_aio_write_zeroes(void *image, uint64_t off, size_t len, uintptr_t c, int zero_flags, int op_flags)');
+  const rbd_aio_flush = rbd.func('int rbd_aio_flush(void *image, uintptr_t c)');
+  const rbd_set_image_notification = rbd.func('int rbd_set_image_notification(void *image, int fd, int type)');
+  const rbd_poll_io_events = rbd.func('int rbd_poll_io_events(void *image, void *comps, int numcomp)');
 
-  // One registered completion callback for every operation: the operation is found by the id
-  // passed as the callback's argument.
-  const pending = new Map<number, (ret: number) => void>();
-  let nextId = 1;
-  const completionCb = koffi.register((c: Ptr, arg: Ptr) => {
-    const id = Number(koffi.address(arg));
+  /** An operation between `aio()` and its completion. */
+  interface Op {
+    done: (ret: number) => void;
+    /** The image's event pipe, or null where the completion calls back instead. */
+    events: Events | null;
+  }
+  /** An image's event pipe (see the module comment). */
+  interface Events {
+    image: Ptr;
+    key: bigint;
+    socket: Socket;
+    writeFd: number;
+    /** Completions taken per rbd_poll_io_events call land here (addresses). */
+    polled: Buffer;
+    inFlight: number;
+    /** rbd_close is running: the image may be gone under a poll. */
+    closing: boolean;
+  }
+  const pending = new Map<number, Op>();
+  const events = new Map<bigint, Events>();
+  const completions = { polled: 0, calledBack: 0 };
+
+  const finish = (c: number): void => {
+    const op = pending.get(c);
+    if (!op) return;
+    pending.delete(c);
     const ret = Number(rbd_aio_get_return_value(c));
     rbd_aio_release(c);
-    const done = pending.get(id);
-    pending.delete(id);
-    done?.(ret);
+    if (op.events && --op.events.inFlight === 0) op.events.socket.unref();
+    op.done(ret);
+  };
+
+  const drain = (ev: Events): void => {
+    while (!ev.closing) {
+      const n = rbd_poll_io_events(ev.image, ev.polled, POLL_BATCH) as number;
+      completions.polled += Math.max(0, n);
+      for (let i = 0; i < n; i++) finish(Number(ev.polled.readBigUInt64LE(i * 8)));
+      if (n < POLL_BATCH) break;
+    }
+  };
+
+  /** The image's event pipe, made on its first operation; null where it cannot be made. */
+  const eventsOf = (image: Ptr): Events | null => {
+    const key = koffi.address(image) as bigint;
+    const have = events.get(key);
+    if (have) return have;
+    const fds = makePipe(0);
+    if (typeof fds === 'number') return null;
+    if ((rbd_set_image_notification(image, fds[1], EVENT_TYPE_PIPE) as number) < 0) {
+      closeSync(fds[0]);
+      closeSync(fds[1]);
+      return null;
+    }
+    const scratch = Buffer.allocUnsafe(256);
+    let ev: Events | undefined;
+    // the bytes only say "something completed": each read drains every completion queued
+    // (`onread` is taken by the constructor at run time; @types/node does not list it there)
+    const onread = { buffer: scratch, callback: () => (ev ? drain(ev) : undefined) };
+    const socket = new Socket({ fd: fds[0], readable: true, writable: false, onread } as unknown as SocketConstructorOpts);
+    socket.on('error', () => undefined);
+    socket.unref();
+    ev = { image, key, socket, writeFd: fds[1], polled: Buffer.alloc(POLL_BATCH * 8), inFlight: 0, closing: false };
+    events.set(key, ev);
+    return ev;
+  };
+
+  // Where an image has no event pipe: one registered callback for every completion.
+  const completionCb = koffi.register((c: number | bigint) => {
+    completions.calledBack++;
+    finish(Number(c));
   }, koffi.pointer(T.completionCb as never));
+
+  /** Creates the completion for `op` on `image` and submits the operation with `call`. */
+  const submit = (image: Ptr, opArg: Ptr, call: (c: number) => number): number => {
+    const op = opArg as Op;
+    const ev = eventsOf(image);
+    const box: [number] = [0];
+    const rc = rbd_aio_create_completion(null, ev ? null : completionCb, box) as number;
+    if (rc < 0) return rc;
+    const c = box[0];
+    pending.set(c, op);
+    let r: number;
+    try {
+      r = call(c);
+    } catch (err) {
+      // koffi refused the arguments: nothing was submitted
+      pending.delete(c);
+      rbd_aio_release(c);
+      throw err;
+    }
+    // a submit call that fails returns before it touches the completion: it is ours to release
+    if (r < 0) {
+      pending.delete(c);
+      rbd_aio_release(c);
+      return r;
+    }
+    if (ev) {
+      op.events = ev;
+      if (ev.inFlight++ === 0) ev.socket.ref();
+    }
+    return r;
+  };
 
   // One registered diff callback; each running iteration has an id.
   const diffs = new Map<number, (e: DiffExtent) => boolean>();
@@ -331,6 +435,7 @@ function load(radosName: string, rbdName: string): CephNative {
 
   return {
     koffi,
+    completions,
     create2(name) {
       const box: [Ptr] = [null];
       const r = rados_create2(box, 'ceph', name, 0) as number;
@@ -398,7 +503,29 @@ function load(radosName: string, rbdName: string): CephNative {
       const r = await async<number>(readOnly ? rbd_open_read_only : rbd_open, ioctx, name, box, snap);
       return { r, image: box[0] };
     },
-    close: (image) => async<number>(rbd_close, image),
+    async close(image) {
+      const ev = events.get(koffi.address(image) as bigint);
+      if (ev) {
+        drain(ev);
+        ev.closing = true;
+      }
+      const r = await async<number>(rbd_close, image);
+      if (ev) {
+        events.delete(ev.key);
+        ev.socket.destroy();
+        closeSync(ev.writeFd);
+        // rbd_close waited for the operations still in flight: their completions are done
+        for (const [c, op] of pending) {
+          if (op.events !== ev) continue;
+          if (r >= 0) finish(c);
+          else {
+            pending.delete(c);
+            op.done(r);
+          }
+        }
+      }
+      return r;
+    },
     resize: (image, size) => async<number>(rbd_resize, image, size),
     stat(image) {
       const buf = Buffer.alloc(IMAGE_INFO_SIZE);
@@ -473,36 +600,18 @@ function load(radosName: string, rbdName: string): CephNative {
     },
 
     aio(start, done) {
-      const id = nextId;
-      nextId = nextId >= 0x7fffffff ? 1 : nextId + 1;
-      const box: [Ptr] = [null];
-      const rc = rbd_aio_create_completion(idArg(id), completionCb, box) as number;
-      if (rc < 0) {
-        done(rc);
-        return;
-      }
-      pending.set(id, done);
-      let r: number;
-      try {
-        r = start(box[0]);
-      } catch (err) {
-        // koffi refused the arguments: nothing was submitted
-        pending.delete(id);
-        rbd_aio_release(box[0]);
-        throw err;
-      }
-      // A submit call that fails returns before it touches the completion: it is ours to release.
-      if (r < 0 && pending.delete(id)) {
-        rbd_aio_release(box[0]);
-        done(r);
-      }
+      const op: Op = { done, events: null };
+      const r = start(op);
+      if (r < 0) done(r);
     },
-    aioRead: (image, offset, buf, c) => rbd_aio_read2(image, offset, buf.length, buf, c, 0) as number,
-    aioWritev: (image, offset, bufs, c) =>
-      rbd_aio_writev(image, bufs.map((b) => ({ base: b, len: b.length })), bufs.length, offset, c) as number,
-    aioDiscard: (image, offset, length, c) => rbd_aio_discard(image, offset, length, c) as number,
-    aioWriteZeroes: (image, offset, length, c) => rbd_aio_write_zeroes(image, offset, length, c, 0, 0) as number,
-    aioFlush: (image, c) => rbd_aio_flush(image, c) as number,
+    aioRead: (image, offset, buf, op) => submit(image, op, (c) => rbd_aio_read2(image, offset, buf.length, buf, c, 0) as number),
+    aioWritev: (image, offset, bufs, op) => {
+      const iov = bufs.map((b) => ({ base: b, len: b.length }));
+      return submit(image, op, (c) => rbd_aio_writev(image, iov, bufs.length, offset, c) as number);
+    },
+    aioDiscard: (image, offset, length, op) => submit(image, op, (c) => rbd_aio_discard(image, offset, length, c) as number),
+    aioWriteZeroes: (image, offset, length, op) => submit(image, op, (c) => rbd_aio_write_zeroes(image, offset, length, c, 0, 0) as number),
+    aioFlush: (image, op) => submit(image, op, (c) => rbd_aio_flush(image, c) as number),
   };
 }
 

@@ -1,21 +1,26 @@
 /**
- * RBD image ⇄ chunks, the two primitives a sparse `vol-download` / `vol-upload` on an RBD pool
- * runs on.
+ * RBD image ⇄ chunks, the primitives a sparse `vol-download` / `vol-upload` on an RBD pool runs
+ * on.
  *
  * Reading: the allocated extents come from `rbd_diff_iterate2` (since creation, parent
  * included, whole_object off), a window at a time (the next window is asked for while the
- * current one is read); the rest is holes. Extents are read with aio, up to `depth` reads of
- * at most `readSize` bytes in flight, in order. An object store may report more than was
- * written (memstore reports from the start of an object to the end of its data), so
- * `detectZeroes` can turn all-zero pieces inside reported extents into holes as well.
+ * current one is read); the rest is holes. Extents are read with aio in pieces that end on
+ * multiples of `readSize`, up to `depth` reads and `maxBytesInFlight` bytes in flight, handed
+ * on in order. An object store may report more than was written (memstore reports from the
+ * start of an object to the end of its data), so `detectZeroes` turns all-zero pieces inside
+ * reported extents into holes as well. A read whose data is small (at most a quarter of it:
+ * scattered 4 KiB extents) is copied out into slabs and its buffer read into again; the data of
+ * a dense read goes on as views of its buffer.
  *
- * Writing: data is written with aio (`rbd_aio_writev`, contiguous chunks gathered up to
- * `writeSize` bytes without copying), up to `depth` operations in flight. A hole must read as
- * zeros afterwards whatever the image held there, and should not stay allocated: it becomes an
- * `rbd_aio_discard` where it starts and ends on the discard granularity (librbd leaves a
- * discard's unaligned edges as they were), else an `rbd_aio_write_zeroes` (zeroes exactly,
- * whole objects dropped). On an image known to read as zeros (`zeroed`, e.g. just created),
- * holes cost nothing. The writes end with `rbd_aio_flush`.
+ * Writing: data is written with aio (`rbd_aio_writev`, contiguous chunks gathered without
+ * copying into writes that end on multiples of `writeSize`, the object size: one request per
+ * object), up to `depth` operations and `maxBytesInFlight` bytes in flight; `release` gets the
+ * buffers back once written. A hole must read as zeros afterwards whatever the image held
+ * there, and should not stay allocated: it becomes an `rbd_aio_discard` where it starts and ends
+ * on the discard granularity (librbd leaves a discard's unaligned edges as they were), else an
+ * `rbd_aio_write_zeroes` (zeroes exactly, whole objects dropped). On an image known to read as
+ * zeros (`zeroed`, e.g. just created), holes cost nothing, as `rbd import` skips them. The
+ * writes end with `rbd_aio_flush`.
  *
  * Memory is bounded by `maxBytesInFlight` (and one read or write more) whatever the image's size.
  * Every operation has a deadline (the pool's), so a vanished OSD fails the transfer within a
@@ -23,6 +28,7 @@
  */
 import { LEGACY_PAYLOAD_MAX, chunkLength, type Chunk } from '../../chunk.js';
 import { SparsevirtError, checkByteCount } from '../../errors.js';
+import { releaseFramePayloads } from '../../io/pools.js';
 import { zeroDetection } from '../../sparse/extents.js';
 import { abortError } from '../../sparse/file.js';
 import { zeroBytes, ZERO_CHUNK_SIZE } from '../../stream/zeros.js';
@@ -39,9 +45,9 @@ export interface RbdReadOptions {
   chunkSize?: number;
   /** Reads in flight at once (default 32) … */
   depth?: number;
-  /** … and bytes (default 32 MiB; at least one read). */
+  /** … and bytes (default 16 MiB; at least one read). */
   maxBytesInFlight?: number;
-  /** Bytes per read (default 1 MiB). */
+  /** Bytes per read (default 1 MiB; reads end on multiples of it). */
   readSize?: number;
   /** Bytes of the image per `rbd_diff_iterate2` call (default 256 MiB). */
   windowSize?: number;
@@ -58,14 +64,25 @@ export interface RbdWriteOptions {
   offset?: number;
   /** Operations in flight at once (default 32) … */
   depth?: number;
-  /** … and bytes of data (default 32 MiB; at least one write). */
+  /** … and bytes of data (default 16 MiB; at least one write). */
   maxBytesInFlight?: number;
-  /** Contiguous data is gathered into writes of up to this many bytes (default 4 MiB). */
+  /**
+   * Contiguous data is gathered into writes that end at multiples of this many bytes (default:
+   * the image's object size, so that a write is one object's request).
+   */
   writeSize?: number;
   /** The image reads as zeros where holes come (just created): holes are skipped. */
   zeroed?: boolean;
   /** `rbd_aio_flush` at the end (default true). */
   flush?: boolean;
+  /**
+   * Called with data buffers once librbd has written them (never for a failed write: after a
+   * deadline librbd may still hold its buffers). Default `releaseFramePayloads`: the frame
+   * buffers of a received stream go back to their pool (other buffers are left alone), so an
+   * upload reuses the ~64 frame buffers of the pool instead of leaving one per packet to the
+   * garbage collector. null: nothing is handed back.
+   */
+  release?: ((buffers: Buffer[]) => void) | null;
   signal?: AbortSignal;
 }
 
@@ -76,7 +93,7 @@ export interface RbdWriteResult {
 
 /** Small operations need many in flight (each is a round trip to an OSD); large ones are bounded by bytes. */
 const DEFAULT_DEPTH = 32;
-const DEFAULT_BYTES_IN_FLIGHT = 32 << 20;
+const DEFAULT_BYTES_IN_FLIGHT = 16 << 20;
 const DEFAULT_READ_SIZE = 1 << 20;
 const DEFAULT_WRITE_SIZE = 4 << 20;
 const DEFAULT_WINDOW = 256 << 20;
@@ -143,43 +160,127 @@ async function* plan(image: RbdImage, start: number, end: number, windowSize: nu
   }
 }
 
-interface QueuedRead {
-  kind: 'read';
-  offset: number;
-  buf: Buffer;
-  done: Promise<number>;
+/**
+ * Read buffers of one size, reused: a read whose data was copied out (or that was all zeros)
+ * gives its buffer back; one whose data went on as views keeps it (the consumer holds it).
+ */
+class ReadBuffers {
+  readonly #free: Buffer[] = [];
+  constructor(
+    readonly size: number,
+    readonly max: number,
+  ) {}
+  /** A buffer of `length` bytes (at most `size`) for the next read. */
+  take(length: number): Buffer {
+    return (this.#free.pop() ?? Buffer.allocUnsafeSlow(this.size)).subarray(0, length);
+  }
+  /** A buffer from `take` whose bytes are not referenced any more. */
+  give(buf: Buffer): void {
+    if (this.#free.length < this.max) this.#free.push(Buffer.from(buf.buffer, buf.byteOffset, this.size));
+  }
 }
 
 /**
- * The image's bytes [offset, offset+length) as chunks: data of at most `chunkSize` bytes and
- * holes (consecutive holes merged). Data chunks are views of the read buffers (the consumer
- * may keep them). Closing the iteration early (`break`) waits for the reads in flight.
+ * Small data copied out of read buffers lands in slabs, as Node's own pool does for small
+ * buffers: 10,000 copies of 4 KiB are 160 allocations, not 10,000. A slab lives as long as a
+ * copy in it is referenced.
  */
-export async function* rbdReadChunks(image: RbdImage, opts: RbdReadOptions = {}): AsyncGenerator<Chunk> {
-  const size = image.size;
-  const start = checkByteCount('offset', opts.offset ?? 0);
-  const end = Math.min(size, opts.length === undefined ? size : start + checkByteCount('length', opts.length));
-  const sparse = opts.sparse ?? true;
-  const chunkSize = positive('chunkSize', opts.chunkSize, LEGACY_PAYLOAD_MAX);
-  const depth = positive('depth', opts.depth, DEFAULT_DEPTH);
-  const maxBytes = positive('maxBytesInFlight', opts.maxBytesInFlight, DEFAULT_BYTES_IN_FLIGHT);
-  const readSize = positive('readSize', opts.readSize, DEFAULT_READ_SIZE);
-  const windowSize = Math.max(positive('windowSize', opts.windowSize, DEFAULT_WINDOW), readSize);
-  const zero = zeroDetection(opts.detectZeroes);
-  const signal = opts.signal;
-  if (start >= end) return;
+class CopySlab {
+  static readonly SIZE = 256 << 10;
+  #slab: Buffer | null = null;
+  #used = 0;
+  copy(src: Buffer): Buffer {
+    const n = src.length;
+    if (n > CopySlab.SIZE >>> 2) return Buffer.from(src);
+    if (this.#slab === null || this.#used + n > CopySlab.SIZE) {
+      this.#slab = Buffer.allocUnsafeSlow(CopySlab.SIZE);
+      this.#used = 0;
+    }
+    const out = this.#slab.subarray(this.#used, this.#used + n);
+    src.copy(out);
+    this.#used = (this.#used + n + 7) & ~7;
+    return out;
+  }
+}
 
-  const steps = plan(image, start, end, windowSize, readSize);
-  const queue: Array<QueuedRead | { kind: 'hole'; length: number }> = [];
+/** A read whose data is at most this share of it is copied out, and its buffer read into again. */
+const COPY_OUT_SHARE = 1 / 4;
+
+/**
+ * The data runs `[from, to)` of `buf` (image offset `offset`): pieces of `minRun` bytes aligned
+ * to image offsets that are all zeros are left out.
+ */
+function dataRuns(buf: Buffer, offset: number, minRun: number): Array<[number, number]> {
+  const runs: Array<[number, number]> = [];
+  let from = -1;
+  for (let at = 0; at < buf.length; ) {
+    const end = Math.min(buf.length, (Math.floor((offset + at) / minRun) + 1) * minRun - offset);
+    if (isZero(buf, at, end)) {
+      if (from >= 0) runs.push([from, at]);
+      from = -1;
+    } else if (from < 0) {
+      from = at;
+    }
+    at = end;
+  }
+  if (from >= 0) runs.push([from, buf.length]);
+  return runs;
+}
+
+/** A completed read: its buffer, its data runs, and whether they are to be copied out. */
+interface ReadDone {
+  kind: 'read';
+  offset: number;
+  buf: Buffer;
+  runs: Array<[number, number]>;
+  /** The data is small (at most a quarter of the read): copied out, the buffer is free again. */
+  copy: boolean;
+}
+
+interface ReadSettings {
+  start: number;
+  end: number;
+  depth: number;
+  maxBytes: number;
+  readSize: number;
+  windowSize: number;
+  minRun: number | null;
+  signal: AbortSignal | undefined;
+}
+
+function readSettings(image: RbdImage, opts: RbdReadOptions): ReadSettings {
+  const start = checkByteCount('offset', opts.offset ?? 0);
+  const readSize = positive('readSize', opts.readSize, DEFAULT_READ_SIZE);
+  return {
+    start,
+    end: Math.min(image.size, opts.length === undefined ? image.size : start + checkByteCount('length', opts.length)),
+    depth: positive('depth', opts.depth, DEFAULT_DEPTH),
+    maxBytes: positive('maxBytesInFlight', opts.maxBytesInFlight, DEFAULT_BYTES_IN_FLIGHT),
+    readSize,
+    windowSize: Math.max(positive('windowSize', opts.windowSize, DEFAULT_WINDOW), readSize),
+    minRun: zeroDetection(opts.detectZeroes)?.minRun ?? null,
+    signal: opts.signal,
+  };
+}
+
+/**
+ * The reads and holes of the range in order, each read completed and its data runs found. The
+ * next reads are in flight before one is handed on. A buffer comes back through
+ * `buffers.give` (by the consumer, once done with it). Closing the iteration waits for the
+ * reads in flight.
+ */
+async function* readsInOrder(image: RbdImage, o: ReadSettings, buffers: ReadBuffers): AsyncGenerator<ReadDone | { kind: 'hole'; length: number }> {
+  const steps = plan(image, o.start, o.end, o.windowSize, o.readSize);
+  type Queued = { kind: 'read'; offset: number; buf: Buffer; done: Promise<number> } | { kind: 'hole'; length: number };
+  const queue: Queued[] = [];
   let reading = 0;
   let readingBytes = 0;
   let held: Planned | null = null;
   let planned = false;
-  let hole = 0;
 
   const fill = async (): Promise<void> => {
     // holes are free: the queue is bounded by reads, and by a few holes between them
-    while (reading < depth && queue.length < depth * 4) {
+    while (reading < o.depth && queue.length < o.depth * 4) {
       let step = held;
       held = null;
       if (!step) {
@@ -195,11 +296,11 @@ export async function* rbdReadChunks(image: RbdImage, opts: RbdReadOptions = {})
         queue.push(step);
         continue;
       }
-      if (reading > 0 && readingBytes + step.length > maxBytes) {
+      if (reading > 0 && readingBytes + step.length > o.maxBytes) {
         held = step;
         break;
       }
-      const buf = Buffer.allocUnsafe(step.length);
+      const buf = buffers.take(step.length);
       const done = image.read(step.offset, buf);
       done.catch(() => undefined);
       reading++;
@@ -208,80 +309,34 @@ export async function* rbdReadChunks(image: RbdImage, opts: RbdReadOptions = {})
     }
   };
 
-  function* holeOut(length: number): Generator<Chunk> {
-    if (sparse) {
-      yield { kind: 'hole', length };
-      return;
-    }
-    for (let left = length; left > 0; ) {
-      const n = Math.min(left, chunkSize, ZERO_CHUNK_SIZE);
-      yield { kind: 'data', bytes: zeroBytes(n) };
-      left -= n;
-    }
-  }
-
-  function* dataOut(buf: Buffer): Generator<Chunk> {
-    for (let at = 0; at < buf.length; ) {
-      const n = Math.min(chunkSize, buf.length - at);
-      yield { kind: 'data', bytes: buf.subarray(at, at + n) };
-      at += n;
-    }
-  }
-
   try {
     for (;;) {
-      if (signal?.aborted) throw abortError(signal);
+      if (o.signal?.aborted) throw abortError(o.signal);
       await fill();
       const item = queue.shift();
       if (!item) break;
       if (item.kind === 'hole') {
-        hole += item.length;
+        yield item;
         continue;
       }
+      const buf = item.buf;
       let n: number;
       try {
         n = await item.done;
       } finally {
         reading--;
-        readingBytes -= item.buf.length;
+        readingBytes -= buf.length;
       }
-      if (n !== item.buf.length) {
-        throw new SparsevirtError('ERR_IO', `short read of RBD image '${image.pool.name}/${image.name}': ${n} of ${item.buf.length} bytes at ${item.offset}`);
+      if (n !== buf.length) {
+        throw new SparsevirtError('ERR_IO', `short read of RBD image '${image.pool.name}/${image.name}': ${n} of ${buf.length} bytes at ${item.offset}`);
       }
       // the next reads go out before this one is handed on
       await fill();
-      if (!zero) {
-        if (hole > 0) yield* holeOut(hole);
-        hole = 0;
-        yield* dataOut(item.buf);
-        continue;
-      }
-      // pieces of minRun bytes aligned to image offsets; runs of data between zero pieces
-      const run = zero.minRun;
-      let dataFrom = -1;
-      for (let at = 0; at < item.buf.length; ) {
-        const pieceEnd = Math.min(item.buf.length, (Math.floor((item.offset + at) / run) + 1) * run - item.offset);
-        const piece = item.buf.subarray(at, pieceEnd);
-        if (isZero(piece)) {
-          if (dataFrom >= 0) {
-            if (hole > 0) yield* holeOut(hole);
-            hole = 0;
-            yield* dataOut(item.buf.subarray(dataFrom, at));
-            dataFrom = -1;
-          }
-          hole += piece.length;
-        } else if (dataFrom < 0) {
-          dataFrom = at;
-        }
-        at = pieceEnd;
-      }
-      if (dataFrom >= 0) {
-        if (hole > 0) yield* holeOut(hole);
-        hole = 0;
-        yield* dataOut(item.buf.subarray(dataFrom));
-      }
+      const runs = o.minRun === null ? [[0, buf.length] as [number, number]] : dataRuns(buf, item.offset, o.minRun);
+      let data = 0;
+      for (const [a, b] of runs) data += b - a;
+      yield { kind: 'read', offset: item.offset, buf, runs, copy: data <= buf.length * COPY_OUT_SHARE };
     }
-    if (hole > 0) yield* holeOut(hole);
   } finally {
     // reads still in flight write into buffers that are only dropped once they complete
     await Promise.allSettled(queue.flatMap((q) => (q.kind === 'read' ? [q.done] : [])));
@@ -289,12 +344,66 @@ export async function* rbdReadChunks(image: RbdImage, opts: RbdReadOptions = {})
   }
 }
 
+/** Holes as hole chunks (sparse) or as zero data of at most `chunkSize` bytes. */
+function holeChunks(length: number, sparse: boolean, chunkSize: number, out: Chunk[]): void {
+  if (sparse) {
+    out.push({ kind: 'hole', length });
+    return;
+  }
+  for (let left = length; left > 0; ) {
+    const n = Math.min(left, chunkSize, ZERO_CHUNK_SIZE);
+    out.push({ kind: 'data', bytes: zeroBytes(n) });
+    left -= n;
+  }
+}
+
+/**
+ * The image's bytes [offset, offset+length) as chunks: data of at most `chunkSize` bytes and
+ * holes (consecutive holes merged). Data chunks are views of read buffers or copies (the
+ * consumer may keep them). Closing the iteration early (`break`) waits for the reads in flight.
+ */
+export async function* rbdReadChunks(image: RbdImage, opts: RbdReadOptions = {}): AsyncGenerator<Chunk> {
+  const o = readSettings(image, opts);
+  const sparse = opts.sparse ?? true;
+  const chunkSize = positive('chunkSize', opts.chunkSize, LEGACY_PAYLOAD_MAX);
+  if (o.start >= o.end) return;
+  const buffers = new ReadBuffers(o.readSize, Math.min(o.depth, Math.ceil(o.maxBytes / o.readSize)) + 1);
+  const slab = new CopySlab();
+  const out: Chunk[] = [];
+  let hole = 0;
+  for await (const r of readsInOrder(image, o, buffers)) {
+    if (r.kind === 'hole') {
+      hole += r.length;
+      continue;
+    }
+    const buf = r.buf;
+    let at = 0;
+    for (const [a, b] of r.runs) {
+      hole += a - at;
+      if (hole > 0) holeChunks(hole, sparse, chunkSize, out);
+      hole = 0;
+      const bytes = r.copy ? slab.copy(buf.subarray(a, b)) : buf.subarray(a, b);
+      for (let p = 0; p < bytes.length; p += chunkSize) out.push({ kind: 'data', bytes: bytes.subarray(p, Math.min(bytes.length, p + chunkSize)) });
+      at = b;
+    }
+    hole += buf.length - at;
+    // copied out (or all zeros): the buffer is read into again; else the consumer holds it
+    if (r.copy) buffers.give(buf);
+    for (const c of out) yield c;
+    out.length = 0;
+  }
+  if (hole > 0) {
+    holeChunks(hole, sparse, chunkSize, out);
+    for (const c of out) yield c;
+  }
+}
+
 const ZERO_PAGE = Buffer.alloc(4096);
 
-/** Whether every byte of `b` is zero. */
-function isZero(b: Buffer): boolean {
-  for (let at = 0; at < b.length; at += ZERO_PAGE.length) {
-    const n = Math.min(ZERO_PAGE.length, b.length - at);
+/** Whether bytes [from, to) of `b` are all zero. */
+function isZero(b: Buffer, from: number, to: number): boolean {
+  for (let at = from; at < to; at += ZERO_PAGE.length) {
+    const n = Math.min(ZERO_PAGE.length, to - at);
     if (b.compare(ZERO_PAGE, 0, n, at, at + n) !== 0) return false;
   }
   return true;
@@ -320,11 +429,15 @@ class Window {
     }
     if (this.error !== null) throw this.error;
   }
-  run(p: Promise<void>, bytes: number): void {
+  /** Counts `p` in flight until it settles; `ok` runs when it succeeded. */
+  run(p: Promise<void>, bytes: number, ok?: () => void): void {
     this.#inFlight++;
     this.#bytes += bytes;
     p.then(
-      () => this.#settle(bytes),
+      () => {
+        ok?.();
+        this.#settle(bytes);
+      },
       (err: unknown) => {
         if (this.error === null) this.error = err;
         this.#settle(bytes);
@@ -349,11 +462,19 @@ class Window {
   }
 }
 
+/** A chunk's buffer split across writes: it is done once every part is written. */
+class SplitBuffer {
+  /** Parts in writes not yet completed, plus one while parts are still being taken. */
+  parts = 1;
+  constructor(readonly buf: Buffer) {}
+}
+
 /**
  * Writes `chunks` into the image from `offset` (see the module comment). The whole range must
  * lie within the image (ERR_INVALID_ARG before anything past its end is written: librbd would
- * cut it off silently). Data buffers are held until written: a producer must not reuse them.
- * The source is always finished or closed, also on error or abort.
+ * cut it off silently). Data buffers are held until written: a producer must not reuse them
+ * (with `release`, they are handed back once written). The source is always finished or closed,
+ * also on error or abort.
  */
 export async function rbdWriteChunks(
   image: RbdImage,
@@ -363,8 +484,9 @@ export async function rbdWriteChunks(
   let pos = checkByteCount('offset', opts.offset ?? 0);
   const depth = positive('depth', opts.depth, DEFAULT_DEPTH);
   const maxBytes = positive('maxBytesInFlight', opts.maxBytesInFlight, DEFAULT_BYTES_IN_FLIGHT);
-  const writeSize = positive('writeSize', opts.writeSize, DEFAULT_WRITE_SIZE);
+  const writeSize = positive('writeSize', opts.writeSize, image.objectSize || DEFAULT_WRITE_SIZE);
   const zeroed = opts.zeroed ?? false;
+  const release = opts.release === undefined ? releaseFramePayloads : opts.release;
   const signal = opts.signal;
   const size = image.size;
   const holeMax = image.objectSize * HOLE_OP_OBJECTS;
@@ -372,21 +494,35 @@ export async function rbdWriteChunks(
   const ops = new Window(depth, maxBytes);
   const result: RbdWriteResult = { dataBytes: 0, holeBytes: 0 };
 
+  // the write being gathered: contiguous data up to the next multiple of writeSize
   let batch: Buffer[] = [];
+  let owned: Array<Buffer | SplitBuffer> = [];
   let batchAt = pos;
   let batchBytes = 0;
+  let batchEnd = 0;
   let holeAt = pos;
   let holeBytes = 0;
 
+  const written = (list: Array<Buffer | SplitBuffer>): void => {
+    const done: Buffer[] = [];
+    for (const b of list) {
+      if (!(b instanceof SplitBuffer)) done.push(b);
+      else if (--b.parts === 0) done.push(b.buf);
+    }
+    if (done.length) release?.(done);
+  };
   const writeBatch = async (): Promise<void> => {
     if (batchBytes === 0) return;
     const bufs = batch;
+    const mine = owned;
     const at = batchAt;
     const bytes = batchBytes;
     batch = [];
+    owned = [];
     batchBytes = 0;
     await ops.slot(bytes);
-    ops.run(image.write(at, bufs), bytes);
+    // (a failed write's buffers are not handed back: after a deadline, librbd may still hold them)
+    ops.run(image.write(at, bufs), bytes, release ? () => written(mine) : undefined);
   };
   const writeHole = async (): Promise<void> => {
     let at = holeAt;
@@ -402,6 +538,31 @@ export async function rbdWriteChunks(
       left -= n;
     }
   };
+  /** Adds data at `pos` to the write being gathered; writes it out at each multiple of writeSize. */
+  const takeData = async (bytes: Buffer): Promise<void> => {
+    let split: SplitBuffer | null = null;
+    for (let from = 0; from < bytes.length; ) {
+      if (batchBytes === 0) {
+        batchAt = pos;
+        batchEnd = (Math.floor(pos / writeSize) + 1) * writeSize;
+      }
+      const n = Math.min(bytes.length - from, batchEnd - pos);
+      if (n === bytes.length) {
+        batch.push(bytes);
+        owned.push(bytes);
+      } else {
+        split ??= new SplitBuffer(bytes);
+        split.parts++;
+        batch.push(bytes.subarray(from, from + n));
+        owned.push(split);
+      }
+      batchBytes += n;
+      pos += n;
+      from += n;
+      if (pos === batchEnd) await writeBatch();
+    }
+    if (split) written([split]);
+  };
   const take = async (c: Chunk): Promise<void> => {
     const len = chunkLength(c);
     if (len === 0) return;
@@ -413,15 +574,12 @@ export async function rbdWriteChunks(
       if (holeBytes === 0) holeAt = pos;
       holeBytes += len;
       result.holeBytes += len;
+      pos += len;
     } else {
       if (holeBytes > 0) await writeHole();
-      if (batchBytes === 0) batchAt = pos;
-      batch.push(c.bytes);
-      batchBytes += len;
       result.dataBytes += len;
-      if (batchBytes >= writeSize) await writeBatch();
+      await takeData(c.bytes);
     }
-    pos += len;
   };
 
   const it = chunks[Symbol.asyncIterator]();
