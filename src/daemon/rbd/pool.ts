@@ -9,7 +9,9 @@
  * `rbd_default_format` 2, then each `<rbd:config_opts>` option, then `rados_connect` and
  * `rados_ioctx_create` for the source name. Here also `auth_client_required` (the same value
  * as `auth_supported`) and `rbd_cache` false (the streams here write large sequential runs and
- * flush at the end; a config option can turn the cache back on).
+ * flush at the end; a config option can turn the cache back on) and
+ * `rbd_disable_zero_copy_writes` false (writes from the frame buffers, which stay ours until
+ * the write completes).
  *
  * Sizes (libvirt's figures): the pool's capacity is `rados_cluster_stat` kb × 1024, its
  * available space kb_avail × 1024, its allocation `rados_ioctx_pool_stat` num_bytes. A
@@ -265,6 +267,9 @@ export class RbdPool {
       ['rados_osd_op_timeout', seconds, false],
       ['rbd_default_format', '2', false],
       ['rbd_cache', 'false', false],
+      // librbd writes from the caller's buffers instead of copying them: rbdWriteChunks keeps
+      // each buffer until its write completes, and only then hands it back to the frame pool
+      ['rbd_disable_zero_copy_writes', 'false', false],
     );
     for (const [name, value] of source.configOpts ?? []) options.push([name, value, false]);
     let timeouts: RbdTimeouts = { mount: timeout, monOp: timeout, osdOp: timeout };
