@@ -7,9 +7,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { connect } from '../src/index.js';
 import { CLI_MAIN, cliRaw, text } from './cli-support.js';
-import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { addDirPool, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { createVolume, requireLibvirt, withScratchPool } from './helpers/libvirt.js';
 import { extentMap, fileContentDigest, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
 import { barLines, plain, spawnPty } from './helpers/pty.js';
@@ -27,14 +26,7 @@ async function daemonWithPool(dir: string, name: string): Promise<{ d: TestDaemo
   fs.mkdirSync(path.join(dir, name));
   const d = await startTestDaemon({ dir: path.join(dir, name) });
   const poolDir = path.join(dir, name, 'pool');
-  const c = await connect(d.uri);
-  try {
-    const pool = await c.storagePoolDefineDir('p', poolDir);
-    await pool.build();
-    await pool.create();
-  } finally {
-    await c.close();
-  }
+  await addDirPool(d.uri, 'p', poolDir);
   return { d, poolDir };
 }
 

@@ -16,7 +16,7 @@ import { fileURLToPath } from 'node:url';
 import { connect, type StorageVol } from '../src/index.js';
 import { copyVolume } from '../src/client/copy.js';
 import { cliRaw, text } from './cli-support.js';
-import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
+import { addDirPool, startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { makeFilledFile, scratchDir } from './helpers/images.js';
 
 const MiB = 1 << 20;
@@ -40,14 +40,7 @@ async function childDaemon(dir: string, name: string): Promise<ChildDaemon> {
   const uri = `sparsevirt+unix:///system?socket=${sock}`;
   for (let i = 0; i < 400 && !fs.existsSync(sock); i++) await sleep(25);
   const poolDir = path.join(base, 'pool');
-  const c = await connect(uri);
-  try {
-    const pool = await c.storagePoolDefineDir('p', poolDir);
-    await pool.build();
-    await pool.create();
-  } finally {
-    await c.close();
-  }
+  await addDirPool(uri, 'p', poolDir);
   return { child, uri, poolDir, kill: () => child.kill('SIGKILL') };
 }
 
@@ -55,14 +48,7 @@ async function childDaemon(dir: string, name: string): Promise<ChildDaemon> {
 async function inProcessDaemon(dir: string, name: string, poolDir = path.join(dir, name, 'pool')): Promise<{ d: TestDaemon; poolDir: string }> {
   fs.mkdirSync(path.join(dir, name), { recursive: true });
   const d = await startTestDaemon({ dir: path.join(dir, name) });
-  const c = await connect(d.uri);
-  try {
-    const pool = await c.storagePoolDefineDir('p', poolDir);
-    await pool.build();
-    await pool.create();
-  } finally {
-    await c.close();
-  }
+  await addDirPool(d.uri, 'p', poolDir);
   return { d, poolDir };
 }
 

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, describe, test, type TestContext } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import { connect } from '../src/client/index.js';
 import { P } from '../src/protocol/remote.js';
 import { Status } from '../src/rpc/message.js';
@@ -22,29 +22,8 @@ import { run } from './helpers/run.js';
 import { scratchDir } from './helpers/images.js';
 import {
   LIBVIRTD_PKI_DIR, LIBVIRTD_SOCKET, LIBVIRTD_TCP_URI, LIBVIRTD_TLS_URI, LIBVIRTD_URI, SCRATCH_ROOT,
-  libvirtdListenersAvailable, requireLibvirt, virsh, virshOk,
+  PYTHON, libvirtdListenersAvailable, requireLibvirt, requirePython, virsh, virshOk,
 } from './helpers/libvirt.js';
-
-const PYTHON = '/usr/bin/python3';
-
-let pythonProbe: Promise<string | null> | undefined;
-
-/** Null when /usr/bin/python3 imports libvirt, else why not. */
-function pythonLibvirtMissing(): Promise<string | null> {
-  pythonProbe ??= run(PYTHON, ['-c', 'import libvirt; print(libvirt.getVersion())'], { timeoutMs: 30_000 }).then((r) =>
-    r.code === 0 ? null : `${PYTHON} cannot import libvirt: ${(r.stderr || r.stdout).trim().split('\n').pop() ?? ''}`);
-  return pythonProbe;
-}
-
-/** Call first: true when python3-libvirt is there; in CI its absence fails the test, locally it skips. */
-async function requirePython(t: TestContext): Promise<boolean> {
-  const why = await pythonLibvirtMissing();
-  if (why === null) return true;
-  const hint = `${why} (apt-get install python3-libvirt; scripts/setup-libvirt.sh installs it)`;
-  if (process.env.CI) throw new Error(`python3-libvirt is required in CI: ${hint}`);
-  t.skip(hint);
-  return false;
-}
 
 /** Run a Python script with `env`; its stdout is JSON. */
 async function python<T>(script: string, env: Record<string, string>, timeoutMs = 120_000): Promise<T> {

@@ -12,21 +12,10 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 import { startTestDaemon } from './helpers/daemon.js';
 import { run } from './helpers/run.js';
-import { LIBVIRTD_URI, requireLibvirt, virsh, virshOk } from './helpers/libvirt.js';
-
-const PYTHON = '/usr/bin/python3';
-
-async function requirePython(t: TestContext): Promise<boolean> {
-  const r = await run(PYTHON, ['-c', 'import libvirt'], { timeoutMs: 30_000 });
-  if (r.code === 0) return true;
-  const hint = `python3-libvirt missing: ${r.stderr.trim()} (scripts/setup-libvirt.sh installs it)`;
-  if (process.env.CI) throw new Error(hint);
-  t.skip(hint);
-  return false;
-}
+import { LIBVIRTD_URI, PYTHON, requireLibvirt, requirePython, virsh, virshOk } from './helpers/libvirt.js';
 
 /** `virsh secret-event --loop` running; its lines as they come. */
 class EventWatcher {

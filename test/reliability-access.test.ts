@@ -25,7 +25,7 @@ import { RawClient, errorOf } from './helpers/raw-client.js';
 import { run } from './helpers/run.js';
 import { encode } from '../src/xdr/index.js';
 import { makeImage, scratchDir, sha256File } from './helpers/images.js';
-import { synthesizedSessions } from './long/fuzz.js';
+import { synthesizedExchanges } from './long/fuzz.js';
 import { isRoot, listeningTcpInodes, openFds, spawnDaemon, waitUntil } from './long/harness.js';
 
 describe('TLS: who gets in', () => {
@@ -158,7 +158,7 @@ describe('read-only connections', () => {
       const ro = await RawClient.connect(d.socket);
       await ro.handshake(1);
       // well-formed calls on things that do and do not exist: the refusal comes first either way
-      const existing = synthesizedSessions({ anchor: poolDir, proto: path.join(d.dir, 'proto') }).map((s) => s.frames[0]!);
+      const existing = synthesizedExchanges({ anchor: poolDir, proto: path.join(d.dir, 'proto') }).map((s) => s.frames[0]!);
       const defineXml = `<pool type='dir'><name>ro-pool</name><target><path>${path.join(d.dir, 'ro-pool')}</path></target></pool>`;
       existing.push({ h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.STORAGE_POOL_DEFINE_XML.num, type: 0, serial: 0, status: 0 }, payload: encode(P.STORAGE_POOL_DEFINE_XML.args, { xml: defineXml, flags: 0 }), marks: [] });
       existing.push({ h: { prog: REMOTE_PROGRAM, vers: 1, proc: P.STORAGE_POOL_CREATE_XML.num, type: 0, serial: 0, status: 0 }, payload: encode(P.STORAGE_POOL_CREATE_XML.args, { xml: defineXml, flags: 1 }), marks: [] });

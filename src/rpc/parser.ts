@@ -152,14 +152,8 @@ export class FrameParser {
         this.push(chunk.subarray(pos), onMessage);
         return end;
       }
-      const msg = readMessage(chunk, pos, pos + len);
       pos += len;
-      try {
-        onMessage(msg);
-      } catch (err) {
-        if (pos < end) this.backlog = Buffer.from(chunk.subarray(pos, end));
-        throw err;
-      }
+      this.deliver(readMessage(chunk, pos - len, pos), onMessage, chunk, pos, end);
     }
     return pos;
   }
@@ -222,12 +216,17 @@ export class FrameParser {
         pos += len;
       }
       // State is at the next frame boundary before user code runs.
-      try {
-        onMessage(msg);
-      } catch (err) {
-        if (pos < end) this.backlog = Buffer.from(chunk.subarray(pos, end));
-        throw err;
-      }
+      this.deliver(msg, onMessage, chunk, pos, end);
+    }
+  }
+
+  /** Hands `msg` over; if the consumer throws, the frames after it (`chunk[pos, end)`) are kept. */
+  private deliver(msg: Message, onMessage: (m: Message) => void, chunk: Buffer, pos: number, end: number): void {
+    try {
+      onMessage(msg);
+    } catch (err) {
+      if (pos < end) this.backlog = Buffer.from(chunk.subarray(pos, end));
+      throw err;
     }
   }
 }

@@ -56,6 +56,18 @@ export async function startTestDaemon(opts: Partial<DaemonOptions> & { dir?: str
   };
 }
 
+/** Defines, builds and starts a dir pool `name` on `dir` at the daemon behind `uri`. */
+export async function addDirPool(uri: string, name: string, dir: string): Promise<void> {
+  const c = await connect(uri);
+  try {
+    const pool = await c.storagePoolDefineDir(name, dir);
+    await pool.build();
+    await pool.create();
+  } finally {
+    await c.close();
+  }
+}
+
 /** A daemon on tmpfs with a dir pool `shm`, and our client connected to it, for `fn`. */
 export async function withShmDaemon(prefix: string, fn: (ctx: { dir: string; poolDir: string; d: TestDaemon; conn: Connection; pool: StoragePool }) => Promise<void>): Promise<void> {
   const dir = await scratchDir('/dev/shm', prefix);

@@ -200,3 +200,27 @@ export async function volumeInfo(
     allocation: Number.parseInt(field('Allocation'), 10),
   };
 }
+
+// ------------------------------------------------------------------ python3-libvirt
+
+/** libvirt's Python bindings live under Debian's interpreter (the default python3 is another). */
+export const PYTHON = '/usr/bin/python3';
+
+let pythonProbe: Promise<string | null> | undefined;
+
+/** Null when /usr/bin/python3 imports libvirt, else why not. */
+function pythonLibvirtMissing(): Promise<string | null> {
+  pythonProbe ??= run(PYTHON, ['-c', 'import libvirt; print(libvirt.getVersion())'], { timeoutMs: 30_000 }).then((r) =>
+    r.code === 0 ? null : `${PYTHON} cannot import libvirt: ${(r.stderr || r.stdout).trim().split('\n').pop() ?? ''}`);
+  return pythonProbe;
+}
+
+/** Call first: true when python3-libvirt is there; in CI its absence fails the test, locally it skips. */
+export async function requirePython(t: TestContext): Promise<boolean> {
+  const why = await pythonLibvirtMissing();
+  if (why === null) return true;
+  const hint = `${why} (apt-get install python3-libvirt; scripts/setup-libvirt.sh installs it)`;
+  if (process.env.CI) throw new Error(`python3-libvirt is required in CI: ${hint}`);
+  t.skip(hint);
+  return false;
+}

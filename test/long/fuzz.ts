@@ -166,7 +166,7 @@ export interface Frame {
 }
 
 /** A sequence of client frames that belong together (one capture, or one synthesized call). */
-export interface Session {
+export interface Exchange {
   name: string;
   frames: Frame[];
 }
@@ -214,8 +214,8 @@ function toFrame(m: Header & { payload: Buffer }, subst: (s: string) => string):
 }
 
 /** The client frames of every capture, paths rewritten with `subst`, keepalive and handshake removed. */
-export function captureSessions(subst: (s: string) => string): Session[] {
-  const out: Session[] = [];
+export function capturedExchanges(subst: (s: string) => string): Exchange[] {
+  const out: Exchange[] = [];
   for (const f of fs.readdirSync(FIXTURES).filter((x) => x.endsWith('.client-to-server.bin')).sort()) {
     const frames = parseBin(path.join(FIXTURES, f))
       .filter((m) => (m.prog >>> 0) !== KEEPALIVE_PROGRAM && !((m.prog >>> 0) === REMOTE_PROGRAM && m.type === MessageType.CALL && HANDSHAKE_PROCS.has(m.proc)))
@@ -236,7 +236,7 @@ export function handshakeFrames(): Frame[] {
 }
 
 /** One well-formed CALL of every procedure, on the sandbox's pools and volumes. */
-export function synthesizedSessions(dirs: { anchor: string; proto: string }): Session[] {
+export function synthesizedExchanges(dirs: { anchor: string; proto: string }): Exchange[] {
   const anchor = { name: 'anchor', uuid: uuidBytes(ANCHOR_UUID) };
   const proto = { name: 'protopool', uuid: uuidBytes(PROTOPOOL_UUID) };
   const vol = (name: string) => ({ pool: 'anchor', name, key: `${dirs.anchor}/${name}` });
@@ -709,7 +709,7 @@ export interface CampaignOptions {
   sentinelTimeoutMs?: number;
   /** Share of connections that send only random bytes. */
   junkShare?: number;
-  corpus: Session[];
+  corpus: Exchange[];
   /** Called every `maintainEvery` batches (restore pools/volumes the fuzz destroyed). */
   maintain?: () => Promise<void>;
   maintainEvery?: number;
@@ -939,7 +939,7 @@ export interface Sandbox {
   daemon: ChildDaemon;
   anchorDir: string;
   protoDir: string;
-  corpus: Session[];
+  corpus: Exchange[];
   /** Root of the small tmpfs holding the pools (null when not root). */
   mount: string | null;
   restore(): Promise<void>;
@@ -966,7 +966,7 @@ export async function openSandbox(opts: { tmpfsSize?: string; fileSizeLimit?: nu
   const protoDir = path.join(poolsRoot, 'pooldir');
   await fsp.mkdir(anchorDir);
   const subst = (s: string) => s.replaceAll('/srv/vpools', anchorDir).replaceAll('/var/lib/sv-capture/pooldir', protoDir).replaceAll('/var/lib/sv-capture', poolsRoot);
-  const corpus = [...captureSessions(subst), ...synthesizedSessions({ anchor: anchorDir, proto: protoDir })];
+  const corpus = [...capturedExchanges(subst), ...synthesizedExchanges({ anchor: anchorDir, proto: protoDir })];
   if (mount) chownTree(mount, 65534, 65534);
   let daemon: ChildDaemon;
   try {
