@@ -107,8 +107,9 @@ export function osdPid(ceph: CephCluster): number {
 }
 
 /**
- * Runs `fn` with the OSD stopped (SIGSTOP), and always continues it (SIGCONT) afterwards: the
- * cluster stays as it was, the OSD just did not answer for a while.
+ * Runs `fn` with the OSD stopped (SIGSTOP), and always continues it (SIGCONT) afterwards, then
+ * waits until the cluster serves again (clusterServes): the cluster stays as it was, the OSD just
+ * did not answer for a while, and what runs next finds it answering.
  */
 export async function withOsdPaused<T>(ceph: CephCluster, fn: () => Promise<T>): Promise<T> {
   const pid = osdPid(ceph);
@@ -117,6 +118,42 @@ export async function withOsdPaused<T>(ceph: CephCluster, fn: () => Promise<T>):
     return await fn();
   } finally {
     process.kill(pid, 'SIGCONT');
+    await clusterServes(ceph);
+  }
+}
+
+/**
+ * Waits until the cluster serves again after one of its daemons was stopped: every placement
+ * group active (`ceph pg stat`) and an image created and removed (the monitor, the OSD and the
+ * pool's objects all answer). Marks the OSD down once if it does not come back by itself (it
+ * re-peers then); throws after 120 s.
+ */
+export async function clusterServes(ceph: CephCluster): Promise<void> {
+  const until = performance.now() + 120_000;
+  let kicked = false;
+  let why = '';
+  for (;;) {
+    const pg = await run('ceph', ['-c', ceph.conf, 'pg', 'stat', '--format', 'json'], { timeoutMs: 15_000 });
+    if (pg.code !== 0) why = `ceph pg stat: ${pg.stderr.trim()}`;
+    else {
+      const s = JSON.parse(pg.stdout) as { pg_summary?: { num_pgs: number; num_pg_by_state: Array<{ name: string; num: number }> } };
+      const sum = s.pg_summary;
+      const active = sum ? sum.num_pg_by_state.filter((x) => x.name.split('+').includes('active')).reduce((n, x) => n + x.num, 0) : 0;
+      if (!sum || active < sum.num_pgs) why = `placement groups: ${JSON.stringify(sum?.num_pg_by_state ?? s)}`;
+      else {
+        const probe = imageName('probe');
+        const made = await run('rbd', ['-c', ceph.conf, '--id', 'admin', '--keyring', ceph.admin.keyring, 'create', '--size', '4M', `${ceph.pool}/${probe}`], { timeoutMs: 15_000 });
+        const gone = await run('rbd', ['-c', ceph.conf, '--id', 'admin', '--keyring', ceph.admin.keyring, 'rm', '--no-progress', `${ceph.pool}/${probe}`], { timeoutMs: 15_000 });
+        if (made.code === 0 && gone.code === 0) return;
+        why = `rbd create/rm: ${made.stderr.trim()} ${gone.stderr.trim()}`;
+      }
+    }
+    if (performance.now() > until) throw new Error(`the cluster does not serve again: ${why}`);
+    if (!kicked && performance.now() > until - 90_000) {
+      kicked = true;
+      await run('ceph', ['-c', ceph.conf, 'osd', 'down', '0'], { timeoutMs: 20_000 });
+    }
+    await new Promise((r) => setTimeout(r, 1000));
   }
 }
 
