@@ -192,6 +192,7 @@ interface RunRecord {
   clientPeakKiB: number | null;
   clientCpuSeconds: number | null;
   daemonPeakKiB: number | null;
+  daemonCpuSeconds: number | null;
   outputAllocated?: number;
   verifySeconds?: number;
 }
@@ -213,6 +214,8 @@ interface Row {
   clientPeakKiB: number | null;
   daemonPeakKiB: number | null;
   clientCpuSeconds: number | null;
+  /** Median CPU seconds (user + system) of the daemon(s) during a run. */
+  daemonCpuSeconds: number | null;
   ratioToReference: number | null;
   /** Median over the median of `cp --sparse=always` on the same image (the local floor). */
   ratioToCp: number | null;
@@ -371,7 +374,7 @@ async function main(): Promise<number> {
       }
     }
 
-    if (wanted.some((c) => c.id === 'virsh/sv-d-rbd' || c.id === 'rbd-cli' || c.id === 'qemu-img-rbd')) {
+    if (wanted.some((c) => c.id.endsWith('-rbd') || c.id === 'rbd-cli')) {
       const clusterJson = join(process.env.SPARSEVIRT_CEPH_DIR ?? '/var/lib/sparsevirt-ceph', 'cluster.json');
       if (!existsSync(clusterJson)) ctx.rbd = { skip: `no Ceph cluster (${clusterJson}; run: sudo scripts/setup-ceph.sh)` };
       else if (!existsSync(daemonMain)) ctx.rbd = { skip: 'not built yet (dist/bin/sparsevirtd.mjs missing: npm run build)' };
@@ -454,7 +457,7 @@ async function main(): Promise<number> {
         for (const c of order) {
           const rec: RunRecord = {
             rep, scenario: s.key, contender: c.id, ok: false, wallSeconds: NaN,
-            clientPeakKiB: null, clientCpuSeconds: null, daemonPeakKiB: null,
+            clientPeakKiB: null, clientCpuSeconds: null, daemonPeakKiB: null, daemonCpuSeconds: null,
           };
           let cleanup: (() => Promise<void>) | undefined;
           try {
@@ -467,6 +470,7 @@ async function main(): Promise<number> {
               clientPeakKiB: m.clientPeakKiB,
               clientCpuSeconds: m.clientCpuSeconds,
               daemonPeakKiB: m.daemonPeakKiB,
+              daemonCpuSeconds: m.daemonCpuSeconds,
             });
             if (m.timedOut) rec.error = `timed out after ${opts.timeoutMs / 1000} s`;
             else if (m.exitCode !== 0) rec.error = `exit ${m.exitCode ?? m.signal}: ${m.output.split('\n').slice(-3).join(' | ')}`;
@@ -517,6 +521,7 @@ async function main(): Promise<number> {
           return v.length ? Math.max(...v) : null;
         };
         const cpuTimes = ok.map((r) => r.clientCpuSeconds).filter((x): x is number => x !== null);
+        const daemonCpu = ok.map((r) => r.daemonCpuSeconds).filter((x): x is number => x !== null);
         rows.push({
           scenario: s.key,
           image: s.image.spec.id,
@@ -534,6 +539,7 @@ async function main(): Promise<number> {
           clientPeakKiB: maxOf(ok.map((r) => r.clientPeakKiB)),
           daemonPeakKiB: maxOf(ok.map((r) => r.daemonPeakKiB)),
           clientCpuSeconds: cpuTimes.length ? median(cpuTimes) : null,
+          daemonCpuSeconds: daemonCpu.length ? median(daemonCpu) : null,
           ratioToReference: med !== null && refMedian ? med / refMedian : null,
           ratioToCp: med !== null && cpMedian ? med / cpMedian : null,
           ratioToRbd: med !== null && rbdMedian ? med / rbdMedian : null,
@@ -612,7 +618,7 @@ function printTable(scenarios: Scenario[], rows: Row[]): void {
     const img = s.image;
     log('');
     log(`${s.key}  —  ${img.spec.title}; ${img.spec.extents.length} extents, ${fmtBytes(img.dataBytes)} data of ${fmtBytes(img.spec.size)}`);
-    const header = ['contender', 'median s', 'min–max s', 'data MiB/s', '×ref', '×cp', '×rbd', 'client RSS', 'daemon RSS', 'client CPU s', 'runs'];
+    const header = ['contender', 'median s', 'min–max s', 'data MiB/s', '×ref', '×cp', '×rbd', 'client RSS', 'daemon RSS', 'client CPU s', 'daemon CPU s', 'runs'];
     const body = rows
       .filter((r) => r.scenario === s.key)
       .map((r) => [
@@ -626,6 +632,7 @@ function printTable(scenarios: Scenario[], rows: Row[]): void {
         mib(r.clientPeakKiB),
         mib(r.daemonPeakKiB),
         f(r.clientCpuSeconds, 2),
+        f(r.daemonCpuSeconds, 2),
         r.failures ? `${r.runs - r.failures}/${r.runs} FAIL: ${r.errors[0] ?? ''}` : `${r.runs}`,
       ]);
     const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));

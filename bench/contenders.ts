@@ -158,10 +158,11 @@ async function digHoles(file: string): Promise<void> {
  */
 const rbdFits = (s: Scenario): boolean => s.sparse && s.image.dataBytes <= 2 * 1024 ** 3;
 
-type RbdId = 'virsh/sv-d-rbd' | 'rbd-cli' | 'qemu-img-rbd';
+type RbdId = 'virsh/sv-d-rbd' | 'sv-cli/sv-d-rbd' | 'rbd-cli' | 'qemu-img-rbd';
 
 const RBD_LABELS: Record<RbdId, string> = {
   'virsh/sv-d-rbd': 'virsh ↔ sparsevirtd (RBD pool)',
+  'sv-cli/sv-d-rbd': 'sparsevirt CLI ↔ sparsevirtd (RBD pool)',
   'rbd-cli': 'rbd import / export (Ceph)',
   'qemu-img-rbd': 'qemu-img convert ↔ rbd: (qemu)',
 };
@@ -169,6 +170,7 @@ const RBD_LABELS: Record<RbdId, string> = {
 const RBD_NOTES: Record<RbdId, string> = {
   'virsh/sv-d-rbd': 'sparsevirtd RBD pool, cephx through a secret; upload into a new image made by vol-create-as; '
     + 'uploads are verified through an untimed rbd export (zero blocks punched)',
+  'sv-cli/sv-d-rbd': 'the same pool and images as virsh ↔ sparsevirtd (RBD pool), with our CLI (dist/bin/sparsevirt.cjs) as the client',
   'rbd-cli': 'rbd import / rbd export --no-progress as client.admin, defaults (sparse-size 4 KiB); import makes the image; '
     + "rbd export writes the zeros inside Ceph's extents (its output's zero 4 KiB blocks are punched untimed before verification)",
   'qemu-img-rbd': 'qemu-img convert -f raw -O raw with defaults (-S 4k, block status of the source) to or from '
@@ -183,7 +185,12 @@ const RBD_NOTES: Record<RbdId, string> = {
  * untimed `rbd export` of what arrived.
  */
 function rbdContender(id: RbdId): Contender {
-  const viaDaemon = id === 'virsh/sv-d-rbd';
+  const viaDaemon = id === 'virsh/sv-d-rbd' || id === 'sv-cli/sv-d-rbd';
+  /** The client of a run through the daemon: virsh, or our CLI as installed. */
+  const client = (ctx: BenchContext, args: string[]): RunSpec =>
+    id === 'virsh/sv-d-rbd'
+      ? { cmd: 'virsh', args: ['-q', '-c', (ctx.rbd as RbdBench).daemon.uri, ...args] }
+      : { cmd: (ctx.cli as { mainJs: string }).mainJs, args: ['-c', (ctx.rbd as RbdBench).daemon.uri, ...args] };
   const c: Contender = {
     id,
     label: RBD_LABELS[id],
@@ -192,7 +199,8 @@ function rbdContender(id: RbdId): Contender {
     unavailable: (ctx) => {
       if (!ctx.rbd) return 'not set up';
       if ('skip' in ctx.rbd) return ctx.rbd.skip;
-      if (viaDaemon && !ctx.tools.virsh) return 'virsh not installed';
+      if (id === 'virsh/sv-d-rbd' && !ctx.tools.virsh) return 'virsh not installed';
+      if (id === 'sv-cli/sv-d-rbd' && skipOf(ctx.cli)) return skipOf(ctx.cli);
       if (id === 'qemu-img-rbd') return ctx.rbd.qemuImgRbdMissing;
       return null;
     },
@@ -204,7 +212,7 @@ function rbdContender(id: RbdId): Contender {
       if (s.direction === 'download') {
         const src = await rbd.source(s.image.spec.id, s.image.path, s.image.dataBytes);
         const spec: RunSpec = viaDaemon
-          ? { cmd: 'virsh', args: ['-q', '-c', rbd.daemon.uri, 'vol-download', '--pool', rbd.pool, src, out, '--sparse'] }
+          ? client(ctx, ['vol-download', '--pool', rbd.pool, src, out, '--sparse'])
           : id === 'rbd-cli'
             ? { cmd: 'rbd', args: rbd.rbdArgs('export', '--no-progress', `${rbd.cephPool}/${src}`, out) }
             : { cmd: 'qemu-img', args: ['convert', '-f', 'raw', '-O', 'raw', rbd.qemuSpec(src), out] };
@@ -224,7 +232,7 @@ function rbdContender(id: RbdId): Contender {
       await rbd.checkRoom(s.image.dataBytes);
       if (viaDaemon) await virshOk(rbd.daemon.uri, ['vol-create-as', rbd.pool, name, String(s.image.spec.size)]);
       const spec: RunSpec = viaDaemon
-        ? { cmd: 'virsh', args: ['-q', '-c', rbd.daemon.uri, 'vol-upload', '--pool', rbd.pool, name, s.image.path, '--sparse'] }
+        ? client(ctx, ['vol-upload', '--pool', rbd.pool, name, s.image.path, '--sparse'])
         : id === 'rbd-cli'
           ? { cmd: 'rbd', args: rbd.rbdArgs('import', '--no-progress', s.image.path, `${rbd.cephPool}/${name}`) }
           : { cmd: 'qemu-img', args: ['convert', '-f', 'raw', '-O', 'raw', s.image.path, rbd.qemuSpec(name)] };
@@ -365,6 +373,7 @@ export function allContenders(): Contender[] {
     cp,
     ourLocal, // HOOK: needs dist/src/sparse/index.js (fileChunks, writeChunks)
     rbdContender('virsh/sv-d-rbd'), // needs scripts/setup-ceph.sh's cluster
+    rbdContender('sv-cli/sv-d-rbd'),
     rbdContender('rbd-cli'),
     rbdContender('qemu-img-rbd'), // needs qemu-block-extra
   ];

@@ -26,6 +26,8 @@ export interface Measured {
   clientPeakKiB: number | null;
   clientCpuSeconds: number | null;
   daemonPeakKiB: number | null;
+  /** CPU time (user + system) the daemons spent during the run, from /proc/PID/stat. */
+  daemonCpuSeconds: number | null;
   /** How the client / daemon peaks were measured. */
   rssMethod: { client: string; daemon: string };
 }
@@ -53,6 +55,20 @@ function resetPeak(pid: number): boolean {
   }
 }
 
+/** utime + stime of `pid` in seconds (/proc/PID/stat), null when it is gone. */
+function cpuSeconds(pid: number): number | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / CLOCK_TICKS;
+  } catch {
+    return null;
+  }
+}
+/** USER_HZ: 100 on every Linux architecture Node runs on. */
+const CLOCK_TICKS = 100;
+
 let seq = 0;
 
 export async function measure(spec: RunSpec, daemonPids: number[], timeoutMs: number): Promise<Measured> {
@@ -66,6 +82,7 @@ export async function measure(spec: RunSpec, daemonPids: number[], timeoutMs: nu
   let daemonPolled = 0;
   for (const p of live) daemonPolled = Math.max(daemonPolled, statusField(p, 'VmRSS') ?? 0);
   let clientPolled = 0;
+  const cpuBefore = live.map((p) => cpuSeconds(p));
 
   const t0 = performance.now();
   const child = spawn(cmd, args, {
@@ -119,6 +136,12 @@ export async function measure(spec: RunSpec, daemonPids: number[], timeoutMs: nu
     rmSync(timeFile, { force: true });
   }
 
+  let daemonCpuSeconds: number | null = null;
+  live.forEach((p, i) => {
+    const a = cpuBefore[i];
+    const b = cpuSeconds(p);
+    if (a !== null && a !== undefined && b !== null) daemonCpuSeconds = (daemonCpuSeconds ?? 0) + (b - a);
+  });
   let daemonPeakKiB: number | null = null;
   if (live.length > 0) {
     let peak = daemonPolled;
@@ -137,6 +160,7 @@ export async function measure(spec: RunSpec, daemonPids: number[], timeoutMs: nu
     clientPeakKiB,
     clientCpuSeconds,
     daemonPeakKiB,
+    daemonCpuSeconds,
     rssMethod: {
       client: useTime ? 'GNU time %M' : 'poll VmHWM 10 ms',
       daemon: live.length === 0 ? '-' : resetOk.every(Boolean) ? 'VmHWM after clear_refs' : 'poll VmRSS 10 ms',
