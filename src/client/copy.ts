@@ -8,13 +8,15 @@
  * With `verify`, the content digest (`src/digest.ts`) of the range is taken on each side: by the
  * daemon where it offers it (sparsevirtd, without reading holes; the source's while the copy
  * runs), else from the chunks on their way (a source) or by a sparse download of the stored range
- * (a destination). A mismatch names the first 1 MiB block that differs.
+ * (a destination), hashed here on the digest workers (`src/digest-workers.ts`) so that this
+ * thread keeps moving the copy. A mismatch names the first 1 MiB block that differs.
  *
  * A failure names its side (`source: …`, `destination: …`, and `side` on the error) and aborts
  * both streams: the destination never takes a partial copy for a whole one.
  */
 import type { Chunk } from '../chunk.js';
 import { ContentDigest, firstDifferingBlock } from '../digest.js';
+import { ParallelContentDigest } from '../digest-workers.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
 import { releaseFramePayloads } from '../io/pools.js';
 import type { Stream } from '../stream/index.js';
@@ -69,6 +71,16 @@ async function onSide<T>(side: Side, p: Promise<T>): Promise<T> {
   }
 }
 
+/** Feeds `c`, at volume position `pos`, to `d`; the position after it. */
+async function feed(d: ParallelContentDigest, pos: number, c: Chunk): Promise<number> {
+  if (c.kind === 'hole') {
+    d.zeros(c.length);
+    return pos + c.length;
+  }
+  await d.addBytes(pos, c.bytes);
+  return pos + c.bytes.length;
+}
+
 /**
  * The content digest of `length` bytes of `vol` from `offset`: asked of the daemon when it
  * offers it, else computed here from a sparse download (holes cost nothing).
@@ -76,17 +88,19 @@ async function onSide<T>(side: Side, p: Promise<T>): Promise<T> {
 export async function volumeDigest(vol: StorageVol, offset: number, length: number, opts: { signal?: AbortSignal } = {}): Promise<string> {
   const asked = await vol.contentDigest(offset, length);
   if (typeof asked === 'string') return asked;
-  const d = new ContentDigest(offset, length);
-  if (length === 0) return d.digest();
+  if (length === 0) return new ContentDigest(offset, 0).digest();
+  const d = new ParallelContentDigest(offset, length);
   const stream = await vol.download({ offset, length, sparse: true, fallbackToPlain: true, signal: opts.signal });
+  let pos = offset;
   try {
     for (;;) {
       const batch = await stream.recvBatch();
       if (batch === null) break;
-      for (const c of batch) d.update(c as Chunk);
+      for (const c of batch) pos = await feed(d, pos, c as Chunk);
     }
     await stream.finish();
   } catch (err) {
+    await d.settle();
     await stream.abort(err).catch(() => undefined);
     throw err;
   }
@@ -131,9 +145,11 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
     throw err;
   }
 
-  // The source's digest: its daemon computes it meanwhile (holes cost it nothing), else it is
-  // taken here from the chunks on their way.
-  const srcDigest = opts.verify && !srcOffersDigest ? new ContentDigest(offset, length) : null;
+  // The source's digest: its daemon computes it meanwhile (holes cost it nothing; its workers
+  // hash, its main thread keeps serving the download), else it is taken here from the chunks on
+  // their way (copied to the workers).
+  const srcDigest = opts.verify && !srcOffersDigest ? new ParallelContentDigest(offset, length) : null;
+  let srcPos = offset;
   let srcDigestAsked: Promise<string> | null = null;
   if (opts.verify && srcOffersDigest) {
     srcDigestAsked = onSide('source', volumeDigest(src, offset, length, { signal: opts.signal }));
@@ -168,7 +184,7 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
       for (const c of batch) {
         if (c.kind === 'hole') progress.holeBytes += c.length;
         else progress.dataBytes += c.bytes.length;
-        srcDigest?.update(c);
+        if (srcDigest) srcPos = await feed(srcDigest, srcPos, c);
       }
       await onSide('destination', up.sendBatch(batch));
       for (const c of batch) if (c.kind === 'data' && c.bytes.length >= FRAME_PAYLOAD_MIN) held.push(c.bytes);
@@ -181,7 +197,7 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
     if (copied !== length) throw sideError('source', new SparsevirtError('ERR_COPY', `the stream ended after ${copied} of ${length} bytes`));
     await onSide('destination', up.finish());
   } catch (err) {
-    await abortBoth(err);
+    await Promise.all([abortBoth(err), srcDigest?.settle()]);
     throw err;
   } finally {
     held = [];
@@ -189,7 +205,7 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
   }
 
   const digest = opts.verify
-    ? await compareVolumes(src, dst, { offset, length, signal: opts.signal, sourceDigest: srcDigest ? srcDigest.digest() : await srcDigestAsked! })
+    ? await compareVolumes(src, dst, { offset, length, signal: opts.signal, sourceDigest: srcDigest ? await srcDigest.digest() : await srcDigestAsked! })
     : undefined;
   return { ...progress, sparse, seconds: (performance.now() - started) / 1000, ...(digest ? { digest } : {}) };
 }
