@@ -145,6 +145,7 @@ export class DigestWorkers {
   #next = 0;
   #ids = 0;
   #closed = false;
+  #tasks = 0;
 
   constructor(size: number, opts: { nice?: number } = {}) {
     if (!Number.isInteger(size) || size < 1) throw new SparsevirtError('ERR_INVALID_ARG', `digest workers: a count of at least 1, got ${size}`);
@@ -153,9 +154,15 @@ export class DigestWorkers {
     this.#slots = new Array<Slot | null>(size).fill(null);
   }
 
+  /** Tasks handed out so far. */
+  get tasks(): number {
+    return this.#tasks;
+  }
+
   /** The block digests of one task, from the least busy worker. */
   run(task: Task): Promise<TaskResult> {
     if (this.#closed) return Promise.reject(new SparsevirtError('ERR_STREAM_STATE', 'digest workers closed'));
+    this.#tasks++;
     let best = -1;
     for (let k = 0; k < this.size; k++) {
       const i = (this.#next + k) % this.size;
