@@ -4,8 +4,8 @@
  * read once. The hashing runs on the process's digest workers (`../digest-workers.ts`), whole
  * 1 MiB blocks at a time: the data of a file in memory (a dir pool's) is read by the workers
  * themselves from its fd, any other reader's (RBD) is handed to them in buffers. This thread only
- * walks the reader's extents, so it keeps serving the daemon's other calls and streams (a volume
- * being digested meanwhile) while the workers hash. Asked while the caller's connection has
+ * walks the reader's extents, so it keeps serving the daemon's other calls and streams (a download
+ * of the volume being digested, say) while the workers hash. Asked while the caller's connection has
  * transfers running, the digest runs on the background workers (nice 10): it takes the CPU the
  * transfers leave instead of slowing them.
  */
