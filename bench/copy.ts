@@ -15,8 +15,12 @@
  * deleted. Contenders take turns in a rotated order in each repetition.
  *
  * Run by `npm run bench` on images a and b (after the transfer table), or alone:
- *   node dist/bench/copy.js [--quick] [--reps N] [--images a,b] [--only REGEX] [--keep]
+ *   node dist/bench/copy.js [--quick] [--reps N] [--images a,b] [--only REGEX] [--keep] [--build ROOT]
+ * `--build ROOT`: the CLI and daemon of another checkout's build (ROOT/dist/bin), for A/B runs
+ * with the same harness. Besides wall time, each run records the CPU seconds (user + sys) of the
+ * client and of the servers (the source's and destination's, all threads, from /proc).
  */
+import { readFileSync } from 'node:fs';
 import { closeSync, existsSync, mkdirSync, openSync, rmSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -62,6 +66,18 @@ export interface CopyRunRecord {
   clientPeakKiB: number | null;
   daemonPeakKiB: number | null;
   clientCpuSeconds: number | null;
+  /** CPU seconds the servers (source and destination daemons) spent during the run. */
+  serverCpuSeconds: number | null;
+}
+
+/** user + sys CPU seconds of a process so far (all its threads), or null. */
+function cpuSecondsOf(pid: number): number | null {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
+  } catch {
+    return null;
+  }
 }
 
 export interface CopyRow {
@@ -76,6 +92,9 @@ export interface CopyRow {
   dataMiBps: number | null;
   clientPeakKiB: number | null;
   daemonPeakKiB: number | null;
+  /** Medians of the runs' CPU seconds. */
+  clientCpuSeconds: number | null;
+  serverCpuSeconds: number | null;
   /** Median over the median of the virsh round trip between the same servers. */
   ratioToVirsh: number | null;
   /** Median over the median of nbdcopy. */
@@ -270,6 +289,10 @@ const median = (xs: number[]): number => {
   const m = s.length >> 1;
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 };
+const medianOrNull = (xs: Array<number | null>): number | null => {
+  const v = xs.filter((x): x is number => x !== null);
+  return v.length ? median(v) : null;
+};
 
 async function verify(img: BuiltImage, output: string): Promise<string | null> {
   if (!existsSync(output)) return 'no output';
@@ -380,14 +403,18 @@ export async function runCopyBench(o: CopyBenchOptions): Promise<CopyBenchResult
           for (const c of order) {
             const rec: CopyRunRecord = {
               rep, image: img.spec.id, contender: c.id, ok: false, wallSeconds: Number.NaN,
-              clientPeakKiB: null, daemonPeakKiB: null, clientCpuSeconds: null,
+              clientPeakKiB: null, daemonPeakKiB: null, clientCpuSeconds: null, serverCpuSeconds: null,
             };
             let cleanup: (() => Promise<void>) | undefined;
             try {
               const p = await c.prepare(env, img);
               cleanup = p.cleanup;
+              const cpu0 = p.daemonPids.map(cpuSecondsOf);
               const m = await measure(p.spec, p.daemonPids, o.timeoutMs);
-              Object.assign(rec, { wallSeconds: m.wallSeconds, clientPeakKiB: m.clientPeakKiB, daemonPeakKiB: m.daemonPeakKiB, clientCpuSeconds: m.clientCpuSeconds });
+              const cpu1 = p.daemonPids.map(cpuSecondsOf);
+              const serverCpuSeconds = cpu0.every((c, i) => c !== null && cpu1[i] !== null) && cpu0.length > 0
+                ? cpu1.reduce<number>((t, c, i) => t + c! - cpu0[i]!, 0) : null;
+              Object.assign(rec, { wallSeconds: m.wallSeconds, clientPeakKiB: m.clientPeakKiB, daemonPeakKiB: m.daemonPeakKiB, clientCpuSeconds: m.clientCpuSeconds, serverCpuSeconds });
               if (m.timedOut) rec.error = `timed out after ${o.timeoutMs / 1000} s`;
               else if (m.exitCode !== 0) rec.error = `exit ${m.exitCode ?? m.signal}: ${m.output.split('\n').slice(-3).join(' | ')}`;
               else {
@@ -402,8 +429,10 @@ export async function runCopyBench(o: CopyBenchOptions): Promise<CopyBenchResult
             }
             records.push(rec);
             const mem = (k: number | null): string => (k ? `${(k / 1024).toFixed(0)} MiB` : '-');
+            const cpu = (x: number | null): string => (x === null ? '-' : x.toFixed(2));
             log(`  ${rep + 1}/${o.reps} ${img.spec.id} ${c.label.padEnd(48)} ${Number.isFinite(rec.wallSeconds) ? rec.wallSeconds.toFixed(3).padStart(8) : '       -'} s  `
-              + `${rec.ok ? 'ok  ' : 'FAIL'} client ${mem(rec.clientPeakKiB).padStart(8)} servers ${mem(rec.daemonPeakKiB).padStart(8)}${rec.error ? `  ${rec.error}` : ''}`);
+              + `${rec.ok ? 'ok  ' : 'FAIL'} client ${mem(rec.clientPeakKiB).padStart(8)} servers ${mem(rec.daemonPeakKiB).padStart(8)}`
+              + `  CPU s client ${cpu(rec.clientCpuSeconds)} servers ${cpu(rec.serverCpuSeconds)}${rec.error ? `  ${rec.error}` : ''}`);
           }
         }
       }
@@ -432,6 +461,8 @@ export async function runCopyBench(o: CopyBenchOptions): Promise<CopyBenchResult
           dataMiBps: med ? img.dataBytes / MiB / med : null,
           clientPeakKiB: peak(rs.filter((r) => r.ok).map((r) => r.clientPeakKiB)),
           daemonPeakKiB: peak(rs.filter((r) => r.ok).map((r) => r.daemonPeakKiB)),
+          clientCpuSeconds: medianOrNull(rs.filter((r) => r.ok).map((r) => r.clientCpuSeconds)),
+          serverCpuSeconds: medianOrNull(rs.filter((r) => r.ok).map((r) => r.serverCpuSeconds)),
           ratioToVirsh: med !== null && vMed ? med / vMed : null,
           ratioToNbdcopy: med !== null && nbd && c !== nbdcopy ? med / nbd : null,
           errors: [...new Set(rs.filter((r) => !r.ok).map((r) => r.error ?? '?'))],
@@ -476,11 +507,11 @@ function printCopyTable(log: (m?: string) => void, images: BuiltImage[], rows: C
   for (const img of images) {
     log('');
     log(`copy ${img.spec.id}  —  ${img.spec.title}; ${fmtBytes(img.dataBytes)} data of ${fmtBytes(img.spec.size)}`);
-    const header = ['contender', 'median s', 'min–max s', 'data MiB/s', '×virsh', '×nbdcopy', 'client RSS', 'servers RSS', 'runs'];
+    const header = ['contender', 'median s', 'min–max s', 'data MiB/s', '×virsh', '×nbdcopy', 'client RSS', 'servers RSS', 'client CPU s', 'servers CPU s', 'runs'];
     const body = rows.filter((r) => r.image === img.spec.id).map((r) => [
       r.label, f(r.medianSeconds), r.minSeconds === null ? '-' : `${f(r.minSeconds)}–${f(r.maxSeconds)}`,
       r.dataMiBps === null ? '-' : r.dataMiBps.toFixed(0), f(r.ratioToVirsh, 2), f(r.ratioToNbdcopy, 2),
-      mib(r.clientPeakKiB), mib(r.daemonPeakKiB), r.failures ? `${r.runs - r.failures}/${r.runs} FAIL: ${r.errors[0] ?? ''}` : `${r.runs}`,
+      mib(r.clientPeakKiB), mib(r.daemonPeakKiB), f(r.clientCpuSeconds, 2), f(r.serverCpuSeconds, 2), r.failures ? `${r.runs - r.failures}/${r.runs} FAIL: ${r.errors[0] ?? ''}` : `${r.runs}`,
     ]);
     const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
     const line = (cells: string[]): string =>
@@ -510,13 +541,15 @@ async function main(): Promise<number> {
       dir: { type: 'string' },
       keep: { type: 'boolean', default: false },
       timeout: { type: 'string' },
+      build: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
   });
   if (values.help) {
-    process.stdout.write(`usage: node dist/bench/copy.js [--quick] [--reps N] [--images a,b] [--only REGEX] [--skip REGEX] [--dir DIR] [--keep] [--timeout SEC]
+    process.stdout.write(`usage: node dist/bench/copy.js [--quick] [--reps N] [--images a,b] [--only REGEX] [--skip REGEX] [--dir DIR] [--keep] [--timeout SEC] [--build ROOT]
   The copy rows of npm run bench alone (contender ids: ${copyContenders().map((c) => c.id).join(', ')}).
+  --build ROOT runs the CLI and daemon of ROOT/dist/bin (another checkout's build) in this harness.
 `);
     return 0;
   }
@@ -539,7 +572,7 @@ async function main(): Promise<number> {
   const images = await buildImages(specs, poolDir, (m) => log(`  ${m}`));
   try {
     const r = await runCopyBench({
-      images, base, poolDir, repoRoot: fileURLToPath(new URL('../../', import.meta.url)),
+      images, base, poolDir, repoRoot: values.build ?? fileURLToPath(new URL('../../', import.meta.url)),
       reps: values.reps ? Number.parseInt(values.reps, 10) : quick ? 3 : 5,
       timeoutMs: (values.timeout ? Number(values.timeout) : quick ? 60 : 300) * 1000,
       only: values.only ? new RegExp(values.only) : null, skip: values.skip ? new RegExp(values.skip) : null, log,

@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { connect, type Connection, type StoragePool } from '../src/index.js';
 import { compareVolumes, copyVolume } from '../src/client/copy.js';
+import { digestWorkers } from '../src/digest-workers.js';
 import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { createVolume, requireLibvirt, withScratchPool } from './helpers/libvirt.js';
 import { extentMap, fileContentDigest, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
@@ -59,7 +60,13 @@ test('sparsevirtd → sparsevirtd: identical bytes and holes, the digest verifie
     const src = await a.pool.volLookupByName('disk.img');
     const dst = await b.pool.createVol({ name: 'disk.img', capacity: SIZE, allocation: 0, format: 'raw' });
     const seen: number[] = [];
+    const tasks = () => [digestWorkers().tasks, digestWorkers({ background: true }).tasks];
+    const [fg0, bg0] = tasks();
     const r = await copyVolume(src, dst, { sparse: true, verify: true, onProgress: (p) => seen.push(p.dataBytes + p.holeBytes) });
+    // (both daemons run in this process) the two digests, asked after the copy, ran on the
+    // digest workers, not on the background ones
+    const [fg1, bg1] = tasks();
+    assert.ok(bg1 === bg0 && fg1 >= fg0 + 2, `digest tasks: background ${bg0} → ${bg1}, foreground ${fg0} → ${fg1}`);
     const dstFile = path.join(b.poolDir, 'disk.img');
     assert.equal(await sha256File(dstFile), await sha256File(srcFile));
     assert.deepEqual(await extentMap(dstFile), await extentMap(srcFile));
@@ -71,6 +78,12 @@ test('sparsevirtd → sparsevirtd: identical bytes and holes, the digest verifie
     // the daemon's own digest, without reading holes, equals the definition's
     assert.equal(await src.contentDigestOffered(), true);
     assert.equal(await src.contentDigest(0, SIZE), fileContentDigest(srcFile, 0, SIZE));
+    assert.equal(tasks()[1], bg1, 'a digest asked with no transfer running is not a background one');
+    // asked beside a transfer of its connection, the daemon digests on the background workers
+    const busy = await src.download({ offset: 0, length: SIZE, sparse: true });
+    assert.equal(await src.contentDigest(0, SIZE), fileContentDigest(srcFile, 0, SIZE));
+    assert.ok(tasks()[1] > bg1, 'background digest tasks beside a download');
+    await busy.abort(new Error('enough')).catch(() => undefined);
     assert.equal(await src.contentDigest(3 * MiB + 5, 47 * MiB), fileContentDigest(srcFile, 3 * MiB + 5, 47 * MiB));
     await assert.rejects(src.contentDigest(SIZE - 10, 11), /runs past the end/);
 

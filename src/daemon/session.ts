@@ -283,7 +283,8 @@ const HANDLERS = new Map<number, Handler>([
       const offset = Number(a.offset);
       if (length === 0) return { algorithm: DIGEST_NAME, digest: new ContentDigest(offset, 0).digest() };
       const reader = await session.driver.openForTransfer(vol, 'download', { offset, length, sparse: true });
-      return readerContentDigest(reader, offset, length);
+      // beside this connection's own transfers, on the background workers (they go first)
+      return readerContentDigest(reader, offset, length, { background: session.activeTransfers > 0 });
     },
   }],
   // libvirt refuses downloads on a read-only connection; sparsevirtd allows them (no `api`).
