@@ -20,7 +20,6 @@
  * with the same harness. Besides wall time, each run records the CPU seconds (user + sys) of the
  * client and of the servers (the source's and destination's, all threads, from /proc).
  */
-import { readFileSync } from 'node:fs';
 import { closeSync, existsSync, mkdirSync, openSync, rmSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -68,16 +67,6 @@ export interface CopyRunRecord {
   clientCpuSeconds: number | null;
   /** CPU seconds the servers (source and destination daemons) spent during the run. */
   serverCpuSeconds: number | null;
-}
-
-/** user + sys CPU seconds of a process so far (all its threads), or null. */
-function cpuSecondsOf(pid: number): number | null {
-  try {
-    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-    return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
-  } catch {
-    return null;
-  }
 }
 
 export interface CopyRow {
@@ -409,12 +398,8 @@ export async function runCopyBench(o: CopyBenchOptions): Promise<CopyBenchResult
             try {
               const p = await c.prepare(env, img);
               cleanup = p.cleanup;
-              const cpu0 = p.daemonPids.map(cpuSecondsOf);
               const m = await measure(p.spec, p.daemonPids, o.timeoutMs);
-              const cpu1 = p.daemonPids.map(cpuSecondsOf);
-              const serverCpuSeconds = cpu0.every((c, i) => c !== null && cpu1[i] !== null) && cpu0.length > 0
-                ? cpu1.reduce<number>((t, c, i) => t + c! - cpu0[i]!, 0) : null;
-              Object.assign(rec, { wallSeconds: m.wallSeconds, clientPeakKiB: m.clientPeakKiB, daemonPeakKiB: m.daemonPeakKiB, clientCpuSeconds: m.clientCpuSeconds, serverCpuSeconds });
+              Object.assign(rec, { wallSeconds: m.wallSeconds, clientPeakKiB: m.clientPeakKiB, daemonPeakKiB: m.daemonPeakKiB, clientCpuSeconds: m.clientCpuSeconds, serverCpuSeconds: m.daemonCpuSeconds });
               if (m.timedOut) rec.error = `timed out after ${o.timeoutMs / 1000} s`;
               else if (m.exitCode !== 0) rec.error = `exit ${m.exitCode ?? m.signal}: ${m.output.split('\n').slice(-3).join(' | ')}`;
               else {
