@@ -25,7 +25,7 @@ import { virsh, virshOk } from './helpers/libvirt.js';
 const MiB = 1 << 20;
 const POOL = 'reuse';
 const SECRET_UUID = '5ec7e700-0000-4000-8000-0000000ec0de';
-/** 224 MiB of random data, then 32 MiB of hole: 224 dense reads of 1 MiB. */
+/** 224 MiB of random data, then 32 MiB of hole: 56 dense reads of 4 MiB (the object size). */
 const SIZE = 256 * MiB;
 const DATA = 224 * MiB;
 
@@ -90,8 +90,8 @@ after(async () => {
   await fsp.rm(dir, { recursive: true, force: true });
 });
 
-/** The read buffers (by ArrayBuffer) and the number of reads of the daemon's images while `fn` runs. */
-async function watchReads(fn: () => Promise<void>): Promise<{ reads: number; buffers: number }> {
+/** The number of reads of the daemon's images while `fn` runs, and the read buffers (by ArrayBuffer) and their bytes. */
+async function watchReads(fn: () => Promise<void>): Promise<{ reads: number; buffers: number; bufferBytes: number }> {
   const seen = new Set<ArrayBufferLike>();
   let reads = 0;
   const read = Object.getOwnPropertyDescriptor(RbdImage.prototype, 'read')!.value as RbdImage['read'];
@@ -105,11 +105,19 @@ async function watchReads(fn: () => Promise<void>): Promise<{ reads: number; buf
   } finally {
     RbdImage.prototype.read = read;
   }
-  return { reads, buffers: seen.size };
+  let bufferBytes = 0;
+  for (const b of seen) bufferBytes += b.byteLength;
+  return { reads, buffers: seen.size, bufferBytes };
 }
 
-/** A download reuses at most this many read buffers: 16 MiB of reads in flight, the batch and the wire's share. */
-const MAX_BUFFERS = 48;
+/** A download's read buffers come to at most this: 16 MiB of reads in flight, the batch and the wire's share. */
+const MAX_BUFFER_BYTES = 48 * MiB;
+
+function assertReused(w: { reads: number; buffers: number; bufferBytes: number }): void {
+  assert.ok(w.reads >= DATA / (4 * MiB), `${w.reads} reads`);
+  assert.ok(w.buffers * 2 <= w.reads, `${w.buffers} read buffers for ${w.reads} reads`);
+  assert.ok(w.bufferBytes <= MAX_BUFFER_BYTES, `${w.bufferBytes / MiB} MiB of read buffers for ${w.reads} reads`);
+}
 
 test('rbd download over the wire: a slow client; the read buffers are reused once written, the bytes arrive whole', { timeout: 300_000 }, async (t) => {
   const st = await setup(t);
@@ -145,9 +153,8 @@ test('rbd download over the wire: a slow client; the read buffers are reused onc
   });
   assert.equal(got, SIZE);
   assert.equal(h.digest('hex'), st.want, 'the bytes of a slow download');
-  t.diagnostic(`slow client: ${w.reads} reads into ${w.buffers} buffers`);
-  assert.ok(w.reads >= DATA / MiB, `${w.reads} reads`);
-  assert.ok(w.buffers <= MAX_BUFFERS, `${w.buffers} read buffers for ${w.reads} reads`);
+  t.diagnostic(`slow client: ${w.reads} reads into ${w.buffers} buffers (${w.bufferBytes / MiB} MiB)`);
+  assertReused(w);
 });
 
 test('rbd download over the wire: virsh; then a download the client aborts, and one after it', { timeout: 300_000 }, async (t) => {
@@ -157,8 +164,8 @@ test('rbd download over the wire: virsh; then a download the client aborts, and 
   const w = await watchReads(() => virshOk(['vol-download', '--pool', POOL, st.name, out, '--sparse'], { uri: st.d.virshUri, timeoutMs: 120_000 }).then(() => undefined));
   assert.equal(await sha256File(out), st.want, 'the bytes of virsh vol-download');
   await fsp.rm(out);
-  t.diagnostic(`virsh: ${w.reads} reads into ${w.buffers} buffers`);
-  assert.ok(w.buffers <= MAX_BUFFERS, `${w.buffers} read buffers for ${w.reads} reads`);
+  t.diagnostic(`virsh: ${w.reads} reads into ${w.buffers} buffers (${w.bufferBytes / MiB} MiB)`);
+  assertReused(w);
 
   // aborted midway: what the wire holds then never comes back, and nothing breaks
   const vol = await (await st.conn.storagePoolLookupByName(POOL)).volLookupByName(st.name);
