@@ -25,7 +25,7 @@ import { virsh, virshOk } from './helpers/libvirt.js';
 const MiB = 1 << 20;
 const POOL = 'reuse';
 const SECRET_UUID = '5ec7e700-0000-4000-8000-0000000ec0de';
-/** 224 MiB of random data, then 32 MiB of hole: 56 dense reads of 4 MiB (the object size). */
+/** 224 MiB of random data, then 32 MiB of hole: 224 dense reads of 1 MiB (56 of 4 MiB). */
 const SIZE = 256 * MiB;
 const DATA = 224 * MiB;
 
