@@ -1,7 +1,8 @@
 /**
  * The data path's buffers, pooled process-wide: frame buffers that come back once their payload
- * is written (`releaseFramePayloads`), a slab small frames are carved from, and the output
- * batches a connection packs small frames into.
+ * is written (`releaseFramePayloads`), buffers a sender lends to the wire that come back once
+ * their bytes are sent (`lendToWire`, `payloadSent`), a slab small frames are carved from, and the
+ * output batches a connection packs small frames into.
  */
 
 import { LEGACY_PAYLOAD_MAX } from '../chunk.js';
@@ -54,6 +55,63 @@ export function recycleFramePayload(payload: Buffer): void {
 /** `SparseWriterOptions.release` for chunks that came from a `Stream` over a connection. */
 export function releaseFramePayloads(buffers: Buffer[]): void {
   for (const b of buffers) recycleFramePayload(b);
+}
+
+/**
+ * The reverse direction: a sender whose data chunks are views of buffers of its own (a volume
+ * reader's read buffers) lends each buffer to the wire for the bytes of it that go out as data
+ * (`lendToWire`). A connection hands back every payload it is done with (`payloadSent`): written
+ * to the socket (the socket's write completed, or failed and dropped it), or copied into an output
+ * batch. Once all the bytes lent are back, the owner gets the buffer again (`back`) and may fill
+ * it: a long download reuses the buffers it has in flight instead of leaving one per read to the
+ * garbage collector. Bytes that never reach a connection (a stream aborted with data still in its
+ * batch) never come back: the buffer is then left to the garbage collector, never reused. A
+ * consumer of such chunks other than a connection keeps them as long as it likes (nothing is given
+ * back). Keyed by ArrayBuffer: a lent buffer must have one of its own (`Buffer.allocUnsafeSlow`).
+ */
+interface Loan {
+  /** Bytes lent and not back yet. */
+  left: number;
+  buf: Buffer;
+  back: (buf: Buffer) => void;
+}
+const loans = new WeakMap<ArrayBufferLike, Loan>();
+/** Loans made and not given back (a fast skip for connections that never see one). */
+let loansOut = 0;
+
+/**
+ * `bytes` bytes of `buf` go to the wire as views of it (each byte once): `back(buf)` once they all
+ * came back through `payloadSent`. `buf` must not be lent already.
+ */
+export function lendToWire(buf: Buffer, bytes: number, back: (buf: Buffer) => void): void {
+  if (bytes <= 0) {
+    back(buf);
+    return;
+  }
+  if (loans.has(buf.buffer)) throw new Error('lendToWire: the buffer is lent already');
+  loans.set(buf.buffer, { left: bytes, buf, back });
+  loansOut++;
+}
+
+/** Whether `payload` is (a view of) a buffer lent to the wire: `payloadSent` is owed for it. */
+export function isLent(payload: Uint8Array): boolean {
+  return loansOut > 0 && loans.has(payload.buffer);
+}
+
+/**
+ * The connection does not reference `payload` any more (written, copied, or dropped with its
+ * connection): if it is a view of a lent buffer, its bytes are back. Anything else is ignored.
+ */
+export function payloadSent(payload: Uint8Array): void {
+  if (loansOut === 0) return;
+  const loan = loans.get(payload.buffer);
+  if (loan === undefined) return;
+  loan.left -= payload.length;
+  if (loan.left > 0) return;
+  loans.delete(payload.buffer);
+  loansOut--;
+  // more bytes back than were lent: the accounting is off, so the buffer is never reused
+  if (loan.left === 0) loan.back(loan.buf);
 }
 
 /**

@@ -22,8 +22,8 @@ export interface SendfileCounter {
 export class SocketWriter {
   /** Bytes handed to the socket so far (keepalive reads the peer's progress from it). */
   bytesQueued = 0;
-  /** While a direct frame waits for the socket: what was written after it, in order. */
-  #held: Buffer[] | null = null;
+  /** While a direct frame waits for the socket: what was written after it, in order (with its callback). */
+  #held: Array<Buffer | (() => void)> | null = null;
   #heldBytes = 0;
   #frameOut: Promise<void> | null = null;
   #abortFrame: (() => void) | null = null;
@@ -61,16 +61,22 @@ export class SocketWriter {
     return true;
   }
 
-  /** A frame whose payload is written beside its head, never copied. */
-  writeFrame(head: Buffer, payload: Uint8Array): void {
+  /**
+   * A frame whose payload is written beside its head, never copied. `sent`, if given, is called
+   * once the socket references the payload no more: its write completed (or failed, or the
+   * connection went before it was written).
+   */
+  writeFrame(head: Buffer, payload: Uint8Array, sent?: () => void): void {
     if (this.#held !== null) {
       this.#held.push(head, payload as Buffer);
+      if (sent) this.#held.push(sent);
       this.#heldBytes += head.length + payload.length;
       return;
     }
     this.#socket.cork();
     this.#socket.write(head);
-    this.#socket.write(payload);
+    if (sent) this.#socket.write(payload, sent);
+    else this.#socket.write(payload);
     this.#socket.uncork();
     this.bytesQueued += head.length + payload.length;
   }
@@ -178,11 +184,23 @@ export class SocketWriter {
       this.#heldBytes = 0;
       this.#frameOut = null;
       own.close();
-      if (!this.#closed) {
-        for (const b of held) {
-          this.#socket.write(b);
-          this.bytesQueued += b.length;
+      // (a callback follows the buffer it is for: it goes with its write, or is called now when
+      // nothing more is written)
+      for (let i = 0; i < held.length; i++) {
+        const b = held[i]!;
+        if (typeof b === 'function') {
+          b();
+          continue;
         }
+        if (this.#closed) continue;
+        const sent = held[i + 1];
+        if (typeof sent === 'function') {
+          i++;
+          this.#socket.write(b, sent);
+        } else {
+          this.#socket.write(b);
+        }
+        this.bytesQueued += b.length;
       }
       resolve();
     };

@@ -7,7 +7,7 @@
  */
 import type { FileRef } from '../chunk.js';
 import { readFileRange } from '../chunk.js';
-import { OUT_BATCH, recycleBatch, takeBatch } from '../io/pools.js';
+import { isLent, OUT_BATCH, payloadSent, recycleBatch, takeBatch } from '../io/pools.js';
 import type { DataPathStats } from '../io/socket.js';
 import type { SendfileCounter, SocketWriter } from '../io/socket-writer.js';
 import { frameChannel } from '../diagnostics.js';
@@ -44,20 +44,30 @@ export class Outbox {
     private readonly stats: DataPathStats,
   ) {}
 
-  /** Queue a frame for the socket (see the top). */
+  /**
+   * Queue a frame for the socket (see the top). A payload lent to the wire (`lendToWire`) is handed
+   * back (`payloadSent`) once its bytes are copied into the batch, or once the socket's write of
+   * it completed.
+   */
   sendFrame(h: Header, payload?: Uint8Array): void {
-    if (this.#closed) return;
+    if (this.#closed) {
+      if (payload) payloadSent(payload);
+      return;
+    }
     const n = payload ? payload.length : 0;
     if (frameChannel.hasSubscribers) frameChannel.publish({ dir: 'out', header: h, length: n });
     if (n > SMALL_PAYLOAD) {
       this.flush();
-      this.writer.writeFrame(buildFrameHead(h, n), payload!);
+      this.writer.writeFrame(buildFrameHead(h, n), payload!, isLent(payload!) ? () => payloadSent(payload!) : undefined);
       return;
     }
     const total = FRAME_OVERHEAD + n;
     const batch = this.#reserve(total);
     putFrameHead(batch.view, this.#end, total, h);
-    if (payload) batch.buf.set(payload, this.#end + FRAME_OVERHEAD);
+    if (payload) {
+      batch.buf.set(payload, this.#end + FRAME_OVERHEAD);
+      payloadSent(payload);
+    }
     this.#commit(total);
   }
 
