@@ -40,8 +40,14 @@ const DEFAULT_TIMEOUT = 30;
 /** Chunks and bytes gathered into one batch of a download. */
 const BATCH_CHUNKS = 64;
 const BATCH_BYTES = 4 << 20;
-/** Bytes of reads or writes in flight to the cluster per transfer. */
+/** Bytes of writes in flight to the cluster per upload. */
 const IN_FLIGHT = 16 << 20;
+/**
+ * Bytes of reads in flight per download: a read's bytes stay in memory until the socket has
+ * written them (they go out as views of the read buffers), so fewer are kept in flight than
+ * for writes, which librbd releases as the OSD acknowledges them.
+ */
+const READ_IN_FLIGHT = 8 << 20;
 
 const ERRNO: Record<string, number> = {
   ERR_NOT_FOUND: 2, ERR_EXISTS: 17, ERR_ACCESS_DENIED: 13, ERR_TIMEOUT: 110, ERR_INVALID_ARG: 22, ERR_UNSUPPORTED: 95, ERR_IO: 5,
@@ -147,7 +153,7 @@ class RbdReader implements VolumeReader {
     const size = this.image.size;
     const offset = Math.min(this.o.offset, size);
     const length = this.o.length === null ? size - offset : Math.min(this.o.length, size - offset);
-    this.gen = rbdReadChunks(this.image, { offset, length, sparse: this.o.sparse, detectZeroes: this.o.sparse, maxBytesInFlight: IN_FLIGHT });
+    this.gen = rbdReadChunks(this.image, { offset, length, sparse: this.o.sparse, detectZeroes: this.o.sparse, maxBytesInFlight: READ_IN_FLIGHT });
     const gen = this.gen;
     return (async function* () {
       try {
