@@ -47,7 +47,7 @@ const IN_FLIGHT = 16 << 20;
  * written them (they go out as views of the read buffers), so fewer are kept in flight than
  * for writes, which librbd releases as the OSD acknowledges them.
  */
-const READ_IN_FLIGHT = 8 << 20;
+const READ_IN_FLIGHT = 4 << 20;
 
 const ERRNO: Record<string, number> = {
   ERR_NOT_FOUND: 2, ERR_EXISTS: 17, ERR_ACCESS_DENIED: 13, ERR_TIMEOUT: 110, ERR_INVALID_ARG: 22, ERR_UNSUPPORTED: 95, ERR_IO: 5,
