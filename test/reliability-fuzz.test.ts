@@ -62,8 +62,8 @@ test('client against a hostile server: coded errors, every wait bounded by keepa
   try {
     const opTimeoutMs = 1000;
     const ka = { keepaliveInterval: 0.2, keepaliveCount: 2 };
-    const s = await fuzzClient({ sessions: 48, seed: SEED, dir, opTimeoutMs, ...ka });
-    t.diagnostic(`${s.sessions} sessions, ${s.ops} operations in ${s.ms} ms: ${s.ok} ok, errors ${JSON.stringify(s.errorsByCode)}; ` +
+    const s = await fuzzClient({ runs: 48, seed: SEED, dir, opTimeoutMs, ...ka });
+    t.diagnostic(`${s.runs} client runs, ${s.ops} operations in ${s.ms} ms: ${s.ok} ok, errors ${JSON.stringify(s.errorsByCode)}; ` +
       `server sent ${s.server.framesOut} frames, ${s.server.mutatedOut} mutated; slowest ${JSON.stringify(s.maxMs)}`);
     assert.deepEqual(s.unhandled, [], 'no unhandled rejection or uncaught exception');
     assert.deepEqual(s.hangs, [], 'every operation settled within its bound');

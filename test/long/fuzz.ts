@@ -18,8 +18,8 @@
  * daemon must not exit, must not log an error or a stray rejection, and its memory is measured.
  * Afterwards a normal `virsh vol-download --sparse` must be served correctly.
  *
- * Run (long form): `node dist/test/long/fuzz.js [--frames N] [--connections C] [--seed S] [--client-sessions K] [--json]`
- * (N counts mutated frames, default 1,000,000; then K client sessions against hostile servers,
+ * Run (long form): `node dist/test/long/fuzz.js [--frames N] [--connections C] [--seed S] [--client-runs K] [--json]`
+ * (N counts mutated frames, default 1,000,000; then K client runs against hostile servers,
  * default 1000, 0 to skip). The CI short form is test/reliability-fuzz.test.ts.
  * As root the daemon runs as `nobody`, with RLIMIT_FSIZE, and its pools on a small tmpfs.
  */
@@ -481,7 +481,7 @@ export function mutateFrame(src: Frame, rng: Rng, p: number, streamSerial: numbe
   if (seq < 6) out.push({ h: { ...f.h }, payload: f.payload, declaredLength: f.declaredLength, how: ['dup'] });
   else if (seq < 9) out.push(randomFrame(rng));
   else if (seq < 12) {
-    // a stream packet for this session's stream serial (maybe none open) or another serial
+    // a stream packet for this run's stream serial (maybe none open) or another serial
     const g = randomFrame(rng);
     g.h.prog = REMOTE_PROGRAM;
     g.h.vers = REMOTE_VERSION;
@@ -1137,7 +1137,7 @@ export interface HostileStats {
 const HOSTILE_DOWNLOAD: Array<['data' | 'hole', number]> = [['data', 5000], ['hole', 60000], ['data', 262120], ['data', 40000], ['hole', 100000], ['data', 12]];
 
 /**
- * A server that speaks enough of the protocol for a client session (handshake, lookups, info,
+ * A server that speaks enough of the protocol for a client run (handshake, lookups, info,
  * sparse download and upload) and, from a random frame of each connection on, mutates what it
  * sends; after its first mutated frame it goes on normally, goes silent (no PONG either), closes,
  * or stops reading.
@@ -1261,7 +1261,7 @@ export interface ClientOpRecord {
 }
 
 export interface ClientFuzzStats {
-  sessions: number;
+  runs: number;
   ops: number;
   ok: number;
   errorsByCode: Record<string, number>;
@@ -1278,12 +1278,12 @@ export interface ClientFuzzStats {
 }
 
 /**
- * Runs `sessions` client sessions (`parallel` at a time) against a hostile server: connect (with a
+ * Runs `runs` client runs (`parallel` at a time) against a hostile server: connect (with a
  * timeout: keepalive only starts after the handshake), then calls, a sparse download and a sparse
  * upload, each bounded by `opTimeoutMs`, on a connection with a short keepalive. Every operation
  * must settle within its bound, and fail, when it fails, with a coded error.
  */
-export async function fuzzClient(o: { sessions: number; seed: number; dir: string; parallel?: number; opTimeoutMs?: number; keepaliveInterval?: number; keepaliveCount?: number }): Promise<ClientFuzzStats> {
+export async function fuzzClient(o: { runs: number; seed: number; dir: string; parallel?: number; opTimeoutMs?: number; keepaliveInterval?: number; keepaliveCount?: number }): Promise<ClientFuzzStats> {
   const servers = await Promise.all(HOSTILE_MODES.map(async (mode, i) => {
     const socket = path.join(o.dir, `hostile-${o.seed}-${mode}.sock`);
     await fsp.rm(socket, { force: true });
@@ -1293,7 +1293,7 @@ export async function fuzzClient(o: { sessions: number; seed: number; dir: strin
   const kaI = o.keepaliveInterval ?? 0.2;
   const kaC = o.keepaliveCount ?? 2;
   const stats: ClientFuzzStats = {
-    sessions: 0, ops: 0, ok: 0, errorsByCode: {}, hangs: [], unclear: [], maxMs: {}, unhandled: [], samples: [],
+    runs: 0, ops: 0, ok: 0, errorsByCode: {}, hangs: [], unclear: [], maxMs: {}, unhandled: [], samples: [],
     server: { connections: 0, framesOut: 0, mutatedOut: 0, byMode: {} }, ms: 0,
   };
   const onUnhandled = (reason: unknown) => {
@@ -1339,10 +1339,10 @@ export async function fuzzClient(o: { sessions: number; seed: number; dir: strin
   };
   let next = 0;
   const worker = async () => {
-    while (next < o.sessions) {
+    while (next < o.runs) {
       const { mode, socket } = servers[next % servers.length]!;
       next++;
-      stats.sessions++;
+      stats.runs++;
       let conn: Awaited<ReturnType<typeof connect>> | null = null;
       await runOp(mode, 'connect', async () => {
         conn = await connect(`sparsevirt+unix:///system?socket=${socket}`, { keepaliveInterval: kaI, keepaliveCount: kaC, signal: AbortSignal.timeout(T) });
@@ -1375,7 +1375,7 @@ export async function fuzzClient(o: { sessions: number; seed: number; dir: strin
         await runOp(mode, 'call', () => c.call(P.CONNECT_GET_LIB_VERSION, undefined, sig()));
         await runOp(mode, 'close', () => c.close());
       } finally {
-        c[kPeer].destroy(new Error('session over'));
+        c[kPeer].destroy(new Error('run over'));
       }
     }
   };
@@ -1436,20 +1436,20 @@ async function main(): Promise<void> {
   let bad = !report.daemonAlive || report.daemonErrors.length > 0 || s.unexpectedDrops + s.stalls + s.notDropped + s.daemonGarbage > 0 || (report.virsh !== null && !report.virsh.ok);
 
   // the client against hostile servers
-  const sessions = arg('client-sessions', 1000);
+  const runs = arg('client-runs', 1000);
   let client: ClientFuzzStats | null = null;
-  if (sessions > 0) {
+  if (runs > 0) {
     const dir = await scratchDir('/tmp', 'svfuzz-client-');
     try {
-      process.stderr.write(`fuzz: ${sessions} client sessions against hostile servers\n`);
-      client = await fuzzClient({ sessions, seed, dir, opTimeoutMs: 1000, keepaliveInterval: 0.2, keepaliveCount: 2 });
+      process.stderr.write(`fuzz: ${runs} client runs against hostile servers\n`);
+      client = await fuzzClient({ runs, seed, dir, opTimeoutMs: 1000, keepaliveInterval: 0.2, keepaliveCount: 2 });
     } finally {
       await fsp.rm(dir, { recursive: true, force: true });
     }
     const window = 200 * 3;
     const slowestDead = Math.max(...['silent', 'stop-reading'].flatMap((m) => ['call', 'download', 'upload'].map((o) => client!.maxMs[`${m}:${o}`] ?? 0)));
     process.stdout.write([
-      `client sessions      ${client.sessions} against hostile servers (${client.server.framesOut} frames sent to it, ${client.server.mutatedOut} mutated), ${client.ops} operations in ${(client.ms / 1000).toFixed(1)} s`,
+      `client runs          ${client.runs} against hostile servers (${client.server.framesOut} frames sent to it, ${client.server.mutatedOut} mutated), ${client.ops} operations in ${(client.ms / 1000).toFixed(1)} s`,
       `client outcomes      ${client.ok} ok; errors ${Object.entries(client.errorsByCode).map(([k, v]) => `${k} ${v}`).join(', ')}`,
       `client anomalies     ${client.hangs.length} hangs, ${client.unclear.length} uncoded errors, ${client.unhandled.length} unhandled rejections/exceptions`,
       `client bounds        a dead server (silent, not reading) ends every wait within ${slowestDead} ms (keepalive window ${window} ms); other waits end by the caller's timeout (1000 ms)`,
