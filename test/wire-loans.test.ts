@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -32,7 +33,7 @@ async function pair(): Promise<{ outbox: Outbox; sock: net.Socket; peer: net.Soc
   peer.pause();
   const stats = newDataPathStats();
   const outbox = new Outbox(new SocketWriter(new RawSocket(sock), stats), stats);
-  return { outbox, sock, peer, close: () => { sock.destroy(); peer.destroy(); srv.close(); } };
+  return { outbox, sock, peer, close: () => { sock.destroy(); peer.destroy(); srv.close(); void fs.rm(dir, { recursive: true, force: true }); } };
 }
 
 /** Reads `n` bytes from the paused `peer`. */

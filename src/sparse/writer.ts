@@ -279,10 +279,22 @@ export class SparseWriter {
     }
   }
 
-  /** Drops what is pending and closes the file if it was opened here; the size is left as is. */
+  /**
+   * Ends without finishing: the data that arrived and waits in the batch is still written (data
+   * after it may already be in place, written by the receiver itself: dropping the batch would
+   * leave a run of zeros inside what arrived), unless a write failed; nothing is synced and the
+   * size is left as is. Closes the file if it was opened here.
+   */
   async abort(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    if (this.#failure === null) {
+      try {
+        await this.#flush();
+      } catch {
+        // the failure is the caller's to report, if it asks: abort() only ends
+      }
+    }
     this.#batch = [];
     // Writes in flight target our fd: let them land before it can be closed and reused.
     await this.#settle(0, 0);
@@ -526,7 +538,8 @@ export async function writeChunks(target: FileTarget, chunks: AsyncIterable<Chun
   } catch (err) {
     stopInPlace();
     // The source failed (e.g. a limit it enforces): what it had handed over is written, as a
-    // write(2) that stops at the limit would. A failing writer or an abort drops what is pending.
+    // write(2) that stops at the limit would. On an abort the writer still writes what it holds
+    // (data after it may be in place already), never what the source has not handed over.
     if (sourceFailed) await writer.close().catch(() => writer.abort().catch(() => undefined));
     else await writer.abort().catch(() => undefined);
     if (!sourceDone) {
