@@ -11,6 +11,8 @@ import path from 'node:path';
 import { connect, type Connection, type StoragePool } from '../src/index.js';
 import { compareVolumes, copyVolume } from '../src/client/copy.js';
 import { digestWorkers } from '../src/digest-workers.js';
+import { LEGACY_PAYLOAD_MAX } from '../src/chunk.js';
+import { bufferStats } from '../src/io/pools.js';
 import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { createVolume, requireLibvirt, withScratchPool } from './helpers/libvirt.js';
 import { extentMap, fileContentDigest, makeImage, scratchDir, sha256File, type Layout } from './helpers/images.js';
@@ -102,6 +104,35 @@ test('sparsevirtd → sparsevirtd: identical bytes and holes, the digest verifie
     const plain = await b.pool.createVol({ name: 'plain.img', capacity: SIZE, allocation: 0, format: 'raw' });
     await copyVolume(src, plain, { sparse: false });
     assert.equal(await sha256File(path.join(b.poolDir, 'plain.img')), await sha256File(srcFile));
+  } finally {
+    await closeSide(a);
+    await closeSide(b);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a dense copy reads the source\'s packets into the frame buffers the destination\'s wire gave back: a few dozen, not one per packet', { timeout: 120_000 }, async () => {
+  const dir = await scratchDir('/dev/shm', 'svd-copy-');
+  fs.mkdirSync(path.join(dir, 'a'));
+  fs.mkdirSync(path.join(dir, 'b'));
+  const a = await side(dir, 'a');
+  const b = await side(dir, 'b');
+  try {
+    const size = 96 * MiB;
+    const srcFile = path.join(a.poolDir, 'dense.img');
+    await makeImage(srcFile, [{ kind: 'data', length: size }], 17);
+    await a.pool.refresh();
+    const src = await a.pool.volLookupByName('dense.img');
+    const dst = await b.pool.createVol({ name: 'dense.img', capacity: size, allocation: 0, format: 'raw' });
+    const before = bufferStats.frameBuffers;
+    const r = await copyVolume(src, dst, { sparse: true });
+    // both daemons run in this process: the count takes this client's buffers and the destination
+    // daemon's (its writer gives each back once written)
+    const fresh = bufferStats.frameBuffers - before;
+    const packets = Math.ceil(size / LEGACY_PAYLOAD_MAX);
+    assert.equal(r.dataBytes, size);
+    assert.equal(await sha256File(path.join(b.poolDir, 'dense.img')), await sha256File(srcFile));
+    assert.ok(fresh < packets / 3, `${fresh} frame buffers allocated for ${packets} packets`);
   } finally {
     await closeSide(a);
     await closeSide(b);

@@ -2,8 +2,9 @@
  * A volume from one connection to another, straight through: the source's download stream feeds
  * the destination's upload stream batch by batch. Holes stay holes, nothing touches a local disk,
  * and memory is bounded by the two streams' windows: a slow destination stops reading the
- * source's socket, and so the source. The frame buffers packets arrive in go back to the pool
- * once the destination's socket took their bytes, so a long copy reuses a few dozen of them.
+ * source's socket, and so the source. The frame buffers packets arrive in are lent to the
+ * destination's wire (`lendToWire`) and go back to the pool once its socket wrote their bytes,
+ * however far behind the destination is, so a long copy reuses a few dozen of them.
  *
  * With `verify`, the content digest (`src/digest.ts`) of the range is taken on each side: by the
  * daemon where it offers it (sparsevirtd, without reading holes, on its digest workers), else
@@ -22,7 +23,7 @@ import type { Chunk } from '../chunk.js';
 import { ContentDigest, firstDifferingBlock } from '../digest.js';
 import { ParallelContentDigest } from '../digest-workers.js';
 import { RemoteError, SparsevirtError } from '../errors.js';
-import { releaseFramePayloads } from '../io/pools.js';
+import { forgetRecyclable, isLent, isRecyclable, lendToWire, recycleFramePayload } from '../io/pools.js';
 import type { Stream } from '../stream/index.js';
 import { kPeer } from './connection.js';
 import type { StorageVol } from './storage.js';
@@ -111,10 +112,26 @@ export async function volumeDigest(vol: StorageVol, offset: number, length: numb
   return d.digest();
 }
 
-/** Data payloads at least this big came in frame buffers of their own (see `io/pools.ts`). */
-const FRAME_PAYLOAD_MIN = 64 * 1024;
-/** Sent frame buffers kept for the pool at most: a destination that never catches up leaves the rest to the GC. */
-const HELD_MAX = 64;
+/**
+ * The received frame buffers of `batch` that go on to the destination are lent to its wire: each
+ * comes back to the frame pool once the destination's socket wrote (or copied) all its bytes, and
+ * the source's next packets are read into it. A frame buffer holds one packet's payload; should
+ * one be handed over in parts across batches, it is taken out of recycling instead.
+ */
+function lendReceived(batch: ReadonlyArray<Chunk>): void {
+  let parts: Map<ArrayBufferLike, { view: Buffer; bytes: number }> | null = null;
+  for (const c of batch) {
+    if (c.kind !== 'data') continue;
+    if (isLent(c.bytes)) forgetRecyclable(c.bytes);
+    else if (isRecyclable(c.bytes)) {
+      parts ??= new Map();
+      const p = parts.get(c.bytes.buffer);
+      if (p) p.bytes += c.bytes.length;
+      else parts.set(c.bytes.buffer, { view: c.bytes, bytes: c.bytes.length });
+    }
+  }
+  if (parts) for (const { view, bytes } of parts.values()) lendToWire(view, bytes, recycleFramePayload);
+}
 
 /** Copy `src` into `dst` (which must exist): see the module's comment. */
 export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOptions = {}): Promise<CopyResult> {
@@ -154,8 +171,6 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
   const srcDigest = opts.verify && !srcOffersDigest ? new ParallelContentDigest(offset, length) : null;
   let srcPos = offset;
 
-  // Received frame buffers go back to the pool once the destination's socket took their bytes:
-  // `held` are payloads sent whose bytes may still wait in the connection's queue.
   const out = dst.conn[kPeer];
   // Busy polling after the source's reads (on for libvirtd: see io/busy-poll.ts) is for a client
   // that would otherwise sleep between packets; here the upload keeps this process busy, and a
@@ -164,29 +179,17 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
   const inPeer = src.conn[kPeer];
   const busyPoll = [inPeer.busyPoll, out.busyPoll];
   inPeer.busyPoll = out.busyPoll = 0;
-  let held: Buffer[] = [];
-  const releaseSent = () => {
-    if (held.length === 0) return;
-    if (out.outgoingBytes === 0) {
-      releaseFramePayloads(held);
-      held = [];
-    } else if (held.length > HELD_MAX) {
-      held = held.slice(-HELD_MAX);
-    }
-  };
   try {
     for (;;) {
       const batch = (await onSide('source', down.recvBatch())) as Chunk[] | null;
-      releaseSent();
       if (batch === null) break;
       for (const c of batch) {
         if (c.kind === 'hole') progress.holeBytes += c.length;
         else progress.dataBytes += c.bytes.length;
         if (srcDigest) srcPos = await feed(srcDigest, srcPos, c);
       }
+      lendReceived(batch);
       await onSide('destination', up.sendBatch(batch));
-      for (const c of batch) if (c.kind === 'data' && c.bytes.length >= FRAME_PAYLOAD_MIN) held.push(c.bytes);
-      releaseSent();
       opts.onProgress?.(progress);
     }
     await onSide('source', down.finish());
@@ -198,7 +201,6 @@ export async function copyVolume(src: StorageVol, dst: StorageVol, opts: CopyOpt
     await Promise.all([abortBoth(err), srcDigest?.settle()]);
     throw err;
   } finally {
-    held = [];
     [inPeer.busyPoll, out.busyPoll] = busyPoll;
   }
 

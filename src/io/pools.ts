@@ -27,7 +27,10 @@ const recyclable = new WeakMap<ArrayBufferLike, Buffer>();
 
 /** A buffer of `FRAME_BUFFER_SIZE` bytes for the next read, from the pool when it has one. */
 export function takeFrameBuffer(): Buffer {
-  return framePool.pop() ?? Buffer.allocUnsafeSlow(FRAME_BUFFER_SIZE);
+  const buf = framePool.pop();
+  if (buf !== undefined) return buf;
+  bufferStats.frameBuffers++;
+  return Buffer.allocUnsafeSlow(FRAME_BUFFER_SIZE);
 }
 
 /** A frame buffer that holds nothing any more (its frames were copied out): back to the pool. */
@@ -38,6 +41,16 @@ export function returnFrameBuffer(buf: Buffer): void {
 /** `buf` holds one frame alone: once its payload comes back (`recycleFramePayload`), so does `buf`. */
 export function recyclableOnce(buf: Buffer): void {
   recyclable.set(buf.buffer, buf);
+}
+
+/** Whether `payload` is a view of a frame buffer that `recycleFramePayload` would take back. */
+export function isRecyclable(payload: Uint8Array): boolean {
+  return recyclable.has(payload.buffer);
+}
+
+/** `payload`'s frame buffer is never to be reused (part of it has another holder): out of recycling. */
+export function forgetRecyclable(payload: Uint8Array): void {
+  recyclable.delete(payload.buffer);
 }
 
 /**
@@ -148,7 +161,7 @@ function slabFrame(len: number): Buffer {
 }
 
 /** Buffers allocated by the data path, process-wide (tests check that pools are reused). */
-export const bufferStats = { outputBatches: 0 };
+export const bufferStats = { outputBatches: 0, frameBuffers: 0 };
 
 /** Size of an output batch: small frames packed into one socket write. */
 export const OUT_BATCH = 256 * 1024;
