@@ -135,6 +135,21 @@ for (const base of ['/tmp', '/dev/shm']) {
       assert.ok(returned, 'the source was returned');
     });
 
+    it('abort() writes the data it holds (and not what it was never given); the size is left as is', async () => {
+      const file = target();
+      const a = randomBytes(3, 3000);
+      const b = randomBytes(4, 5000);
+      const w = await SparseWriter.open(file);
+      await w.write(data(a));
+      await w.write(hole(K));
+      await w.write(data(b));
+      // a hole ends a batch (a is written); b, small, waits in the batch until more comes or the end
+      assert.equal((await fs.stat(file)).size, 3000);
+      await w.abort();
+      assert.deepEqual(await fs.readFile(file), Buffer.concat([a, Buffer.alloc(K), b]));
+      await assert.rejects(w.write(hole(1)), { code: 'ERR_STREAM_STATE' });
+    });
+
     it('a failing source is passed through and the fd released', async () => {
       const fdsBefore = (await fs.readdir('/proc/self/fd')).length;
       async function* failing(): AsyncGenerator<Chunk> {
