@@ -49,13 +49,24 @@ async function closeSide(s: Side): Promise<void> {
   await s.d.stop();
 }
 
-test('sparsevirtd → sparsevirtd: identical bytes and holes, the digest verified, a range too', { timeout: 120_000 }, async () => {
+/** Two sparsevirtds (a and b), each with a dir pool on tmpfs, for the length of `body`. */
+async function withTwoSides(body: (a: Side, b: Side) => Promise<void>): Promise<void> {
   const dir = await scratchDir('/dev/shm', 'svd-copy-');
   fs.mkdirSync(path.join(dir, 'a'));
   fs.mkdirSync(path.join(dir, 'b'));
   const a = await side(dir, 'a');
   const b = await side(dir, 'b');
   try {
+    await body(a, b);
+  } finally {
+    await closeSide(a);
+    await closeSide(b);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test('sparsevirtd → sparsevirtd: identical bytes and holes, the digest verified, a range too', { timeout: 120_000 }, async () => {
+  await withTwoSides(async (a, b) => {
     const srcFile = path.join(a.poolDir, 'disk.img');
     await makeImage(srcFile, LAYOUT);
     await a.pool.refresh();
@@ -104,20 +115,11 @@ test('sparsevirtd → sparsevirtd: identical bytes and holes, the digest verifie
     const plain = await b.pool.createVol({ name: 'plain.img', capacity: SIZE, allocation: 0, format: 'raw' });
     await copyVolume(src, plain, { sparse: false });
     assert.equal(await sha256File(path.join(b.poolDir, 'plain.img')), await sha256File(srcFile));
-  } finally {
-    await closeSide(a);
-    await closeSide(b);
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('a dense copy reads the source\'s packets into the frame buffers the destination\'s wire gave back: a few dozen, not one per packet', { timeout: 120_000 }, async () => {
-  const dir = await scratchDir('/dev/shm', 'svd-copy-');
-  fs.mkdirSync(path.join(dir, 'a'));
-  fs.mkdirSync(path.join(dir, 'b'));
-  const a = await side(dir, 'a');
-  const b = await side(dir, 'b');
-  try {
+  await withTwoSides(async (a, b) => {
     const size = 96 * MiB;
     const srcFile = path.join(a.poolDir, 'dense.img');
     await makeImage(srcFile, [{ kind: 'data', length: size }], 17);
@@ -133,11 +135,7 @@ test('a dense copy reads the source\'s packets into the frame buffers the destin
     assert.equal(r.dataBytes, size);
     assert.equal(await sha256File(path.join(b.poolDir, 'dense.img')), await sha256File(srcFile));
     assert.ok(fresh < packets / 3, `${fresh} frame buffers allocated for ${packets} packets`);
-  } finally {
-    await closeSide(a);
-    await closeSide(b);
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('compareVolumes names the first differing 1 MiB block', { timeout: 60_000 }, async () => {
