@@ -71,6 +71,10 @@ export class Transfer {
    * before it is written (the stream itself would drop what it still queues).
    */
   private refused: Error | null = null;
+  /** The error of the upload's limit that ended it (length, 2^53), if one did. */
+  private limitHit: RemoteError | null = null;
+  /** The volume's reader or writer closing (once). */
+  private closing: Promise<void> | null = null;
 
   constructor(readonly spec: TransferSpec) {
     this.stream = new Stream(spec.wire, {
@@ -120,7 +124,7 @@ export class Transfer {
       outcome = 'failed';
       error = (err as Error).message;
     } finally {
-      await (end.kind === 'download' ? end.reader : end.writer).close().catch(() => undefined);
+      await this.closeEnd();
       // the last transfer of the process: the heap's free memory goes back (see releaseFreeMemory)
       if (--running === 0) releaseFreeMemory();
     }
@@ -138,6 +142,13 @@ export class Transfer {
       newBatches: bufferStats.outputBatches - this.batchesAtStart,
       ms: Date.now() - this.started, ...(error ? { error } : {}),
     });
+  }
+
+  /** Closes the volume's reader or writer, once (its failure is not the client's: ignored). */
+  private closeEnd(): Promise<void> {
+    const { end } = this.spec;
+    this.closing ??= (end.kind === 'download' ? end.reader : end.writer).close().catch(() => undefined);
+    return this.closing;
   }
 
   /**
@@ -186,22 +197,33 @@ export class Transfer {
       // a packet the wire refused ends the data, and fails the upload once what came before is written
       await receiveTo(stream, writer, {
         counts: this, offset: spec.offset, length: spec.length,
-        limitError: (limit: TransferLimit) => (limit === 'length' ? streamNoSpace() : uploadPastLimit(spec.vol.name)),
+        limitError: (limit: TransferLimit) => {
+          this.limitHit = limit === 'length' ? streamNoSpace() : uploadPastLimit(spec.vol.name);
+          return this.limitHit;
+        },
         endError: () => this.refused,
       });
     } catch (err) {
+      // The answer that ends the upload (OK or ERROR) goes once the volume is closed: a client
+      // that has it may open, check or remove the volume, and nothing here holds it any more.
+      // Not when the writer itself failed: its close may wait on what failed it (an RBD pool's
+      // on a cluster that stopped answering), and the client hears of the failure first.
       if (err === this.refused) {
         // the wire has told the client already; the stream goes too
+        await this.closeEnd();
         await this.fail(toRemote(err));
         throw err;
       }
       if (stream.state !== 'open') return this.endedByPeer(err);
+      // past a limit of the upload (length, 2^53) the writer is sound; anything else came from it
+      if (err === this.limitHit) await this.closeEnd();
       const e = err instanceof RemoteError ? err : systemError('cannot write to stream', (err as { cause?: unknown }).cause ?? err, DOMAIN.STREAMS);
       await this.fail(e); // STREAM/ERROR to the client, also in place of the OK to its finish
       throw e;
     }
+    await this.closeEnd();
     try {
-      await stream.finish(); // everything is written: confirm the client's finish
+      await stream.finish(); // everything is written and the volume closed: confirm the client's finish
     } catch (err) {
       return this.endedByPeer(err);
     }

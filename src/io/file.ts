@@ -86,4 +86,20 @@ export class OwnedFd {
     this.#fd = -1;
     fs.close(fd, () => undefined);
   }
+
+  /**
+   * Closes on this thread, for a file in memory (tmpfs, ramfs), whose close never waits on a
+   * device: when it returns, the file is no longer open through this duplicate (an answer sent
+   * next may say the transfer ended, and a peer may check that nothing holds the file).
+   */
+  closeNow(): void {
+    const fd = this.#fd;
+    if (fd < 0) return;
+    this.#fd = -1;
+    try {
+      fs.closeSync(fd);
+    } catch {
+      // (EINTR, EIO: the number is released all the same)
+    }
+  }
 }

@@ -332,7 +332,8 @@ export class WireStream implements StreamChannel {
       // is written through this file again, also in the middle of a packet.
       this.#inPlaceFile = null;
       this.host.inPlaceReceiver(-1);
-      dup.close();
+      // only files in memory are written in place: closed at once, before the stream can end
+      dup.closeNow();
       return false;
     }
     if (this.#done || this.#inPlaceFile !== null) return false;
