@@ -20,7 +20,7 @@ import { after, test, type TestContext } from 'node:test';
 import { connect, type Connection, type StorageVol } from '../src/client/index.js';
 import { RemoteError } from '../src/errors.js';
 import { RbdPool, rbdOpsInFlight } from '../src/daemon/rbd/pool.js';
-import { clusterServes, imageName, rbdExportSha256, requireCeph, type CephCluster } from './helpers/ceph.js';
+import { clusterServes, fullness, imageName, rbdExportSha256, requireCeph, type CephCluster } from './helpers/ceph.js';
 import { startTestDaemon, type TestDaemon } from './helpers/daemon.js';
 import { run } from './helpers/run.js';
 import { scratchDir, sha256File } from './helpers/images.js';
@@ -209,7 +209,7 @@ async function failsMidTransfer(s: { ceph: CephCluster; other: Connection }, lab
   try {
     const error = await transfer(stop).then(() => null, (err: unknown) => err as Error);
     const failedAt = performance.now();
-    assert.ok(stoppedAt > 0, `${label}: the transfer ended before it was stopped`);
+    assert.ok(stoppedAt > 0, `${label}: the transfer ended before it was stopped: ${error ? error.message : 'it succeeded'} ${await fullness(s.ceph)}`);
     assert.ok(error, `${label}: the transfer succeeded with the OSD stopped`);
     const failedAfterMs = failedAt - stoppedAt;
     assert.ok(failedAfterMs < FAIL_WITHIN_MS, `${label}: failed ${Math.round(failedAfterMs)} ms after the stop (bound ${FAIL_WITHIN_MS})`);

@@ -39,9 +39,22 @@ function probe(): Promise<{ cluster: CephCluster | null; reason: string }> {
     }
     const r = await run('rbd', ['-c', cluster.conf, '--id', 'admin', '--keyring', cluster.admin.keyring, 'ls', cluster.pool], { timeoutMs: 20_000 });
     if (r.code !== 0) return { cluster: null, reason: `rbd ls ${cluster.pool} failed: ${(r.stderr || r.stdout).trim()}` };
+    const full = await fullness(cluster);
+    if (full) return { cluster: null, reason: full };
     return { cluster, reason: '' };
   })();
   return probed;
+}
+
+/** Why the cluster takes no writes (an OSD or pool marked full), or '' if it does. */
+export async function fullness(ceph: CephCluster): Promise<string> {
+  const h = await run('ceph', ['-c', ceph.conf, 'health', 'detail', '--format', 'json'], { timeoutMs: 20_000 });
+  if (h.code !== 0) return `ceph health failed: ${h.stderr.trim()}`;
+  const checks = (JSON.parse(h.stdout) as { checks?: Record<string, { summary?: { message?: string } }> }).checks ?? {};
+  const full = Object.entries(checks).filter(([k]) => /FULL/.test(k) && !/NEARFULL|BACKFILLFULL/.test(k));
+  if (full.length === 0) return '';
+  const df = await run('ceph', ['-c', ceph.conf, 'osd', 'df'], { timeoutMs: 20_000 });
+  return `the cluster takes no writes: ${full.map(([k, v]) => `${k}: ${v.summary?.message ?? ''}`).join('; ')}\n${df.stdout.trim()}`;
 }
 
 /**
@@ -148,7 +161,7 @@ export async function clusterServes(ceph: CephCluster): Promise<void> {
         why = `rbd create/rm: ${made.stderr.trim()} ${gone.stderr.trim()}`;
       }
     }
-    if (performance.now() > until) throw new Error(`the cluster does not serve again: ${why}`);
+    if (performance.now() > until) throw new Error(`the cluster does not serve again: ${why} ${await fullness(ceph)}`);
     if (!kicked && performance.now() > until - 90_000) {
       kicked = true;
       await run('ceph', ['-c', ceph.conf, 'osd', 'down', '0'], { timeoutMs: 20_000 });
