@@ -149,7 +149,7 @@ healthy() {
   [ -s "$CONF" ] && pid_of mon.$MON_ID >/dev/null && pid_of osd.0 >/dev/null && pid_of mgr.$MGR_ID >/dev/null || return 1
   osd_up && mgr_up || return 1
   # a full OSD takes no writes until data is removed: tests cannot use it
-  ! cephq health 2>/dev/null | grep -q 'full' || return 1
+  ! cephq health 2>/dev/null | grep -qwE 'full osd|pool\(s\) full' || return 1
   timeout 10 rbd -c "$CONF" --id "$LIBVIRT_USER" --keyring "$CEPH_DIR/ceph.client.$LIBVIRT_USER.keyring" \
     ls "$POOL" >/dev/null 2>&1
 }
