@@ -300,6 +300,60 @@ test('rbd: holes written over old data read as zeros and free their objects', as
   });
 });
 
+test('rbd: scattered 4 KiB writes keep hundreds of requests in flight; holes count the objects they span', async (t) => {
+  const ceph = await requireCeph(t);
+  if (!ceph) return;
+  await withPool(ceph, async (pool) => {
+    // 4,000 pieces of 4 KiB, one every 64 KiB: each its own write (an OSD round trip)
+    const size = 256 * MiB;
+    const layout: Layout = [];
+    for (let i = 0; i < 4000; i++) layout.push({ offset: i * 64 * 1024 + 8192, bytes: randomData(4096) });
+    const name = imageName('scatter');
+    await pool.create(name, size);
+    try {
+      const image = await pool.open(name);
+      try {
+        await rbdWriteChunks(image, layoutChunks(layout, size), { zeroed: true });
+        // (with 32 in flight, as reads have, such an upload left a third of the machine idle)
+        assert.ok(image.maxInFlight > 64 && image.maxInFlight <= 512, `writes in flight: ${image.maxInFlight}`);
+      } finally {
+        await image.close();
+      }
+      assert.equal(await rbdExportSha256(ceph, name), layoutSha256(layout, size));
+    } finally {
+      await pool.remove(name);
+    }
+
+    // a 4 GiB hole over data: 16 discards of 64 objects each, at most 512 objects' requests in
+    // flight, so at most 8 discards at once
+    const big = 4 * GiB;
+    const name2 = imageName('bighole');
+    await pool.create(name2, big);
+    try {
+      const spots: Layout = [0, 1, 2, 3].map((i) => ({ offset: i * GiB + 5 * MiB, bytes: randomData(MiB) }));
+      const image = await pool.open(name2);
+      try {
+        await rbdWriteChunks(image, layoutChunks(spots, big), { zeroed: true });
+      } finally {
+        await image.close();
+      }
+      const image2 = await pool.open(name2);
+      try {
+        const res = await rbdWriteChunks(image2, (async function* (): AsyncGenerator<Chunk> {
+          yield { kind: 'hole', length: big };
+        })());
+        assert.equal(res.holeBytes, big);
+        assert.ok(image2.maxInFlight >= 2 && image2.maxInFlight <= 8, `discards in flight: ${image2.maxInFlight}`);
+      } finally {
+        await image2.close();
+      }
+      assert.deepEqual((await rbdDiff(ceph, name2)).filter((d) => d.exists), [], 'the hole freed every object');
+    } finally {
+      await pool.remove(name2);
+    }
+  });
+});
+
 test('rbd: writes past the end of the image are refused before anything is written', async (t) => {
   const ceph = await requireCeph(t);
   if (!ceph) return;

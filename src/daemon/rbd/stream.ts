@@ -64,7 +64,10 @@ export interface RbdReadOptions {
 export interface RbdWriteOptions {
   /** Where the first chunk lands (default 0). */
   offset?: number;
-  /** Operations in flight at once (default 32) … */
+  /**
+   * Object requests in flight at once (default 512): a write counts one, a discard or write-zeroes
+   * one per object it spans …
+   */
   depth?: number;
   /** … and bytes of data (default 16 MiB; at least one write). */
   maxBytesInFlight?: number;
@@ -95,6 +98,13 @@ export interface RbdWriteResult {
 
 /** Small operations need many in flight (each is a round trip to an OSD); large ones are bounded by bytes. */
 const DEFAULT_DEPTH = 32;
+/**
+ * Writes scattered in 4 KiB pieces are each an OSD round trip: with 32 in flight, the upload of
+ * 100,000 of them (bench image c) took 25.5 s and left a third of the machine idle; with 512,
+ * 16.9 s, as `rbd import`, which keeps ten objects' writes in flight. Data bytes stay bounded by
+ * `maxBytesInFlight`, holes by the objects they span.
+ */
+const DEFAULT_WRITE_DEPTH = 512;
 const DEFAULT_BYTES_IN_FLIGHT = 16 << 20;
 /**
  * Reads of a whole object (4 MiB) would cost a quarter of the requests and completions, and
@@ -437,7 +447,10 @@ function isZero(b: Buffer, from: number, to: number): boolean {
   return true;
 }
 
-/** Bounds the operations in flight; remembers the first failure. */
+/**
+ * Bounds the operations in flight, each weighing the object requests it makes (one by default),
+ * and their bytes; remembers the first failure. One operation may always start, whatever it weighs.
+ */
 class Window {
   readonly #depth: number;
   readonly #maxBytes: number;
@@ -450,30 +463,30 @@ class Window {
     this.#depth = depth;
     this.#maxBytes = maxBytes;
   }
-  /** Waits for room for one more operation of `bytes` (or the first failure, which it throws). */
-  async slot(bytes: number): Promise<void> {
-    while ((this.#inFlight >= this.#depth || (this.#inFlight > 0 && this.#bytes + bytes > this.#maxBytes)) && this.error === null) {
+  /** Waits for room for one more operation of `bytes` and `weight` (or the first failure, which it throws). */
+  async slot(bytes: number, weight = 1): Promise<void> {
+    while (this.#inFlight > 0 && (this.#inFlight + weight > this.#depth || this.#bytes + bytes > this.#maxBytes) && this.error === null) {
       await new Promise<void>((resolve) => (this.#wake = resolve));
     }
     if (this.error !== null) throw this.error;
   }
   /** Counts `p` in flight until it settles; `ok` runs when it succeeded. */
-  run(p: Promise<void>, bytes: number, ok?: () => void): void {
-    this.#inFlight++;
+  run(p: Promise<void>, bytes: number, ok?: () => void, weight = 1): void {
+    this.#inFlight += weight;
     this.#bytes += bytes;
     p.then(
       () => {
         ok?.();
-        this.#settle(bytes);
+        this.#settle(bytes, weight);
       },
       (err: unknown) => {
         if (this.error === null) this.error = err;
-        this.#settle(bytes);
+        this.#settle(bytes, weight);
       },
     );
   }
-  #settle(bytes: number): void {
-    this.#inFlight--;
+  #settle(bytes: number, weight: number): void {
+    this.#inFlight -= weight;
     this.#bytes -= bytes;
     const w = this.#wake;
     this.#wake = null;
@@ -510,14 +523,15 @@ export async function rbdWriteChunks(
   opts: RbdWriteOptions = {},
 ): Promise<RbdWriteResult> {
   let pos = checkByteCount('offset', opts.offset ?? 0);
-  const depth = positive('depth', opts.depth, DEFAULT_DEPTH);
+  const depth = positive('depth', opts.depth, DEFAULT_WRITE_DEPTH);
   const maxBytes = positive('maxBytesInFlight', opts.maxBytesInFlight, DEFAULT_BYTES_IN_FLIGHT);
   const writeSize = positive('writeSize', opts.writeSize, image.objectSize || DEFAULT_WRITE_SIZE);
   const zeroed = opts.zeroed ?? false;
   const release = opts.release === undefined ? releaseFramePayloads : opts.release;
   const signal = opts.signal;
   const size = image.size;
-  const holeMax = image.objectSize * HOLE_OP_OBJECTS;
+  const objectSize = image.objectSize || DEFAULT_WRITE_SIZE;
+  const holeMax = objectSize * HOLE_OP_OBJECTS;
   const granularity = image.pool.discardGranularity;
   const ops = new Window(depth, maxBytes);
   const result: RbdWriteResult = { dataBytes: 0, holeBytes: 0 };
@@ -559,9 +573,10 @@ export async function rbdWriteChunks(
     if (zeroed) return;
     while (left > 0) {
       const n = Math.min(left, holeMax - (at % holeMax));
-      await ops.slot(0);
+      const objects = Math.max(1, Math.ceil((at + n) / objectSize) - Math.floor(at / objectSize));
+      await ops.slot(0, objects);
       const aligned = granularity > 0 && at % granularity === 0 && (at + n) % granularity === 0;
-      ops.run(aligned ? image.discard(at, n) : image.writeZeroes(at, n), 0);
+      ops.run(aligned ? image.discard(at, n) : image.writeZeroes(at, n), 0, undefined, objects);
       at += n;
       left -= n;
     }
