@@ -101,7 +101,7 @@ const DEFAULT_DEPTH = 32;
 /**
  * Writes scattered in 4 KiB pieces are each an OSD round trip: with 32 in flight, the upload of
  * 100,000 of them (bench image c) took 25.5 s and left a third of the machine idle; with 512,
- * 16.9 s, as `rbd import`, which keeps ten objects' writes in flight. Data bytes stay bounded by
+ * 16.9 s, about `rbd import`'s time on the same cluster. Data bytes stay bounded by
  * `maxBytesInFlight`, holes by the objects they span.
  */
 const DEFAULT_WRITE_DEPTH = 512;
